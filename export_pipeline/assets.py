@@ -1,0 +1,56 @@
+"""`telemetry_export`: one device-day of telemetry, exported from InfluxDB to its S3 folder."""
+
+from datetime import date
+from typing import Any
+
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+
+from export_pipeline.export import ExportReport, export_device_day
+from export_pipeline.partitions import device_days
+from export_pipeline.resources import ExportBucketResource, ExportResource, InfluxDBResource
+
+
+def device_day_of(partition_key: str) -> tuple[str, date]:
+    keys = device_days.get_partition_key_from_str(partition_key).keys_by_dimension
+    return keys["device"], date.fromisoformat(keys["date"])
+
+
+def report_metadata(report: ExportReport) -> dict[str, Any]:
+    def stamp(value: object) -> str:
+        return value.isoformat() if value else ""  # type: ignore[attr-defined]
+
+    return {
+        "dagster/row_count": report.rows,
+        "dagster/uri": MetadataValue.path(report.folder_uri),
+        "files_written": len(report.files_written),
+        "files_deleted": len(report.files_deleted),
+        "bytes_written": report.bytes_written,
+        "first_timestamp": stamp(report.first_timestamp),
+        "last_timestamp": stamp(report.last_timestamp),
+        "read_seconds": round(report.read_seconds, 3),
+        "write_seconds": round(report.write_seconds, 3),
+    }
+
+
+@asset(partitions_def=device_days, kinds={"s3", "influxdb"}, group_name="telemetry")
+def telemetry_export(
+    context: AssetExecutionContext,
+    influxdb: InfluxDBResource,
+    s3: ExportBucketResource,
+    export: ExportResource,
+) -> MaterializeResult:
+    """One device's telemetry for one UTC day, one file per interval slice, in its S3 folder.
+
+    Materializing makes the folder equal to InfluxDB's content for the day: the same slices get the
+    same keys, and objects of slices without rows are deleted, so reruns never duplicate a row.
+    """
+    device_id, day = device_day_of(context.partition_key)
+    source, store = influxdb.source(), s3.store()
+    source.check()
+    store.check()
+    report = export_device_day(source, store, s3.prefix, device_id, day, export.settings())
+    context.log.info(
+        f"{device_id} {day}: {report.rows} rows in {len(report.files_written)} files, "
+        f"{len(report.files_deleted)} stale files deleted, {report.folder_uri}"
+    )
+    return MaterializeResult(metadata=report_metadata(report))

@@ -1,0 +1,202 @@
+"""InfluxDB reader: InfluxQL on the v1 `/query` endpoint, streamed as CSV into Arrow record batches.
+
+`/query` with `Accept: application/csv` is served by InfluxDB 1.x, 2.x (v1 compatibility, token
+auth, bucket as database) and 3.x, and chunked CSV was the fastest read measured (~149k rows/s on
+1.6.7, against 93-129k for JSON). The CSV answer carries no error for a missing database (just an
+empty body), so `check()` asks once in JSON before reading.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import requests
+
+from export_pipeline.schema import FIELD_COLUMNS, SOURCE_SCHEMA, TAG_COLUMNS
+from export_pipeline.settings import InfluxSettings
+
+_RESPONSE_CHUNK = 1 << 20
+
+
+class InfluxError(RuntimeError):
+    """InfluxDB could not answer as asked; the message names the setting to look at."""
+
+
+class InfluxUnavailable(InfluxError):
+    """A transient failure (connection refused, timeout, 5xx): worth retrying."""
+
+
+def quote_string(value: str) -> str:
+    """An InfluxQL string literal: nothing inside it can end the literal or add a clause."""
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+    return f"'{escaped}'"
+
+
+def quote_identifier(name: str) -> str:
+    """An InfluxQL double-quoted identifier, escaped the same way."""
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def device_query(measurement: str, device_id: str, start_ns: int, end_ns: int) -> str:
+    """One device's points in `[start_ns, end_ns)`, tags and fields as columns, oldest first."""
+    columns = [f"{quote_identifier(tag)}::tag" for tag in TAG_COLUMNS]
+    columns += [f"{quote_identifier(name)}::field" for name in FIELD_COLUMNS]
+    return (
+        f"SELECT {', '.join(columns)} FROM {quote_identifier(measurement)} "
+        f'WHERE "device_id"::tag = {quote_string(device_id)} '
+        f"AND time >= {int(start_ns)} AND time < {int(end_ns)}"
+    )
+
+
+class _ChunkStream(io.RawIOBase):
+    """A read-only file over an iterator of byte chunks, for pyarrow's streaming CSV reader."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._pending = chunk
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+class InfluxSource:
+    """Reads one device's telemetry for a time range as SOURCE_SCHEMA record batches."""
+
+    def __init__(self, settings: InfluxSettings, session: requests.Session | None = None) -> None:
+        self.settings = settings
+        self.session = session or requests.Session()
+        if settings.token:
+            self.session.headers["Authorization"] = f"Token {settings.token}"
+        elif settings.username:
+            self.session.auth = (settings.username, settings.password)
+
+    def _get(self, params: dict[str, str], accept: str, stream: bool = False) -> requests.Response:
+        url = f"{self.settings.url}/query"
+        try:
+            response = self.session.get(
+                url,
+                params={"db": self.settings.bucket, **params},
+                headers={"Accept": accept},
+                stream=stream,
+                timeout=self.settings.timeout_seconds,
+            )
+        except requests.ConnectionError as error:
+            raise InfluxUnavailable(
+                f"InfluxDB at INFLUXDB_URL={self.settings.url} is unreachable: "
+                f"{type(error).__name__}"
+            ) from error
+        except requests.Timeout as error:
+            raise InfluxUnavailable(
+                f"InfluxDB at INFLUXDB_URL={self.settings.url} did not answer within "
+                f"INFLUXDB_TIMEOUT_SECONDS={self.settings.timeout_seconds:g}"
+            ) from error
+        if response.status_code in (401, 403):
+            response.close()
+            how = "INFLUXDB_TOKEN" if self.settings.token else "INFLUXDB_USERNAME/INFLUXDB_PASSWORD"
+            raise InfluxError(
+                f"InfluxDB at INFLUXDB_URL={self.settings.url} refused the credentials "
+                f"({response.status_code}); check {how}"
+            )
+        if response.status_code == 404:
+            response.close()
+            raise InfluxError(
+                f"InfluxDB at INFLUXDB_URL={self.settings.url} has no database or bucket "
+                f"INFLUXDB_BUCKET={self.settings.bucket!r} (404)"
+            )
+        if response.status_code >= 500:
+            response.close()
+            raise InfluxUnavailable(
+                f"InfluxDB at INFLUXDB_URL={self.settings.url} failed with "
+                f"{response.status_code}: {response.headers.get('X-Influxdb-Error', '')}"
+            )
+        if response.status_code != 200:
+            response.close()
+            raise InfluxError(
+                f"InfluxDB rejected the query ({response.status_code}): "
+                f"{response.headers.get('X-Influxdb-Error') or response.text[:300]}"
+            )
+        return response
+
+    def check(self) -> None:
+        """Fail early and by name when the database or measurement is missing."""
+        measurement = quote_identifier(self.settings.measurement)
+        answer = self._get({"q": f"SHOW FIELD KEYS FROM {measurement}"}, "application/json")
+        results = answer.json().get("results") or [{}]
+        error = results[0].get("error")
+        if error and "database not found" in error:
+            raise InfluxError(
+                f"InfluxDB at INFLUXDB_URL={self.settings.url} has no database "
+                f"INFLUXDB_BUCKET={self.settings.bucket!r} ({error})"
+            )
+        if error:
+            raise InfluxError(f"InfluxDB could not list the fields of {measurement}: {error}")
+
+    def read(
+        self, device_id: str, start_ns: int, end_ns: int, batch_rows: int = 50_000
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream the device's points in `[start_ns, end_ns)`, sorted by time.
+
+        Memory stays bounded by roughly `batch_rows` rows whatever the size of the range.
+        """
+        query = device_query(self.settings.measurement, device_id, start_ns, end_ns)
+        params = {"q": query, "epoch": "ns", "chunked": "true", "chunk_size": "10000"}
+        response = self._get(params, "application/csv", stream=True)
+        try:
+            chunks = response.iter_content(_RESPONSE_CHUNK)
+            first = next(chunks, b"")
+            if not first:  # an empty result is an empty body, which the CSV reader rejects
+                return
+            stream = _ChunkStream(_chain(first, chunks))
+            yield from _parse_csv(stream, batch_rows)
+        except requests.RequestException as error:
+            raise InfluxUnavailable(
+                f"InfluxDB at INFLUXDB_URL={self.settings.url} broke off the answer: "
+                f"{type(error).__name__}"
+            ) from error
+        finally:
+            response.close()
+
+
+def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield first
+    yield from rest
+
+
+def _parse_csv(stream: io.RawIOBase, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    # About 70 bytes a row in InfluxDB's CSV; the block size is what bounds rows per batch.
+    block_size = min(max(batch_rows * 80, 1 << 16), 1 << 26)
+    reader = pacsv.open_csv(
+        stream,
+        read_options=pacsv.ReadOptions(block_size=block_size, encoding="utf8"),
+        convert_options=pacsv.ConvertOptions(
+            column_types={field.name: field.type for field in SOURCE_SCHEMA},
+            include_columns=SOURCE_SCHEMA.names,
+            include_missing_columns=True,
+            strings_can_be_null=True,
+        ),
+    )
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as error:
+            raise InfluxError(f"InfluxDB's CSV answer could not be parsed: {error}") from error
+        if batch.num_rows:
+            yield batch.select(SOURCE_SCHEMA.names)

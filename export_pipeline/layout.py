@@ -1,0 +1,85 @@
+"""Where an export lives in S3: the one place that builds and parses object keys.
+
+Seed layout:  {prefix}/device_id={id}/date={YYYY}/{MM}/{DD}/export_{HHMMSS}.{ext}
+Hive layout:  {prefix}/device_id={id}/date={YYYY}-{MM}-{DD}/export_{HHMMSS}.{ext}
+
+A device id becomes a path segment and a Dagster partition key verbatim, so ids that could escape
+their folder or break a partition key are refused rather than encoded.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from datetime import date
+
+from export_pipeline.slicing import Slice
+
+MAX_DEVICE_ID_LENGTH = 128
+EXTENSIONS = ("parquet", "csv")
+_SLICE_NAME = re.compile(r"export_(\d{2})(\d{2})(\d{2})\.(parquet|csv)")
+
+
+class DeviceIdError(ValueError):
+    """A device id that cannot be a safe S3 path segment or Dagster partition key."""
+
+
+def validate_device_id(device_id: str) -> str:
+    """Return `device_id` unchanged, or raise DeviceIdError saying what makes it unsafe."""
+    reason = _unsafe_reason(device_id)
+    if reason:
+        raise DeviceIdError(f"device id {device_id!r} is refused: {reason}")
+    return device_id
+
+
+def _unsafe_reason(device_id: str) -> str | None:
+    if not device_id:
+        return "it is empty"
+    if len(device_id) > MAX_DEVICE_ID_LENGTH:
+        return f"it is {len(device_id)} characters long, over the limit of {MAX_DEVICE_ID_LENGTH}"
+    if "/" in device_id:
+        return "'/' would split the S3 path"
+    if ".." in device_id:
+        return "'..' is a path traversal"
+    if "|" in device_id:
+        return "'|' separates the dimensions of a Dagster partition key"
+    if any(unicodedata.category(ch) == "Cc" for ch in device_id):
+        return "it contains a control character (newline, tab, NUL, ...)"
+    if device_id != device_id.strip():
+        return "it has leading or trailing white space"
+    return None
+
+
+def device_folder(prefix: str, device_id: str, day: date, layout: str) -> str:
+    """The folder of one device-day, with a trailing slash; one Dagster partition."""
+    validate_device_id(device_id)
+    if layout == "hive":
+        day_part = f"date={day:%Y-%m-%d}"
+    elif layout == "seed":
+        day_part = f"date={day:%Y}/{day:%m}/{day:%d}"
+    else:
+        raise ValueError(f"EXPORT_LAYOUT={layout!r} is not one of seed, hive")
+    head = f"{prefix}/" if prefix else ""
+    return f"{head}device_id={device_id}/{day_part}/"
+
+
+def slice_name(piece: Slice, fmt: str) -> str:
+    if fmt not in EXTENSIONS:
+        raise ValueError(f"EXPORT_FORMAT={fmt!r} is not one of {', '.join(EXTENSIONS)}")
+    hours, rest = divmod(piece.offset, 3600)
+    return f"export_{hours:02d}{rest // 60:02d}{rest % 60:02d}.{fmt}"
+
+
+def slice_key(prefix: str, device_id: str, piece: Slice, layout: str, fmt: str) -> str:
+    return device_folder(prefix, device_id, piece.day, layout) + slice_name(piece, fmt)
+
+
+def slice_offset_of(name: str) -> int | None:
+    """The slice offset (seconds after midnight) an object name stands for, or None if not ours."""
+    match = _SLICE_NAME.fullmatch(name)
+    if not match:
+        return None
+    hours, minutes, seconds = (int(g) for g in match.groups()[:3])
+    if hours > 23 or minutes > 59 or seconds > 59:
+        return None
+    return hours * 3600 + minutes * 60 + seconds

@@ -1,0 +1,230 @@
+"""The environment, parsed once into typed, validated settings.
+
+Every setting the pipeline reads is named here, with its default and its rule, so that a bad value
+fails at start-up with a message naming the variable and the fix, never half-way through a run.
+Secrets (INFLUXDB_TOKEN, INFLUXDB_PASSWORD) are kept out of `repr` so they never reach a log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Literal, cast
+from urllib.parse import urlsplit
+
+ExportFormat = Literal["parquet", "csv"]
+Layout = Literal["seed", "hive"]
+FORMATS: tuple[ExportFormat, ...] = ("parquet", "csv")
+LAYOUTS: tuple[Layout, ...] = ("seed", "hive")
+SECONDS_PER_DAY = 86_400
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class SettingsError(ValueError):
+    """One or more settings are invalid; the message names each variable and what it expects."""
+
+
+@dataclass(frozen=True)
+class InfluxSettings:
+    url: str = "http://localhost:8086"
+    bucket: str = "telemetry"
+    measurement: str = "telemetry"
+    org: str = ""
+    username: str = ""
+    token: str = field(default="", repr=False)
+    password: str = field(default="", repr=False)
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    bucket: str
+    prefix: str = "telemetry"
+    region: str = "us-east-1"
+    endpoint_url: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    interval_seconds: int = 300
+    batch_size: int = 50_000
+    format: ExportFormat = "parquet"
+    layout: Layout = "seed"
+    start_date: date = date(2026, 1, 1)
+    device_ids: tuple[str, ...] = ()
+    lookback_hours: int = 24
+
+
+@dataclass(frozen=True)
+class Settings:
+    influx: InfluxSettings
+    s3: S3Settings
+    export: ExportSettings
+    port: int = 8080
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Parse `env` (default: os.environ); raise SettingsError naming every culprit."""
+        return _Parser(os.environ if env is None else env).settings()
+
+
+def parse_start_date(env: Mapping[str, str]) -> date:
+    """EXPORT_START_DATE alone: the partitions need it when the code location is imported."""
+    parser = _Parser(env)
+    start = parser.start_date()
+    parser.finish()
+    return start
+
+
+def parse_influx(env: Mapping[str, str]) -> InfluxSettings:
+    """The INFLUXDB_* settings alone, for tools that only talk to InfluxDB (the simulator)."""
+    parser = _Parser(env)
+    influx = parser.influx()
+    parser.finish()
+    return influx
+
+
+class _Parser:
+    """Collects every problem before raising, so one start-up shows all that is wrong."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def text(self, name: str, default: str = "") -> str:
+        return self.env.get(name, "").strip() or default
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self.problems.append(f"{name}={raw!r} is not a whole number")
+            return default
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" and at most {maximum}" if maximum is not None else ""
+            self.problems.append(f"{name}={value} must be at least {minimum}{upper}")
+        return value
+
+    def number(self, name: str, default: float) -> float:
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.problems.append(f"{name}={raw!r} is not a number")
+            return default
+        if not value > 0:
+            self.problems.append(f"{name}={raw} must be a positive number of seconds")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(name, default).lower()
+        if value not in choices:
+            self.problems.append(f"{name}={self.text(name)!r} is not one of {', '.join(choices)}")
+            return default
+        return value
+
+    def url(self, name: str, default: str = "") -> str:
+        value = self.text(name, default)
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            self.problems.append(
+                f"{name}={value!r} is not an http(s) URL such as http://localhost:8086"
+            )
+        return value.rstrip("/")
+
+    def required(self, name: str, hint: str) -> str:
+        value = self.text(name)
+        if not value:
+            self.problems.append(f"{name} is not set: {hint}")
+        return value
+
+    def finish(self) -> None:
+        if self.problems:
+            raise SettingsError("Invalid configuration: " + "; ".join(self.problems))
+
+    def influx(self) -> InfluxSettings:
+        return InfluxSettings(
+            url=self.url("INFLUXDB_URL", InfluxSettings.url),
+            bucket=self.text("INFLUXDB_BUCKET", InfluxSettings.bucket),
+            measurement=self.text("INFLUXDB_MEASUREMENT", InfluxSettings.measurement),
+            org=self.text("INFLUXDB_ORG"),
+            username=self.text("INFLUXDB_USERNAME"),
+            token=self.text("INFLUXDB_TOKEN"),
+            password=self.env.get("INFLUXDB_PASSWORD", ""),
+            timeout_seconds=self.number("INFLUXDB_TIMEOUT_SECONDS", InfluxSettings.timeout_seconds),
+        )
+
+    def settings(self) -> Settings:
+        influx = self.influx()
+        s3 = S3Settings(
+            bucket=self.bucket(),
+            prefix=self.prefix(),
+            region=self.text("S3_REGION", S3Settings.region),
+            endpoint_url=self.url("S3_ENDPOINT_URL") or None,
+        )
+        export = ExportSettings(
+            interval_seconds=self.interval(),
+            batch_size=self.integer("EXPORT_BATCH_SIZE", ExportSettings.batch_size, 1, 10_000_000),
+            format=cast(ExportFormat, self.choice("EXPORT_FORMAT", "parquet", FORMATS)),
+            layout=cast(Layout, self.choice("EXPORT_LAYOUT", "seed", LAYOUTS)),
+            start_date=self.start_date(),
+            device_ids=self.device_ids(),
+            lookback_hours=self.integer("LOOKBACK_HOURS", ExportSettings.lookback_hours, 0),
+        )
+        port = self.integer("PORT", 8080, 1, 65_535)
+        log_level = self.choice("LOG_LEVEL", "info", tuple(x.lower() for x in LOG_LEVELS)).upper()
+        self.finish()
+        return Settings(influx=influx, s3=s3, export=export, port=port, log_level=log_level)
+
+    def interval(self) -> int:
+        value = self.integer("EXPORT_INTERVAL_SECONDS", ExportSettings.interval_seconds, 1)
+        if value >= 1 and SECONDS_PER_DAY % value:
+            self.problems.append(
+                f"EXPORT_INTERVAL_SECONDS={value} does not divide a day (86400 s) evenly; "
+                "choose a divisor such as 60, 300, 900 or 3600"
+            )
+        return value
+
+    def start_date(self) -> date:
+        raw = self.text("EXPORT_START_DATE")
+        if not raw:
+            return ExportSettings.start_date
+        try:
+            return date.fromisoformat(raw)
+        except ValueError:
+            self.problems.append(f"EXPORT_START_DATE={raw!r} is not a date like 2026-01-01")
+            return ExportSettings.start_date
+
+    def bucket(self) -> str:
+        value = self.required("S3_BUCKET", "name the bucket the exports are written to")
+        # The S3 bucket naming rules, so a typo fails here rather than as an opaque S3 error.
+        if value and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", value):
+            self.problems.append(
+                f"S3_BUCKET={value!r} is not a valid bucket name "
+                "(3-63 lowercase letters, digits, dots and hyphens)"
+            )
+        return value
+
+    def prefix(self) -> str:
+        value = self.text("S3_PREFIX", S3Settings.prefix).strip("/")
+        if any(part in ("", ".", "..") for part in value.split("/")) and value:
+            self.problems.append(f"S3_PREFIX={value!r} has an empty, '.' or '..' path segment")
+        return value
+
+    def device_ids(self) -> tuple[str, ...]:
+        raw = self.env.get("DEVICE_IDS", "")
+        # Ids are validated where they are registered, so one bad id is refused by name without
+        # stopping the code location from loading.
+        ids = [part.strip() for part in raw.split(",") if part.strip()]
+        return () if ids == ["*"] else tuple(dict.fromkeys(ids))

@@ -1,0 +1,68 @@
+"""A UTC day cut into half-open, interval-aligned slices `[start, end)`.
+
+Slices are the unit of export: one object per slice that has rows, named by the slice's start, so
+the same day always maps to the same keys and a rerun overwrites rather than duplicates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+NS_PER_SECOND = 1_000_000_000
+SECONDS_PER_DAY = 86_400
+
+
+@dataclass(frozen=True, order=True)
+class Slice:
+    """One interval of a day: `offset` seconds after midnight UTC, `length` seconds long."""
+
+    day: date
+    offset: int
+    length: int
+
+    @property
+    def start(self) -> datetime:
+        return day_start(self.day) + timedelta(seconds=self.offset)
+
+    @property
+    def end(self) -> datetime:
+        return self.start + timedelta(seconds=self.length)
+
+
+def check_interval(interval_seconds: int) -> None:
+    if interval_seconds <= 0 or SECONDS_PER_DAY % interval_seconds:
+        raise ValueError(
+            f"EXPORT_INTERVAL_SECONDS={interval_seconds} does not divide a day (86400 s) evenly"
+        )
+
+
+def day_start(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def day_bounds_ns(day: date) -> tuple[int, int]:
+    """The day as `[start, end)` in epoch nanoseconds, the unit InfluxDB answers in."""
+    start = int(day_start(day).timestamp()) * NS_PER_SECOND
+    return start, start + SECONDS_PER_DAY * NS_PER_SECOND
+
+
+def day_slices(day: date, interval_seconds: int) -> list[Slice]:
+    check_interval(interval_seconds)
+    return [
+        Slice(day, offset, interval_seconds)
+        for offset in range(0, SECONDS_PER_DAY, interval_seconds)
+    ]
+
+
+def slice_offsets(timestamps_ns: pa.Array, day: date, interval_seconds: int) -> pa.Array:
+    """Each timestamp's slice, as seconds after midnight of the slice start (vectorised)."""
+    check_interval(interval_seconds)
+    start_ns, _ = day_bounds_ns(day)
+    interval_ns = interval_seconds * NS_PER_SECOND
+    since_midnight = pc.subtract(timestamps_ns, start_ns)
+    index = pc.floor(pc.divide(pc.cast(since_midnight, pa.float64()), interval_ns))
+    return pc.multiply(pc.cast(index, pa.int64()), interval_seconds)

@@ -1,0 +1,126 @@
+"""Slice files (Parquet or CSV) written to local disk, then uploaded whole to S3.
+
+A slice is written to a temporary file first and uploaded in one PutObject (or a multipart upload
+that boto3 aborts on failure), so an object in S3 is always complete: readers never see a partial
+file, and a failed upload leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from export_pipeline.schema import DICTIONARY_COLUMNS, SCHEMA
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+CONTENT_TYPES = {"parquet": "application/vnd.apache.parquet", "csv": "text/csv; charset=utf-8"}
+# CSV timestamps read as ISO-8601 with microseconds and a Z: 2026-02-07T12:00:00.000000Z
+# (Arrow's %S carries the fraction for microsecond timestamps).
+CSV_TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+CSV_SCHEMA = SCHEMA.set(0, pa.field("timestamp", pa.string(), nullable=False))
+
+
+class SliceFile:
+    """One slice's rows written to `path`, buffered into row groups of `batch_rows` rows."""
+
+    def __init__(self, path: Path, fmt: str, batch_rows: int) -> None:
+        self.path = path
+        self.fmt = fmt
+        self.batch_rows = batch_rows
+        self.rows = 0
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._writer: pq.ParquetWriter | pacsv.CSVWriter
+        if fmt == "parquet":
+            self._writer = pq.ParquetWriter(
+                path,
+                SCHEMA,
+                compression="zstd",
+                use_dictionary=list(DICTIONARY_COLUMNS),
+                write_statistics=True,
+            )
+        elif fmt == "csv":
+            options = pacsv.WriteOptions(quoting_style="needed")
+            self._writer = pacsv.CSVWriter(path, CSV_SCHEMA, write_options=options)
+        else:
+            raise ValueError(f"EXPORT_FORMAT={fmt!r} is not one of parquet, csv")
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        self.rows += batch.num_rows
+        if self._pending_rows >= self.batch_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        table = pa.Table.from_batches(self._pending, schema=SCHEMA)
+        self._pending, self._pending_rows = [], 0
+        if self.fmt == "csv":
+            text = pc.strftime(table.column("timestamp"), format=CSV_TIMESTAMP_FORMAT)
+            table = table.set_column(0, CSV_SCHEMA.field(0), text)
+        self._writer.write_table(table.combine_chunks())
+
+    def close(self) -> int:
+        """Finish the file; return its size in bytes."""
+        self._flush()
+        self._writer.close()
+        return os.path.getsize(self.path)
+
+
+class ObjectStore:
+    """The few S3 operations an export needs, on one bucket."""
+
+    def __init__(self, client: S3Client, bucket: str) -> None:
+        self.client = client
+        self.bucket = bucket
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def check(self) -> None:
+        """Fail early, naming S3_BUCKET, when the bucket is missing or out of reach."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except self.client.exceptions.ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket"):
+                raise RuntimeError(f"S3_BUCKET={self.bucket!r} does not exist") from error
+            raise RuntimeError(
+                f"S3_BUCKET={self.bucket!r} cannot be used ({code}); check the AWS credentials"
+            ) from error
+
+    def list_keys(self, prefix: str) -> dict[str, int]:
+        """Keys directly under `prefix`, with their sizes."""
+        found: dict[str, int] = {}
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+            for item in page.get("Contents", []):
+                found[item["Key"]] = item["Size"]
+        return found
+
+    def upload(self, path: Path, key: str, fmt: str) -> None:
+        extra: dict[str, Any] = {"ContentType": CONTENT_TYPES[fmt]}
+        self.client.upload_file(str(path), self.bucket, key, ExtraArgs=extra)
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start : start + 1000]
+            answer = self.client.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True},
+            )
+            if answer.get("Errors"):
+                first = answer["Errors"][0]
+                raise RuntimeError(
+                    f"S3 refused to delete {first.get('Key')}: {first.get('Message')}"
+                )

@@ -1,0 +1,142 @@
+"""Fixtures: the real InfluxDB, S3 and PostgreSQL servers, and a fresh stack for each test."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from dagster import DagsterInstance
+
+from export_pipeline.settings import Settings
+from export_pipeline_tests.services import (
+    POSTGRES,
+    InfluxServer,
+    MotoServer,
+    ensure_postgres,
+    fresh_database,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_DATABASE = "export_pipeline_test"
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing-key-id",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def influx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxServer]:
+    server = InfluxServer(tmp_path_factory.mktemp("influxdb"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    os.environ.update(AWS_ENV)
+    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def checkpoint_env() -> dict[str, str]:
+    ensure_postgres()
+    fresh_database(TEST_DATABASE)
+    return {
+        "CHECKPOINT_DB_HOST": str(POSTGRES["host"]),
+        "CHECKPOINT_DB_PORT": str(POSTGRES["port"]),
+        "CHECKPOINT_DB_NAME": TEST_DATABASE,
+        "CHECKPOINT_DB_USER": str(POSTGRES["user"]),
+        "CHECKPOINT_DB_PASSWORD": "",
+    }
+
+
+@pytest.fixture(scope="session")
+def dagster_home(tmp_path_factory: pytest.TempPathFactory, checkpoint_env: dict[str, str]) -> Path:
+    """A DAGSTER_HOME holding the repo's own dagster.yaml, so tests use the shipped storage."""
+    home = tmp_path_factory.mktemp("dagster_home")
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    os.environ.update(checkpoint_env)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def instance(dagster_home: Path) -> Iterator[DagsterInstance]:
+    with DagsterInstance.from_config(str(dagster_home)) as dagster_instance:
+        yield dagster_instance
+
+
+@dataclass
+class Stack:
+    """One test's slice of the real services: its own InfluxDB database and S3 bucket."""
+
+    influx: InfluxServer
+    s3_url: str
+    database: str
+    bucket: str
+    prefix: str = "telemetry"
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """The environment a user would set to export from this stack."""
+        values = {
+            "INFLUXDB_URL": self.influx.url,
+            "INFLUXDB_BUCKET": self.database,
+            "S3_BUCKET": self.bucket,
+            "S3_PREFIX": self.prefix,
+            "S3_ENDPOINT_URL": self.s3_url,
+            "S3_REGION": "us-east-1",
+            "EXPORT_INTERVAL_SECONDS": "300",
+            **AWS_ENV,
+        }
+        values.update(overrides)
+        return values
+
+    def settings(self, **overrides: str) -> Settings:
+        return Settings.from_env(self.env(**overrides))
+
+    @property
+    def s3(self) -> Any:
+        return boto3.client("s3", endpoint_url=self.s3_url, region_name="us-east-1")
+
+    def write(self, lines: Iterable[str]) -> None:
+        self.influx.write(self.database, lines)
+
+    def objects(self) -> dict[str, bytes]:
+        """Every object in the bucket, key to content."""
+        found = {}
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+            for item in page.get("Contents", []):
+                body = self.s3.get_object(Bucket=self.bucket, Key=item["Key"])["Body"].read()
+                found[item["Key"]] = body
+        return found
+
+    def table(self, key: str) -> pa.Table:
+        body = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        if key.endswith(".csv"):
+            return pacsv.read_csv(io.BytesIO(body))
+        return pq.read_table(io.BytesIO(body))
+
+
+@pytest.fixture
+def stack(influx_server: InfluxServer, s3_server: MotoServer) -> Stack:
+    name = f"t{uuid.uuid4().hex[:12]}"
+    influx_server.create_database(name)
+    created = Stack(influx_server, s3_server.url, database=name, bucket=name)
+    created.s3.create_bucket(Bucket=name)
+    return created

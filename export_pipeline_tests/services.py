@@ -1,0 +1,181 @@
+"""Real servers for the tests: InfluxDB 1.6 (`influxd`), moto's S3 server, and PostgreSQL.
+
+Each is a real process on 127.0.0.1 reached over HTTP or TCP, exactly as in production; only the
+data folders are temporary. PostgreSQL is the machine's own, started when it is down.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import psycopg2
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: object, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except Exception as error:  # the service is still starting
+            last = error
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not start within {timeout:.0f} s (last error: {last})")
+
+
+class InfluxServer:
+    """`influxd` from Debian's `influxdb` package, its data in a temporary folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("influxd")
+        if binary is None:
+            raise RuntimeError("influxd is not installed: apt-get install -y influxdb")
+        config = self.root / "influxdb.conf"
+        config.write_text(
+            f"""reporting-disabled = true
+bind-address = "127.0.0.1:{free_port()}"
+[meta]
+  dir = "{self.root}/meta"
+[data]
+  dir = "{self.root}/data"
+  wal-dir = "{self.root}/wal"
+  query-log-enabled = false
+[http]
+  bind-address = "127.0.0.1:{self.port}"
+  log-enabled = false
+[monitor]
+  store-enabled = false
+"""
+        )
+        log = (self.root / "influxd.log").open("ab")
+        self.process = subprocess.Popen([binary, "-config", str(config)], stdout=log, stderr=log)
+        wait_until(
+            lambda: requests.get(f"{self.url}/ping", timeout=1).status_code == 204, "influxd"
+        )
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None
+
+    def query(self, statement: str, database: str = "") -> dict[str, object]:
+        answer = requests.post(
+            f"{self.url}/query", params={"db": database, "q": statement}, timeout=30
+        )
+        answer.raise_for_status()
+        return dict(answer.json())
+
+    def create_database(self, name: str) -> None:
+        self.query(f'CREATE DATABASE "{name}"')
+
+    def write(self, database: str, lines: Iterable[str]) -> None:
+        body = "\n".join(lines).encode()
+        answer = requests.post(
+            f"{self.url}/write", params={"db": database, "precision": "ns"}, data=body, timeout=60
+        )
+        if answer.status_code != 204:
+            raise RuntimeError(f"write failed: {answer.status_code} {answer.text}")
+
+
+def escape_tag(value: str) -> str:
+    """Line protocol tag values escape comma, equals sign and space (1.x keeps backslashes)."""
+    for char in (",", "=", " "):
+        value = value.replace(char, "\\" + char)
+    return value
+
+
+def point(
+    time_ns: int,
+    device_id: str,
+    fields: Mapping[str, float],
+    device_type: str = "bulb",
+    location: str = "lab",
+    measurement: str = "telemetry",
+) -> str:
+    """One line of line protocol; float fields are written with a decimal point."""
+    tags = {"device_id": device_id, "device_type": device_type, "location": location}
+    tag_text = ",".join(f"{k}={escape_tag(v)}" for k, v in tags.items() if v)
+    field_text = ",".join(f"{k}={float(v)!r}" for k, v in fields.items())
+    return f"{measurement},{tag_text} {field_text} {time_ns}"
+
+
+class MotoServer:
+    """moto's S3 server: a real HTTP S3 endpoint."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = (self.root / "moto.log").open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log,
+            stderr=log,
+        )
+        wait_until(lambda: requests.get(self.url, timeout=1).status_code < 500, "moto_server")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None
+
+
+POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+
+def ensure_postgres() -> None:
+    """Start the machine's PostgreSQL cluster if it is not answering."""
+
+    def answers() -> bool:
+        psycopg2.connect(dbname="postgres", connect_timeout=2, **POSTGRES).close()
+        return True
+
+    try:
+        answers()
+        return
+    except psycopg2.OperationalError:
+        pass
+    versions = sorted(os.path.basename(p) for p in glob.glob("/etc/postgresql/*"))
+    if not versions:
+        raise RuntimeError("PostgreSQL is not installed (no /etc/postgresql/*)")
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", "start"], check=False
+    )
+    wait_until(answers, "PostgreSQL")
+
+
+def fresh_database(name: str) -> None:
+    """Drop and create `name`, so every test session starts with empty Dagster storage."""
+    connection = psycopg2.connect(dbname="postgres", **POSTGRES)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    connection.close()

@@ -1,0 +1,216 @@
+"""Device-day exports from a real InfluxDB into a real S3 server, read back value by value."""
+
+from datetime import UTC, date, datetime
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from export_pipeline.export import ExportReport, export_device_day
+from export_pipeline.influx import InfluxSource
+from export_pipeline.schema import DICTIONARY_COLUMNS, SCHEMA
+from export_pipeline.writers import ObjectStore
+from export_pipeline_tests.conftest import Stack
+from export_pipeline_tests.services import point
+
+DAY = date(2026, 2, 7)  # a Saturday
+MIDNIGHT = int(datetime(2026, 2, 7, tzinfo=UTC).timestamp()) * 10**9
+NS = 1_000_000_000
+FOLDER = "telemetry/device_id=D1/date=2026/02/07/"
+
+
+def at(hours: int, minutes: int = 0, seconds: int = 0, ns: int = 0) -> int:
+    return MIDNIGHT + (hours * 3600 + minutes * 60 + seconds) * NS + ns
+
+
+def export(stack: Stack, device_id: str = "D1", day: date = DAY, **env: str) -> ExportReport:
+    settings = stack.settings(**env)
+    return export_device_day(
+        InfluxSource(settings.influx),
+        ObjectStore(stack.s3, settings.s3.bucket),
+        settings.s3.prefix,
+        device_id,
+        day,
+        settings.export,
+    )
+
+
+def folder_rows(stack: Stack, folder: str = FOLDER) -> list[dict[str, object]]:
+    tables = [stack.table(key) for key in sorted(stack.objects()) if key.startswith(folder)]
+    return pa.concat_tables(tables).to_pylist() if tables else []
+
+
+def test_every_value_of_the_device_day_lands_in_its_slice_files(stack: Stack) -> None:
+    stack.write(
+        [
+            point(
+                at(12, 0), "D1", {"voltage": 230, "current": 0.5, "power": 100, "temperature": 21.5}
+            ),
+            point(
+                at(12, 4, 59, 999_999_000), "D1", {"voltage": 231.25, "current": 2, "power": 1000}
+            ),
+            point(
+                at(12, 5),
+                "D1",
+                {"voltage": 229, "current": 0.0, "power": 3},
+                device_type="compressor",
+                location="roof",
+            ),
+            point(at(23, 59, 59), "D1", {"temperature": -4.5}),
+            # Outside the device-day: the day before, the day after, another device.
+            point(at(0) - 1, "D1", {"voltage": 1}),
+            point(at(24), "D1", {"voltage": 2}),
+            point(at(12, 1), "D2", {"voltage": 3}),
+        ]
+    )
+    report = export(stack)
+
+    assert sorted(stack.objects()) == [
+        FOLDER + "export_120000.parquet",
+        FOLDER + "export_120500.parquet",
+        FOLDER + "export_235500.parquet",
+    ]
+    assert report.rows == 4
+    assert report.folder_uri == f"s3://{stack.bucket}/{FOLDER}"
+    assert report.first_timestamp == datetime(2026, 2, 7, 12, tzinfo=UTC)
+    assert report.last_timestamp == datetime(2026, 2, 7, 23, 59, 59, tzinfo=UTC)
+    common = {"device_id": "D1", "day_of_week": 5, "is_weekend": True}
+    assert folder_rows(stack) == [
+        {
+            "timestamp": datetime(2026, 2, 7, 12, tzinfo=UTC),
+            "device_type": "bulb",
+            "location": "lab",
+            "voltage": 230.0,
+            "current": 0.5,
+            "power": 100.0,
+            "temperature": 21.5,
+            "hour": 12,
+            "power_factor": 100 / 115,
+            **common,
+        },
+        {
+            "timestamp": datetime(2026, 2, 7, 12, 4, 59, 999_999, tzinfo=UTC),
+            "device_type": "bulb",
+            "location": "lab",
+            "voltage": 231.25,
+            "current": 2.0,
+            "power": 1000.0,
+            "temperature": None,
+            "hour": 12,
+            "power_factor": 1.0,
+            **common,
+        },
+        {
+            "timestamp": datetime(2026, 2, 7, 12, 5, tzinfo=UTC),
+            "device_type": "compressor",
+            "location": "roof",
+            "voltage": 229.0,
+            "current": 0.0,
+            "power": 3.0,
+            "temperature": None,
+            "hour": 12,
+            "power_factor": None,
+            **common,
+        },
+        {
+            "timestamp": datetime(2026, 2, 7, 23, 59, 59, tzinfo=UTC),
+            "device_type": "bulb",
+            "location": "lab",
+            "voltage": None,
+            "current": None,
+            "power": None,
+            "temperature": -4.5,
+            "hour": 23,
+            "power_factor": None,
+            **common,
+        },
+    ]
+
+
+def test_parquet_files_carry_the_declared_schema_zstd_and_dictionary_strings(
+    stack: Stack,
+) -> None:
+    stack.write([point(at(1), "D1", {"voltage": 230})])
+    export(stack)
+    key = FOLDER + "export_010000.parquet"
+    assert stack.table(key).schema.remove_metadata() == SCHEMA
+    body = stack.s3.get_object(Bucket=stack.bucket, Key=key)["Body"]
+    metadata = pq.ParquetFile(pa.BufferReader(body.read())).metadata.row_group(0)
+    columns = {metadata.column(i).path_in_schema: metadata.column(i) for i in range(12)}
+    assert columns["voltage"].compression == "ZSTD"
+    for name in DICTIONARY_COLUMNS:
+        assert "RLE_DICTIONARY" in columns[name].encodings
+
+
+def test_a_rerun_rewrites_the_same_keys_with_the_same_content(stack: Stack) -> None:
+    stack.write([point(at(h, m), "D1", {"voltage": h + m / 60}) for h in (3, 9) for m in (0, 7)])
+    export(stack)
+    first = stack.objects()
+    report = export(stack)
+    assert stack.objects() == first
+    assert report.files_deleted == []
+    assert len(folder_rows(stack)) == 4
+
+
+def test_slices_that_no_longer_have_rows_are_deleted(stack: Stack) -> None:
+    stack.write([point(at(3), "D1", {"voltage": 1}), point(at(9), "D1", {"voltage": 2})])
+    export(stack)
+    stack.influx.query(
+        f"DELETE FROM telemetry WHERE time >= {at(9)} AND time < {at(10)}", stack.database
+    )
+    unrelated = "telemetry/device_id=D1/date=2026/02/07/notes.txt"
+    stack.s3.put_object(Bucket=stack.bucket, Key=unrelated, Body=b"kept")
+    report = export(stack)
+    assert report.files_deleted == [f"s3://{stack.bucket}/{FOLDER}export_090000.parquet"]
+    assert sorted(stack.objects()) == [FOLDER + "export_030000.parquet", unrelated]
+
+
+def test_a_day_without_points_writes_nothing_and_reports_zero_rows(stack: Stack) -> None:
+    stack.write([point(at(3), "D2", {"voltage": 1})])
+    report = export(stack)
+    assert report.rows == 0 and report.files_written == []
+    assert stack.objects() == {}
+
+
+def test_batches_smaller_than_a_slice_still_make_one_file_per_slice(stack: Stack) -> None:
+    stack.write([point(at(5) + i * NS, "D1", {"voltage": float(i)}) for i in range(1_500)])
+    export(stack, EXPORT_BATCH_SIZE="100", EXPORT_INTERVAL_SECONDS="600")
+    keys = sorted(stack.objects())
+    assert keys == [
+        FOLDER + "export_050000.parquet",
+        FOLDER + "export_051000.parquet",
+        FOLDER + "export_052000.parquet",
+    ]
+    voltages = [row["voltage"] for row in folder_rows(stack)]
+    assert voltages == [float(i) for i in range(1_500)]
+
+
+def test_csv_has_a_header_and_iso_utc_timestamps(stack: Stack) -> None:
+    stack.write([point(at(12), "D1", {"voltage": 230, "current": 1, "power": 115})])
+    export(stack, EXPORT_FORMAT="csv")
+    body = stack.objects()[FOLDER + "export_120000.csv"].decode()
+    header, row = body.splitlines()
+    assert header.split(",") == [f'"{name}"' for name in SCHEMA.names]
+    # Strings are quoted, so an empty string and a null (nothing) stay distinct.
+    assert row == '"2026-02-07T12:00:00.000000Z","D1","bulb","lab",230,1,115,,12,5,true,0.5'
+
+
+def test_switching_format_replaces_the_other_formats_files(stack: Stack) -> None:
+    stack.write([point(at(12), "D1", {"voltage": 230})])
+    export(stack, EXPORT_FORMAT="csv")
+    export(stack)
+    assert sorted(stack.objects()) == [FOLDER + "export_120000.parquet"]
+
+
+def test_hive_layout_writes_one_date_folder(stack: Stack) -> None:
+    stack.write([point(at(12), "D1", {"voltage": 230})])
+    export(stack, EXPORT_LAYOUT="hive")
+    assert sorted(stack.objects()) == [
+        "telemetry/device_id=D1/date=2026-02-07/export_120000.parquet"
+    ]
+
+
+def test_a_missing_bucket_is_named_in_the_error(stack: Stack) -> None:
+    store = ObjectStore(stack.s3, "no-such-bucket")
+    with pytest.raises(RuntimeError, match="S3_BUCKET='no-such-bucket' does not exist"):
+        store.check()

@@ -1,0 +1,109 @@
+"""The reader against a real InfluxDB 1.6 server."""
+
+import pyarrow as pa
+import pytest
+
+from export_pipeline.influx import (
+    InfluxError,
+    InfluxSource,
+    InfluxUnavailable,
+    device_query,
+    quote_string,
+)
+from export_pipeline.schema import SOURCE_SCHEMA
+from export_pipeline.settings import InfluxSettings
+from export_pipeline_tests.conftest import Stack
+from export_pipeline_tests.services import free_port, point
+
+T0 = 1_770_465_600_000_000_000  # 2026-02-07T12:00:00Z
+NS = 1_000_000_000
+
+
+def source_for(stack: Stack) -> InfluxSource:
+    return InfluxSource(stack.settings().influx)
+
+
+def read_all(source: InfluxSource, device_id: str, batch_rows: int = 50_000) -> pa.Table:
+    batches = list(source.read(device_id, T0 - 86_400 * NS, T0 + 86_400 * NS, batch_rows))
+    return pa.Table.from_batches(batches, schema=SOURCE_SCHEMA)
+
+
+def test_whole_number_floats_come_back_as_float64(stack: Stack) -> None:
+    stack.write([point(T0, "D1", {"voltage": 230.0, "current": 1.0, "power": 230.0})])
+    table = read_all(source_for(stack), "D1")
+    assert table.schema == SOURCE_SCHEMA
+    assert table.to_pylist() == [
+        {
+            "time": T0,
+            "device_type": "bulb",
+            "location": "lab",
+            "voltage": 230.0,
+            "current": 1.0,
+            "power": 230.0,
+            "temperature": None,
+        }
+    ]
+
+
+def test_a_device_without_points_reads_as_no_batches(stack: Stack) -> None:
+    stack.write([point(T0, "D1", {"voltage": 1.0})])
+    assert read_all(source_for(stack), "D2").num_rows == 0
+
+
+def test_the_time_range_is_half_open(stack: Stack) -> None:
+    stack.write([point(T0 + i * NS, "D1", {"voltage": float(i)}) for i in range(3)])
+    rows = list(source_for(stack).read("D1", T0, T0 + 2 * NS))
+    assert pa.Table.from_batches(rows).column("voltage").to_pylist() == [0.0, 1.0]
+
+
+def test_large_reads_stream_in_many_batches_in_time_order(stack: Stack) -> None:
+    stack.write([point(T0 + i * NS, "D1", {"voltage": float(i)}) for i in range(20_000)])
+    batches = list(source_for(stack).read("D1", T0, T0 + 86_400 * NS, batch_rows=1_000))
+    assert len(batches) > 5
+    times = pa.Table.from_batches(batches).column("time").to_pylist()
+    assert times == sorted(times) and len(times) == 20_000
+
+
+@pytest.mark.parametrize("device_id", ["温度计-1", "it's", 'say "hi"', "back\\slash", "a,b c=d"])
+def test_odd_but_valid_device_ids_read_exactly_their_own_points(
+    stack: Stack, device_id: str
+) -> None:
+    stack.write([point(T0, device_id, {"voltage": 1.0}), point(T0, "other", {"voltage": 2.0})])
+    assert read_all(source_for(stack), device_id).column("voltage").to_pylist() == [1.0]
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "x' OR \"device_id\"::tag = 'D1",
+        "x' OR time > 0 OR 'a'='a",
+        "x\\' OR 'a'='a",
+        "x'\nSELECT * FROM telemetry; --",
+        'x\'; DROP DATABASE "victim"; --',
+    ],
+)
+def test_a_hostile_device_id_cannot_change_the_query(stack: Stack, hostile: str) -> None:
+    stack.write([point(T0, "D1", {"voltage": 1.0})])
+    stack.influx.create_database("victim")
+    assert read_all(source_for(stack), hostile).num_rows == 0
+    databases = stack.influx.query("SHOW DATABASES")
+    assert "victim" in str(databases)
+
+
+def test_quoted_strings_escape_quotes_backslashes_and_newlines() -> None:
+    assert quote_string("a'b\\c\nd") == "'a\\'b\\\\c\\nd'"
+    query = device_query('tele"metry', "x'", 0, 10)
+    assert '"tele\\"metry"' in query and "'x\\''" in query
+
+
+def test_a_missing_database_is_named_in_the_error(stack: Stack) -> None:
+    source = InfluxSource(InfluxSettings(url=stack.influx.url, bucket="no_such_bucket"))
+    with pytest.raises(InfluxError, match="INFLUXDB_BUCKET='no_such_bucket'"):
+        source.check()
+
+
+def test_an_unreachable_server_is_a_retryable_error_naming_the_url() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    source = InfluxSource(InfluxSettings(url=url, bucket="x", timeout_seconds=2))
+    with pytest.raises(InfluxUnavailable, match=f"INFLUXDB_URL={url} is unreachable"):
+        source.check()

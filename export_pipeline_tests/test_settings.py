@@ -1,0 +1,64 @@
+from datetime import date
+
+import pytest
+
+from export_pipeline.settings import Settings, SettingsError
+
+BASE = {"S3_BUCKET": "exports"}
+
+
+def test_defaults_need_only_a_bucket() -> None:
+    settings = Settings.from_env(BASE)
+    assert settings.export.interval_seconds == 300
+    assert settings.export.format == "parquet"
+    assert settings.export.layout == "seed"
+    assert settings.export.start_date == date(2026, 1, 1)
+    assert settings.influx.measurement == "telemetry"
+    assert settings.s3.prefix == "telemetry"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("EXPORT_FORMAT", "xml", "EXPORT_FORMAT='xml' is not one of parquet, csv"),
+        ("EXPORT_INTERVAL_SECONDS", "7", "EXPORT_INTERVAL_SECONDS=7 does not divide a day"),
+        ("EXPORT_INTERVAL_SECONDS", "five", "EXPORT_INTERVAL_SECONDS='five' is not a whole number"),
+        ("EXPORT_INTERVAL_SECONDS", "0", "EXPORT_INTERVAL_SECONDS=0 must be at least 1"),
+        ("EXPORT_BATCH_SIZE", "-1", "EXPORT_BATCH_SIZE=-1 must be at least 1"),
+        ("EXPORT_LAYOUT", "flat", "EXPORT_LAYOUT='flat' is not one of seed, hive"),
+        ("EXPORT_START_DATE", "2026-13-01", "EXPORT_START_DATE='2026-13-01' is not a date"),
+        ("INFLUXDB_URL", "localhost:8086", "INFLUXDB_URL='localhost:8086' is not an http(s) URL"),
+        ("S3_ENDPOINT_URL", "ftp://x", "S3_ENDPOINT_URL='ftp://x' is not an http(s) URL"),
+        ("S3_BUCKET", "", "S3_BUCKET is not set"),
+        ("S3_BUCKET", "Bad_Bucket", "S3_BUCKET='Bad_Bucket' is not a valid bucket name"),
+        ("S3_PREFIX", "a/../b", "S3_PREFIX='a/../b'"),
+        ("INFLUXDB_TIMEOUT_SECONDS", "0", "INFLUXDB_TIMEOUT_SECONDS=0 must be a positive"),
+        ("PORT", "70000", "PORT=70000 must be at least 1 and at most 65535"),
+        ("LOG_LEVEL", "LOUD", "LOG_LEVEL='LOUD' is not one of"),
+    ],
+)
+def test_a_bad_setting_is_refused_naming_the_variable(name: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({**BASE, name: value})
+    assert message in str(raised.value)
+
+
+def test_every_bad_setting_is_reported_at_once() -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"EXPORT_FORMAT": "xml", "EXPORT_INTERVAL_SECONDS": "7"})
+    for name in ("EXPORT_FORMAT", "EXPORT_INTERVAL_SECONDS", "S3_BUCKET"):
+        assert name in str(raised.value)
+
+
+def test_device_ids_are_split_trimmed_and_deduplicated() -> None:
+    settings = Settings.from_env({**BASE, "DEVICE_IDS": " D1, D2 ,,D1"})
+    assert settings.export.device_ids == ("D1", "D2")
+    assert Settings.from_env({**BASE, "DEVICE_IDS": "*"}).export.device_ids == ()
+
+
+def test_secrets_never_appear_in_the_settings_repr() -> None:
+    settings = Settings.from_env(
+        {**BASE, "INFLUXDB_TOKEN": "tok-SECRET-1", "INFLUXDB_PASSWORD": "pw-SECRET-2"}
+    )
+    assert settings.influx.token == "tok-SECRET-1"
+    assert "SECRET" not in repr(settings)
