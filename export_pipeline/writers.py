@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from botocore.exceptions import ClientError, EndpointConnectionError
 
 from export_pipeline.schema import DICTIONARY_COLUMNS, SCHEMA
 
@@ -77,6 +78,10 @@ class SliceFile:
         return os.path.getsize(self.path)
 
 
+class StoreError(RuntimeError):
+    """The S3 bucket cannot be used; the message names the setting to look at."""
+
+
 class ObjectStore:
     """The few S3 operations an export needs, on one bucket."""
 
@@ -91,11 +96,15 @@ class ObjectStore:
         """Fail early, naming S3_BUCKET, when the bucket is missing or out of reach."""
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except self.client.exceptions.ClientError as error:
+        except EndpointConnectionError as error:
+            raise StoreError(
+                f"S3 at S3_ENDPOINT_URL={self.client.meta.endpoint_url} is unreachable"
+            ) from error
+        except ClientError as error:
             code = error.response.get("Error", {}).get("Code", "")
             if code in ("404", "NoSuchBucket"):
-                raise RuntimeError(f"S3_BUCKET={self.bucket!r} does not exist") from error
-            raise RuntimeError(
+                raise StoreError(f"S3_BUCKET={self.bucket!r} does not exist") from error
+            raise StoreError(
                 f"S3_BUCKET={self.bucket!r} cannot be used ({code}); check the AWS credentials"
             ) from error
 
@@ -121,6 +130,4 @@ class ObjectStore:
             )
             if answer.get("Errors"):
                 first = answer["Errors"][0]
-                raise RuntimeError(
-                    f"S3 refused to delete {first.get('Key')}: {first.get('Message')}"
-                )
+                raise StoreError(f"S3 refused to delete {first.get('Key')}: {first.get('Message')}")

@@ -2,16 +2,18 @@
 
 from datetime import UTC, date, datetime
 
+import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from botocore.config import Config
 
 from export_pipeline.export import ExportReport, export_device_day
 from export_pipeline.influx import InfluxSource
 from export_pipeline.schema import DICTIONARY_COLUMNS, SCHEMA
-from export_pipeline.writers import ObjectStore
+from export_pipeline.writers import ObjectStore, StoreError
 from export_pipeline_tests.conftest import Stack
-from export_pipeline_tests.services import point
+from export_pipeline_tests.services import free_port, point
 
 DAY = date(2026, 2, 7)  # a Saturday
 MIDNIGHT = int(datetime(2026, 2, 7, tzinfo=UTC).timestamp()) * 10**9
@@ -212,5 +214,17 @@ def test_hive_layout_writes_one_date_folder(stack: Stack) -> None:
 
 def test_a_missing_bucket_is_named_in_the_error(stack: Stack) -> None:
     store = ObjectStore(stack.s3, "no-such-bucket")
-    with pytest.raises(RuntimeError, match="S3_BUCKET='no-such-bucket' does not exist"):
+    with pytest.raises(StoreError, match="S3_BUCKET='no-such-bucket' does not exist"):
         store.check()
+
+
+def test_an_unreachable_s3_endpoint_is_named_in_the_error() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=url,
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=2),
+    )
+    with pytest.raises(StoreError, match=f"S3_ENDPOINT_URL={url} is unreachable"):
+        ObjectStore(client, "exports").check()
