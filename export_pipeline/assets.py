@@ -1,13 +1,21 @@
 """`telemetry_export`: one device-day of telemetry, exported from InfluxDB to its S3 folder."""
 
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from export_pipeline.export import ExportReport, export_device_day
+from export_pipeline.ledger import EXPORTED_THROUGH
 from export_pipeline.partitions import device_days
-from export_pipeline.resources import ExportBucketResource, ExportResource, InfluxDBResource
+from export_pipeline.resources import (
+    ClockResource,
+    ExportBucketResource,
+    ExportResource,
+    InfluxDBResource,
+)
+from export_pipeline.retries import with_retries
+from export_pipeline.slicing import SECONDS_PER_DAY, DayRange, closed_until, day_start
 
 
 def device_day_of(partition_key: str) -> tuple[str, date]:
@@ -15,13 +23,17 @@ def device_day_of(partition_key: str) -> tuple[str, date]:
     return keys["device"], date.fromisoformat(keys["date"])
 
 
-def report_metadata(report: ExportReport) -> dict[str, Any]:
+def report_metadata(report: ExportReport, piece: DayRange) -> dict[str, Any]:
+    """Materialization metadata; `exported_through` is the checkpoint the sensor resumes from."""
+
     def stamp(value: object) -> str:
         return value.isoformat() if value else ""  # type: ignore[attr-defined]
 
     return {
         "dagster/row_count": report.rows,
         "dagster/uri": MetadataValue.path(report.folder_uri),
+        EXPORTED_THROUGH: MetadataValue.timestamp(piece.end_time),
+        "slices": f"{timedelta(seconds=piece.start)} to {timedelta(seconds=piece.end)} UTC",
         "files_written": len(report.files_written),
         "files_deleted": len(report.files_deleted),
         "bytes_written": report.bytes_written,
@@ -38,19 +50,36 @@ def telemetry_export(
     influxdb: InfluxDBResource,
     s3: ExportBucketResource,
     export: ExportResource,
+    clock: ClockResource,
 ) -> MaterializeResult:
     """One device's telemetry for one UTC day, one file per interval slice, in its S3 folder.
 
     Materializing makes the folder equal to InfluxDB's content for the day: the same slices get the
     same keys, and objects of slices without rows are deleted, so reruns never duplicate a row.
+    For the current day only the slices closed for EXPORT_LATENESS_SECONDS are exported; the
+    continuous_export sensor adds the rest as they close.
     """
     device_id, day = device_day_of(context.partition_key)
+    settings = export.settings()
+    until = closed_until(clock.now(), settings.interval_seconds, settings.lateness_seconds)
+    closed = int((until - day_start(day)).total_seconds())
+    piece = DayRange(day, 0, max(0, min(SECONDS_PER_DAY, closed)))
     source, store = influxdb.source(), s3.store()
     source.check()
     store.check()
-    report = export_device_day(source, store, s3.prefix, device_id, day, export.settings())
+
+    def attempt() -> ExportReport:
+        return export_device_day(
+            source, store, s3.prefix, device_id, day, settings, piece.start, piece.end
+        )
+
+    report = with_retries(
+        attempt,
+        settings.retries,
+        lambda e, d: context.log.warning(f"retrying in {d:.1f} s after a transient error: {e}"),
+    )
     context.log.info(
         f"{device_id} {day}: {report.rows} rows in {len(report.files_written)} files, "
         f"{len(report.files_deleted)} stale files deleted, {report.folder_uri}"
     )
-    return MaterializeResult(metadata=report_metadata(report))
+    return MaterializeResult(metadata=report_metadata(report, piece))

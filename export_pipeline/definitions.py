@@ -3,12 +3,16 @@
 from dagster import Definitions
 
 from export_pipeline.assets import telemetry_export
-from export_pipeline.jobs import register_devices
+from export_pipeline.jobs import export_due_slices, register_devices
 from export_pipeline.resources import build_resources
+from export_pipeline.sensors import build_continuous_export
 from export_pipeline.settings import Settings
+
+settings = Settings.from_env()
 
 defs = Definitions(
     assets=[telemetry_export],
-    jobs=[register_devices],
-    resources=build_resources(Settings.from_env()),
+    jobs=[register_devices, export_due_slices],
+    sensors=[build_continuous_export(settings)],
+    resources=build_resources(settings),
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -23,11 +23,13 @@ import numpy as np
 import pyarrow as pa
 
 from export_pipeline.layout import device_folder, slice_key, slice_offset_of, validate_device_id
+from export_pipeline.retries import with_retries
 from export_pipeline.schema import to_export
 from export_pipeline.settings import ExportSettings
 from export_pipeline.slicing import (
     NS_PER_SECOND,
     SECONDS_PER_DAY,
+    DayRange,
     Slice,
     check_interval,
     day_bounds_ns,
@@ -90,10 +92,12 @@ def export_device_day(
     validate_device_id(device_id)
     interval = settings.interval_seconds
     check_interval(interval)
-    if start_offset % interval or end_offset % interval or not 0 <= start_offset < end_offset:
+    if start_offset % interval or end_offset % interval or not 0 <= start_offset <= end_offset:
         raise ValueError(f"[{start_offset}, {end_offset}) is not a range of whole slices")
     folder = device_folder(prefix, device_id, day, settings.layout)
     report = ExportReport(device_id, day, store.uri(folder))
+    if start_offset == end_offset:
+        return report
     existing = store.list_keys(folder)
 
     day_ns, _ = day_bounds_ns(day)
@@ -184,3 +188,32 @@ def _stale_keys(
         if offset is not None and start_offset <= offset < end_offset and key not in written:
             stale.append(key)
     return sorted(stale)
+
+
+def export_device_ranges(
+    source: Source,
+    store: ObjectStore,
+    prefix: str,
+    device_id: str,
+    ranges: list[DayRange],
+    settings: ExportSettings,
+    on_retry: Callable[[BaseException, float], None] | None = None,
+) -> tuple[list[tuple[DayRange, ExportReport]], Exception | None]:
+    """Export a device's ranges in time order, stopping at the first that keeps failing.
+
+    Returns the ranges done (each complete in S3) and the error that stopped the rest, so the
+    device's checkpoint can advance over exactly the slices that were exported.
+    """
+    done: list[tuple[DayRange, ExportReport]] = []
+    for piece in sorted(ranges):
+
+        def attempt(piece: DayRange = piece) -> ExportReport:
+            return export_device_day(
+                source, store, prefix, device_id, piece.day, settings, piece.start, piece.end
+            )
+
+        try:
+            done.append((piece, with_retries(attempt, settings.retries, on_retry)))
+        except Exception as error:
+            return done, error
+    return done, None

@@ -147,6 +147,21 @@ class InfluxSource:
         if error:
             raise InfluxError(f"InfluxDB could not list the fields of {measurement}: {error}")
 
+    def device_ids(self, since_ns: int) -> list[str]:
+        """Every device_id tag value, limited to points since `since_ns` where the server can
+        (InfluxDB 1.x ignores the time bound in SHOW TAG VALUES and lists every series)."""
+        measurement = quote_identifier(self.settings.measurement)
+        query = (
+            f'SHOW TAG VALUES FROM {measurement} WITH KEY = "device_id" WHERE time >= {since_ns}'
+        )
+        answer = self._get({"q": query}, "application/json").json()
+        result = (answer.get("results") or [{}])[0]
+        if result.get("error"):
+            raise InfluxError(f"InfluxDB could not list the device ids: {result['error']}")
+        return sorted(
+            {str(row[1]) for series in result.get("series", []) for row in series["values"]}
+        )
+
     def read(
         self, device_id: str, start_ns: int, end_ns: int, batch_rows: int = 50_000
     ) -> Iterator[pa.RecordBatch]:

@@ -1,10 +1,27 @@
-"""`register_devices`: turn DEVICE_IDS into `devices` partitions."""
+"""Jobs: `register_devices` (DEVICE_IDS → `devices` partitions) and `export_due_slices`, the
+batched run the continuous_export sensor requests."""
 
-from dagster import Failure, OpExecutionContext, job, op
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import date
 
+from dagster import (
+    AssetMaterialization,
+    Config,
+    DagsterInstance,
+    Failure,
+    OpExecutionContext,
+    in_process_executor,
+    job,
+    op,
+)
+
+from export_pipeline.assets import report_metadata
+from export_pipeline.export import export_device_ranges
 from export_pipeline.layout import DeviceIdError, validate_device_id
+from export_pipeline.ledger import CONTINUOUS_JOB, TELEMETRY_EXPORT
 from export_pipeline.partitions import devices
-from export_pipeline.resources import ExportResource
+from export_pipeline.resources import ExportBucketResource, ExportResource, InfluxDBResource
+from export_pipeline.slicing import DayRange
 
 
 def refused_ids(device_ids: list[str]) -> list[str]:
@@ -37,3 +54,93 @@ def add_devices(context: OpExecutionContext, export: ExportResource) -> list[str
 @job
 def register_devices() -> None:
     add_devices()
+
+
+class WorkItemConfig(Config):
+    device_id: str
+    date: str
+    start: int
+    end: int
+
+
+class ExportSlicesConfig(Config):
+    work: list[WorkItemConfig]
+
+
+def pool_storage_connections(instance: DagsterInstance) -> None:
+    """Hold pooled PostgreSQL connections for this run's event writes.
+
+    Dagster's PostgreSQL storage opens a new connection per statement (NullPool); measured here,
+    a materialization event then costs ~12 ms, and ~3.3 ms over the pooled engine the webserver
+    uses. A run that records one materialization per device pays that 1,000 times a tick.
+    """
+    for storage in (instance.event_log_storage, instance.run_storage):
+        optimize = getattr(storage, "optimize_for_webserver", None)
+        if optimize is not None:
+            optimize(statement_timeout=0, pool_recycle=3600, max_overflow=4)
+
+
+@op
+def export_slices(
+    context: OpExecutionContext,
+    config: ExportSlicesConfig,
+    influxdb: InfluxDBResource,
+    s3: ExportBucketResource,
+    export: ExportResource,
+) -> None:
+    """Exports the due slices of many devices, several devices at a time.
+
+    Each device's ranges go in time order and stop at its first lasting failure; a materialization
+    (with `exported_through`) is recorded only for ranges complete in S3. A failing device does
+    not hold back the others; the run fails at the end, naming it.
+    """
+    pool_storage_connections(context.instance)
+    settings = export.settings()
+    source, store = influxdb.source(), s3.store()
+    by_device: dict[str, list[DayRange]] = {}
+    for item in config.work:
+        piece = DayRange(date.fromisoformat(item.date), item.start, item.end)
+        by_device.setdefault(item.device_id, []).append(piece)
+
+    def on_retry(error: BaseException, delay: float) -> None:
+        context.log.warning(f"retrying in {delay:.1f} s after a transient error: {error}")
+
+    failures: list[str] = []
+    with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="device") as pool:
+        futures = {
+            pool.submit(
+                export_device_ranges,
+                source,
+                store,
+                s3.prefix,
+                device_id,
+                ranges,
+                settings,
+                on_retry,
+            ): device_id
+            for device_id, ranges in by_device.items()
+        }
+        for future in as_completed(futures):
+            device_id = futures[future]
+            done, error = future.result()
+            for piece, report in done:
+                context.log_event(
+                    AssetMaterialization(
+                        asset_key=TELEMETRY_EXPORT,
+                        partition=f"{piece.day.isoformat()}|{device_id}",
+                        metadata=report_metadata(report, piece),
+                    )
+                )
+            if error is not None:
+                context.log.error(f"{device_id}: export stopped: {error}")
+                failures.append(f"{device_id}: {error}")
+    if failures:
+        raise Failure(
+            f"{len(failures)} of {len(by_device)} devices failed; their remaining slices are "
+            "requested again on the next tick: " + "; ".join(failures[:20])
+        )
+
+
+@job(name=CONTINUOUS_JOB, executor_def=in_process_executor)
+def export_due_slices() -> None:
+    export_slices()

@@ -6,6 +6,9 @@ run config show the variable's name, never its value.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from datetime import UTC, date, datetime
+
 from dagster import ConfigurableResource, EnvVar
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
@@ -67,16 +70,29 @@ class ExportResource(ConfigurableResource):
     layout: Layout = "seed"
     device_ids: list[str] = Field(default_factory=list)
     lookback_hours: int = 24
+    start_date: str = "2026-01-01"
+    lateness_seconds: int = 30
+    devices_per_run: int = 1_000
+    concurrency: int = 8
+    retries: int = 4
+    stale_run_seconds: int = 0
 
     def settings(self) -> ExportSettings:
-        return ExportSettings(
-            interval_seconds=self.interval_seconds,
-            batch_size=self.batch_size,
-            format=self.format,
-            layout=self.layout,
-            device_ids=tuple(self.device_ids),
-            lookback_hours=self.lookback_hours,
-        )
+        values = self.model_dump()
+        values["device_ids"] = tuple(self.device_ids)
+        values["start_date"] = date.fromisoformat(self.start_date)
+        return ExportSettings(**values)
+
+
+class ClockResource(ConfigurableResource):
+    """Now, in UTC; `frozen_at` (ISO-8601) pins it, so tests drive ticks without sleeping."""
+
+    frozen_at: str = ""
+
+    def now(self) -> datetime:
+        if self.frozen_at:
+            return datetime.fromisoformat(self.frozen_at).astimezone(UTC)
+        return datetime.now(UTC)
 
 
 def build_resources(settings: Settings) -> dict[str, ConfigurableResource]:
@@ -99,11 +115,11 @@ def build_resources(settings: Settings) -> dict[str, ConfigurableResource]:
             endpoint_url=s3.endpoint_url,
         ),
         "export": ExportResource(
-            interval_seconds=export.interval_seconds,
-            batch_size=export.batch_size,
-            format=export.format,
-            layout=export.layout,
-            device_ids=list(export.device_ids),
-            lookback_hours=export.lookback_hours,
+            **{
+                **asdict(export),
+                "device_ids": list(export.device_ids),
+                "start_date": export.start_date.isoformat(),
+            }
         ),
+        "clock": ClockResource(),
     }

@@ -56,6 +56,15 @@ class ExportSettings:
     start_date: date = date(2026, 1, 1)
     device_ids: tuple[str, ...] = ()
     lookback_hours: int = 24
+    lateness_seconds: int = 30
+    devices_per_run: int = 1_000
+    concurrency: int = 8
+    retries: int = 4
+    stale_run_seconds: int = 0  # 0: three intervals, at least 180 s
+
+    @property
+    def stale_run_after(self) -> int:
+        return self.stale_run_seconds or max(3 * self.interval_seconds, 180)
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,15 @@ class _Parser:
             start_date=self.start_date(),
             device_ids=self.device_ids(),
             lookback_hours=self.integer("LOOKBACK_HOURS", ExportSettings.lookback_hours, 0),
+            lateness_seconds=self.integer(
+                "EXPORT_LATENESS_SECONDS", ExportSettings.lateness_seconds, 0, 86_400
+            ),
+            devices_per_run=self.integer(
+                "EXPORT_DEVICES_PER_RUN", ExportSettings.devices_per_run, 1, 100_000
+            ),
+            concurrency=self.integer("EXPORT_CONCURRENCY", ExportSettings.concurrency, 1, 64),
+            retries=self.integer("EXPORT_RETRIES", ExportSettings.retries, 0, 20),
+            stale_run_seconds=self.integer("EXPORT_STALE_RUN_SECONDS", 0, 0),
         )
         port = self.integer("PORT", 8080, 1, 65_535)
         log_level = self.choice("LOG_LEVEL", "info", tuple(x.lower() for x in LOG_LEVELS)).upper()

@@ -66,3 +66,47 @@ def slice_offsets(timestamps_ns: pa.Array, day: date, interval_seconds: int) -> 
     since_midnight = pc.subtract(timestamps_ns, start_ns)
     index = pc.floor(pc.divide(pc.cast(since_midnight, pa.float64()), interval_ns))
     return pc.multiply(pc.cast(index, pa.int64()), interval_seconds)
+
+
+@dataclass(frozen=True, order=True)
+class DayRange:
+    """Whole slices `[start, end)` of one UTC day, as seconds after midnight: one unit of work."""
+
+    day: date
+    start: int
+    end: int
+
+    @property
+    def end_time(self) -> datetime:
+        return day_start(self.day) + timedelta(seconds=self.end)
+
+
+def align_down(moment: datetime, interval_seconds: int) -> datetime:
+    """The start of the slice containing `moment`."""
+    seconds = int(moment.timestamp())
+    return datetime.fromtimestamp(seconds - seconds % interval_seconds, tz=UTC)
+
+
+def closed_until(now: datetime, interval_seconds: int, lateness_seconds: int) -> datetime:
+    """End of the last slice that closed at least `lateness_seconds` ago: everything before it is
+    final, so exporting it now gives the same files as exporting it later."""
+    return align_down(now - timedelta(seconds=lateness_seconds), interval_seconds)
+
+
+def day_ranges(start: datetime, end: datetime) -> list[DayRange]:
+    """`[start, end)` cut at UTC midnights, so slices crossing a day land in their own date."""
+    ranges = []
+    cursor = start
+    while cursor < end:
+        midnight = day_start(cursor.date())
+        next_midnight = midnight + timedelta(days=1)
+        stop = min(end, next_midnight)
+        ranges.append(
+            DayRange(
+                cursor.date(),
+                int((cursor - midnight).total_seconds()),
+                int((stop - midnight).total_seconds()),
+            )
+        )
+        cursor = stop
+    return ranges

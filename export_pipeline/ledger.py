@@ -1,0 +1,93 @@
+"""The export ledger, read from Dagster's own storage: no second checkpoint table, no state file.
+
+- A device's checkpoint is the largest `exported_through` among the latest materializations of its
+  recent device-day partitions (two queries for the whole fleet, whatever its size).
+- A device is busy while a continuous-export run that covers it is queued or running. A run that
+  has logged nothing for too long is dead (its process was killed, which the default run launcher
+  cannot see): it is marked failed, so its devices are free again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    RunsFilter,
+)
+
+EXPORTED_THROUGH = "exported_through"
+TELEMETRY_EXPORT = AssetKey("telemetry_export")
+CONTINUOUS_JOB = "export_due_slices"
+IN_FLIGHT = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+]
+
+
+def checkpoints(
+    instance: DagsterInstance, devices: Iterable[str], dates: Iterable[date]
+) -> dict[str, datetime]:
+    """`exported_through` per device, from the latest materialization of each device-day."""
+    keys = {f"{day.isoformat()}|{device}" for day in dates for device in devices}
+    if not keys:
+        return {}
+    latest = instance.get_latest_storage_id_by_partition(
+        TELEMETRY_EXPORT, DagsterEventType.ASSET_MATERIALIZATION, keys
+    )
+    if not latest:
+        return {}
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=TELEMETRY_EXPORT, storage_ids=list(latest.values())),
+        limit=len(latest),
+    ).records
+    found: dict[str, datetime] = {}
+    for record in records:
+        materialization = record.asset_materialization
+        if materialization is None or not materialization.partition:
+            continue
+        value = materialization.metadata.get(EXPORTED_THROUGH)
+        if value is None:
+            continue
+        through = datetime.fromtimestamp(float(value.value), tz=UTC)  # type: ignore[arg-type]
+        device = str(materialization.partition).split("|", 1)[1]
+        if device not in found or through > found[device]:
+            found[device] = through
+    return found
+
+
+def run_devices(run_config: Mapping[str, Any]) -> set[str]:
+    """The devices a continuous-export run covers, from its run config."""
+    work = run_config.get("ops", {}).get("export_slices", {}).get("config", {}).get("work", [])
+    return {item["device_id"] for item in work}
+
+
+def busy_devices(instance: DagsterInstance, stale_after: timedelta) -> tuple[set[str], list[str]]:
+    """Devices covered by live continuous-export runs, and the ids of dead runs marked failed."""
+    busy: set[str] = set()
+    dead: list[str] = []
+    runs = instance.get_runs(RunsFilter(job_name=CONTINUOUS_JOB, statuses=IN_FLIGHT))
+    for run in runs:
+        if run.status in (DagsterRunStatus.STARTING, DagsterRunStatus.STARTED):
+            last = instance.get_records_for_run(run.run_id, limit=1, ascending=False).records
+            last_seen = last[0].timestamp if last else 0.0
+            if time.time() - last_seen > stale_after.total_seconds():
+                instance.report_run_failed(
+                    run,
+                    f"Marked failed by the continuous_export sensor: no event for over "
+                    f"{stale_after.total_seconds():.0f} s, its process is presumed dead. "
+                    "Its unexported slices are requested again.",
+                )
+                dead.append(run.run_id)
+                continue
+        busy |= run_devices(run.run_config)
+    return busy, dead

@@ -1,0 +1,52 @@
+from datetime import UTC, date, datetime
+
+from export_pipeline.planning import WorkItem, batches, due_work
+from export_pipeline.settings import ExportSettings
+from export_pipeline.slicing import DayRange, closed_until, day_ranges
+
+SETTINGS = ExportSettings(interval_seconds=60, lateness_seconds=30, lookback_hours=1)
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+
+
+def test_a_slice_is_due_once_closed_for_the_lateness_allowance() -> None:
+    assert closed_until(utc(2026, 2, 7, 12, 1, 29), 60, 30) == utc(2026, 2, 7, 12, 0)
+    assert closed_until(utc(2026, 2, 7, 12, 1, 30), 60, 30) == utc(2026, 2, 7, 12, 1)
+
+
+def test_ranges_are_cut_at_utc_midnight() -> None:
+    assert day_ranges(utc(2026, 2, 7, 23, 58), utc(2026, 2, 8, 0, 1)) == [
+        DayRange(date(2026, 2, 7), 86_280, 86_400),
+        DayRange(date(2026, 2, 8), 0, 60),
+    ]
+
+
+def test_a_device_resumes_at_its_checkpoint() -> None:
+    work = due_work(["D1"], {"D1": utc(2026, 2, 7, 11, 58)}, utc(2026, 2, 7, 12, 0, 45), SETTINGS)
+    assert work == [WorkItem("D1", DayRange(date(2026, 2, 7), 43_080, 43_200))]
+
+
+def test_a_device_never_exported_starts_lookback_hours_ago() -> None:
+    work = due_work(["D2"], {}, utc(2026, 2, 7, 12, 0, 45), SETTINGS)
+    assert work == [WorkItem("D2", DayRange(date(2026, 2, 7), 39_600, 43_200))]
+
+
+def test_lookback_never_reaches_before_the_first_partition() -> None:
+    settings = ExportSettings(interval_seconds=60, lookback_hours=48, start_date=date(2026, 2, 7))
+    work = due_work(["D3"], {}, utc(2026, 2, 7, 0, 10), settings)
+    assert [item.range for item in work] == [DayRange(date(2026, 2, 7), 0, 540)]
+
+
+def test_a_device_up_to_date_has_nothing_due() -> None:
+    assert due_work(["D1"], {"D1": utc(2026, 2, 7, 12)}, utc(2026, 2, 7, 12, 1, 10), SETTINGS) == []
+
+
+def test_batches_keep_a_devices_pieces_together_in_time_order() -> None:
+    day1, day2 = DayRange(date(2026, 2, 7), 86_340, 86_400), DayRange(date(2026, 2, 8), 0, 60)
+    items = [WorkItem("B", day2), WorkItem("A", day1), WorkItem("B", day1), WorkItem("C", day1)]
+    assert batches(items, 2) == [
+        [WorkItem("A", day1), WorkItem("B", day1), WorkItem("B", day2)],
+        [WorkItem("C", day1)],
+    ]

@@ -1,0 +1,367 @@
+"""Continuous export: sensor ticks driven by a frozen clock, runs executed on PostgreSQL storage,
+objects read back from S3 and compared with InfluxDB."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+from dagster import (
+    DagsterInstance,
+    DagsterRunStatus,
+    SensorResult,
+    build_sensor_context,
+    materialize,
+)
+
+from export_pipeline.assets import telemetry_export
+from export_pipeline.influx import InfluxSource
+from export_pipeline.jobs import export_due_slices
+from export_pipeline.ledger import checkpoints
+from export_pipeline.resources import ClockResource, build_resources
+from export_pipeline.schema import SOURCE_SCHEMA
+from export_pipeline.sensors import build_continuous_export
+from export_pipeline_tests.conftest import REPO, Stack
+from export_pipeline_tests.services import InfluxServer, point
+
+T0 = datetime(2026, 2, 7, 12, 0, tzinfo=UTC)
+DAY = T0.date()
+NS = 1_000_000_000
+CONTINUOUS = {
+    "EXPORT_INTERVAL_SECONDS": "60",
+    "EXPORT_LATENESS_SECONDS": "30",
+    "LOOKBACK_HOURS": "1",
+    "EXPORT_RETRIES": "0",
+}
+
+
+def ns(moment: datetime) -> int:
+    return int(moment.timestamp()) * NS
+
+
+def every_10s(device: str, start: datetime, end: datetime, step: int = 10) -> list[str]:
+    return [
+        point(ns(start) + i * step * NS, device, {"voltage": 230.0 + i, "power": float(i)})
+        for i in range(int((end - start).total_seconds()) // step)
+    ]
+
+
+class Fleet:
+    """A sensor and its runs against one test's stack, ticking on a frozen clock."""
+
+    def __init__(self, stack: Stack, instance: DagsterInstance, **env: str) -> None:
+        self.stack, self.instance = stack, instance
+        self.settings = stack.settings(**{**CONTINUOUS, **env})
+        self.resources = build_resources(self.settings)
+        self.sensor = build_continuous_export(self.settings)
+
+    def tick(self, now: datetime) -> SensorResult:
+        resources = {**self.resources, "clock": ClockResource(frozen_at=now.isoformat())}
+        with build_sensor_context(instance=self.instance, resources=resources) as context:
+            result = self.sensor(context)
+        assert isinstance(result, SensorResult)
+        for request in result.dynamic_partitions_requests or []:
+            self.instance.add_dynamic_partitions(
+                request.partitions_def_name,
+                list(request.partition_keys),  # type: ignore[union-attr,arg-type]
+            )
+        return result
+
+    def run(self, result: SensorResult) -> list[bool]:
+        """Execute the requested runs as the daemon would launch them."""
+        outcomes = []
+        for request in result.run_requests or []:
+            outcome = export_due_slices.execute_in_process(
+                run_config=request.run_config,
+                instance=self.instance,
+                resources=self.resources,
+                tags=request.tags,
+                raise_on_error=False,
+            )
+            outcomes.append(outcome.success)
+        return outcomes
+
+    def tick_and_run(self, now: datetime) -> SensorResult:
+        result = self.tick(now)
+        assert all(self.run(result))
+        return result
+
+    def exported(self, device: str, day: date = DAY) -> list[int]:
+        """Timestamps (ns) of the device-day's rows in S3, in key order."""
+        folder = f"telemetry/device_id={device}/date={day:%Y/%m/%d}/"
+        keys = sorted(key for key in self.stack.objects() if key.startswith(folder))
+        tables = [self.stack.table(key) for key in keys]
+        if not tables:
+            return []
+        stamps = pa.concat_tables(tables).column("timestamp").cast(pa.int64()).to_pylist()
+        return [stamp * 1000 for stamp in stamps]
+
+    def in_influx(self, device: str, start: datetime, end: datetime) -> list[int]:
+        source = InfluxSource(self.settings.influx)
+        batches = list(source.read(device, ns(start), ns(end)))
+        return pa.Table.from_batches(batches, schema=SOURCE_SCHEMA).column("time").to_pylist()
+
+
+def work_of(result: SensorResult) -> list[tuple[str, str, int, int]]:
+    items = []
+    for request in result.run_requests or []:
+        for item in request.run_config["ops"]["export_slices"]["config"]["work"]:
+            items.append((item["device_id"], item["date"], item["start"], item["end"]))
+    return sorted(items)
+
+
+def new_device() -> str:
+    return f"dev-{uuid.uuid4().hex[:8]}"
+
+
+def test_each_tick_exports_exactly_the_slices_that_closed(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    device = new_device()
+    stack.write(every_10s(device, T0 - timedelta(minutes=10), T0 + timedelta(minutes=5)))
+    fleet = Fleet(stack, instance, DEVICE_IDS=device)
+
+    first = fleet.tick_and_run(T0 + timedelta(seconds=31))
+    assert work_of(first) == [(device, "2026-02-07", 39_600, 43_200)]  # an hour of lookback
+    second = fleet.tick_and_run(T0 + timedelta(seconds=95))
+    assert work_of(second) == [(device, "2026-02-07", 43_200, 43_260)]
+    assert work_of(fleet.tick(T0 + timedelta(seconds=95))) == []  # nothing new is due yet
+    third = fleet.tick_and_run(T0 + timedelta(seconds=215))
+    assert work_of(third) == [(device, "2026-02-07", 43_260, 43_380)]
+
+    exported = fleet.exported(device)
+    assert exported == fleet.in_influx(device, T0 - timedelta(hours=1), T0 + timedelta(minutes=3))
+    assert len(exported) == 78 and len(set(exported)) == 78
+    through = checkpoints(instance, [device], [T0.date()])
+    assert through == {device: T0 + timedelta(minutes=3)}
+
+
+def test_a_device_that_appears_mid_stream_is_registered_and_exported(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    first, late = new_device(), new_device()
+    stack.write(every_10s(first, T0 - timedelta(minutes=5), T0 + timedelta(minutes=5)))
+    fleet = Fleet(stack, instance, DEVICE_IDS="*")  # discover devices from InfluxDB
+
+    result = fleet.tick_and_run(T0 + timedelta(seconds=31))
+    assert {item[0] for item in work_of(result)} == {first}
+    stack.write(every_10s(late, T0, T0 + timedelta(minutes=5)))
+    result = fleet.tick_and_run(T0 + timedelta(seconds=91))
+    assert {item[0] for item in work_of(result)} == {first, late}
+    assert late in instance.get_dynamic_partitions("devices")
+    assert fleet.exported(late) == fleet.in_influx(late, T0, T0 + timedelta(minutes=1))
+
+
+def test_unsafe_discovered_device_ids_are_skipped_not_fatal(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    good = new_device()
+    stack.write(every_10s(good, T0, T0 + timedelta(minutes=1)))
+    stack.write([point(ns(T0), "bad/id", {"voltage": 1.0}), point(ns(T0), "a..b", {"power": 1})])
+    result = Fleet(stack, instance, DEVICE_IDS="").tick(T0 + timedelta(seconds=91))
+    assert {item[0] for item in work_of(result)} == {good}
+
+
+def test_slices_crossing_midnight_land_in_their_own_date(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    device = new_device()
+    midnight = datetime(2026, 2, 8, tzinfo=UTC)
+    stack.write(every_10s(device, midnight - timedelta(minutes=3), midnight + timedelta(minutes=3)))
+    fleet = Fleet(stack, instance, DEVICE_IDS=device)
+    fleet.tick_and_run(midnight - timedelta(minutes=1, seconds=29))  # through 23:58
+    result = fleet.tick_and_run(midnight + timedelta(minutes=1, seconds=30))
+    assert work_of(result) == [
+        (device, "2026-02-07", 86_280, 86_400),
+        (device, "2026-02-08", 0, 60),
+    ]
+    assert fleet.exported(device, date(2026, 2, 8)) == fleet.in_influx(
+        device, midnight, midnight + timedelta(minutes=1)
+    )
+    day_end = fleet.exported(device, date(2026, 2, 7))[-1]
+    assert day_end == ns(midnight) - 10 * NS
+
+
+def test_a_restart_after_an_hour_catches_up_each_slice_exactly_once(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    device = new_device()
+    stack.write(every_10s(device, T0 - timedelta(minutes=30), T0 + timedelta(hours=1, minutes=5)))
+    fleet = Fleet(stack, instance, DEVICE_IDS=device)
+    fleet.tick_and_run(T0 + timedelta(seconds=30))
+    # The daemon is down for an hour; the first tick after it requests the whole gap, once.
+    result = fleet.tick_and_run(T0 + timedelta(hours=1, seconds=30))
+    assert work_of(result) == [(device, "2026-02-07", 43_200, 46_800)]
+    exported = fleet.exported(device)
+    assert exported == fleet.in_influx(device, T0 - timedelta(hours=1), T0 + timedelta(hours=1))
+    assert max(Counter(exported).values()) == 1
+
+
+def test_a_duplicated_run_leaves_no_duplicate_rows(stack: Stack, instance: DagsterInstance) -> None:
+    device = new_device()
+    stack.write(every_10s(device, T0 - timedelta(minutes=10), T0))
+    fleet = Fleet(stack, instance, DEVICE_IDS=device)
+    result = fleet.tick(T0 + timedelta(seconds=30))
+    assert fleet.run(result) == [True]
+    before = fleet.stack.objects()
+    assert fleet.run(result) == [True]  # at-least-once delivery: the same run again
+    assert fleet.stack.objects() == before
+    exported = fleet.exported(device)
+    assert len(exported) == len(set(exported)) == 60
+
+
+def test_a_late_point_within_the_lateness_allowance_lands_in_its_slice(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    device = new_device()
+    stack.write(every_10s(device, T0 - timedelta(minutes=1), T0 + timedelta(seconds=50)))
+    fleet = Fleet(stack, instance, DEVICE_IDS=device)
+    fleet.tick_and_run(T0 + timedelta(seconds=30))
+    # 12:01:20: the slice [12:00, 12:01) has closed but is within the allowance: not due yet.
+    assert work_of(fleet.tick(T0 + timedelta(seconds=80))) == []
+    stack.write([point(ns(T0) + 59 * NS, device, {"voltage": 999.0})])  # arrives late
+    result = fleet.tick_and_run(T0 + timedelta(seconds=90))
+    assert work_of(result) == [(device, "2026-02-07", 43_200, 43_260)]
+    assert ns(T0) + 59 * NS in fleet.exported(device)
+
+
+def test_a_device_with_a_run_in_flight_is_not_requested_again(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    device = new_device()
+    stack.write(every_10s(device, T0 - timedelta(minutes=5), T0 + timedelta(minutes=5)))
+    fleet = Fleet(stack, instance, DEVICE_IDS=device)
+    result = fleet.tick(T0 + timedelta(seconds=31))
+    request = result.run_requests[0]  # type: ignore[index]
+    queued = instance.create_run_for_job(
+        export_due_slices, run_config=request.run_config, status=DagsterRunStatus.NOT_STARTED
+    )
+    assert work_of(fleet.tick(T0 + timedelta(seconds=91))) == []
+    instance.report_run_canceled(queued)
+    assert work_of(fleet.tick(T0 + timedelta(seconds=91)))[0][0] == device
+
+
+def test_todays_partition_exports_closed_slices_and_the_sensor_continues_from_there(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    device = new_device()
+    stack.write(every_10s(device, T0 - timedelta(minutes=5), T0 + timedelta(minutes=5)))
+    fleet = Fleet(stack, instance, DEVICE_IDS=device)
+    instance.add_dynamic_partitions("devices", [device])
+    now = T0 + timedelta(minutes=2, seconds=40)  # 12:02:40: slices through 12:02 are closed
+    result = materialize(
+        [telemetry_export],
+        partition_key=f"2026-02-07|{device}",
+        resources={**fleet.resources, "clock": ClockResource(frozen_at=now.isoformat())},
+        instance=instance,
+    )
+    assert result.success
+    assert fleet.exported(device) == fleet.in_influx(
+        device, T0 - timedelta(minutes=5), T0 + timedelta(minutes=2)
+    )
+    assert work_of(fleet.tick(now + timedelta(minutes=1))) == [
+        (device, "2026-02-07", 43_320, 43_380)
+    ]
+
+
+@pytest.fixture
+def private_influx(tmp_path: Path) -> Iterator[InfluxServer]:
+    """An InfluxDB of this test's own, so stopping it disturbs no other test."""
+    server = InfluxServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_influxdb_down_for_a_tick_then_the_gap_is_exported(
+    stack: Stack, instance: DagsterInstance, private_influx: InfluxServer
+) -> None:
+    device = new_device()
+    stack.influx = private_influx
+    private_influx.create_database(stack.database)
+    stack.write(every_10s(device, T0 - timedelta(minutes=2), T0 + timedelta(minutes=5)))
+    fleet = Fleet(stack, instance, DEVICE_IDS=device)
+    fleet.tick_and_run(T0 + timedelta(seconds=30))
+
+    private_influx.stop()
+    failed = fleet.tick(T0 + timedelta(seconds=90))
+    assert fleet.run(failed) == [False]  # the run fails: no checkpoint moves
+    private_influx.start()
+    result = fleet.tick_and_run(T0 + timedelta(seconds=150))
+    assert work_of(result) == [(device, "2026-02-07", 43_200, 43_320)]
+    assert fleet.exported(device) == fleet.in_influx(
+        device, T0 - timedelta(hours=1), T0 + timedelta(minutes=2)
+    )
+
+
+def test_a_run_killed_with_sigkill_is_repaired_by_the_next_tick(
+    stack: Stack, instance: DagsterInstance, dagster_home: Path, tmp_path: Path
+) -> None:
+    devices = [new_device() for _ in range(3)]
+    for device in devices:
+        stack.write(every_10s(device, T0 - timedelta(hours=1), T0, step=1))
+    env = {
+        **CONTINUOUS,
+        "DEVICE_IDS": ",".join(devices),
+        "EXPORT_STALE_RUN_SECONDS": "3",
+        "EXPORT_CONCURRENCY": "1",
+        "EXPORT_BATCH_SIZE": "50",
+    }
+    fleet = Fleet(stack, instance, **env)
+    request = fleet.tick(T0 + timedelta(seconds=30)).run_requests[0]  # type: ignore[index]
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(request.run_config))
+
+    # A real run process, killed once it has exported part of its work.
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("dagster")),
+            "job",
+            "execute",
+            "-m",
+            "export_pipeline.definitions",
+            "-j",
+            "export_due_slices",
+            "-c",
+            str(config),
+        ],
+        env={**os.environ, **stack.env(**env), "DAGSTER_HOME": str(dagster_home)},
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(checkpoints(instance, devices, [T0.date()])) < 1:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = checkpoints(instance, devices, [T0.date()])
+    assert 1 <= len(partial) < 3, "the run was killed before or after its work, not during it"
+
+    time.sleep(3.5)  # the killed run is now silent for longer than EXPORT_STALE_RUN_SECONDS
+    result = fleet.tick_and_run(T0 + timedelta(seconds=30))
+    assert {item[0] for item in work_of(result)} == set(devices) - set(partial)
+    for device in devices:
+        exported = fleet.exported(device)
+        assert exported == fleet.in_influx(device, T0 - timedelta(hours=1), T0)
+        assert len(exported) == len(set(exported)) == 3600
+    dead = instance.get_runs()
+    assert any(
+        run.status == DagsterRunStatus.FAILURE and run.job_name == "export_due_slices"
+        for run in dead
+    )
+
+
+def test_the_sensor_runs_by_default_every_interval(stack: Stack) -> None:
+    sensor = build_continuous_export(stack.settings(EXPORT_INTERVAL_SECONDS="120"))
+    assert sensor.minimum_interval_seconds == 120
+    assert sensor.default_status.value == "RUNNING"
