@@ -9,6 +9,7 @@ every upload succeeded, so a failed run loses nothing that was exported before.
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -36,6 +37,11 @@ from export_pipeline.slicing import (
     slice_offsets,
 )
 from export_pipeline.writers import ObjectStore, SliceFile
+
+
+class Stopped(Exception):
+    """The export was asked to stop (SIGTERM) and did, at a slice boundary."""
+
 
 UPLOAD_THREADS = 4
 MAX_FILES_IN_FLIGHT = 8  # bounds the temporary disk an export holds while uploads catch up
@@ -87,8 +93,13 @@ def export_device_day(
     settings: ExportSettings,
     start_offset: int = 0,
     end_offset: int = SECONDS_PER_DAY,
+    stop: threading.Event | None = None,
 ) -> ExportReport:
-    """Export the slices of `day` in `[start_offset, end_offset)` seconds after midnight UTC."""
+    """Export the slices of `day` in `[start_offset, end_offset)` seconds after midnight UTC.
+
+    Setting `stop` ends the export at the next slice boundary with `Stopped`: the objects already
+    uploaded are complete, and nothing is deleted.
+    """
     validate_device_id(device_id)
     interval = settings.interval_seconds
     check_interval(interval)
@@ -119,6 +130,8 @@ def export_device_day(
             key, slice_file = current
             current = None
             report.bytes_written += slice_file.close()
+            if stop is not None and stop.is_set():
+                raise Stopped(f"stopped before uploading {key}")
             while len(in_flight) >= MAX_FILES_IN_FLIGHT:
                 in_flight.popleft().result()
             in_flight.append(pool.submit(_upload, store, slice_file, key))
@@ -198,6 +211,7 @@ def export_device_ranges(
     ranges: list[DayRange],
     settings: ExportSettings,
     on_retry: Callable[[BaseException, float], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[list[tuple[DayRange, ExportReport]], Exception | None]:
     """Export a device's ranges in time order, stopping at the first that keeps failing.
 
@@ -209,9 +223,11 @@ def export_device_ranges(
 
         def attempt(piece: DayRange = piece) -> ExportReport:
             return export_device_day(
-                source, store, prefix, device_id, piece.day, settings, piece.start, piece.end
+                source, store, prefix, device_id, piece.day, settings, piece.start, piece.end, stop
             )
 
+        if stop is not None and stop.is_set():
+            return done, Stopped("stopped before starting")
         try:
             done.append((piece, with_retries(attempt, settings.retries, on_retry)))
         except Exception as error:

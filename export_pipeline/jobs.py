@@ -1,6 +1,7 @@
 """Jobs: `register_devices` (DEVICE_IDS → `devices` partitions) and `export_due_slices`, the
 batched run the continuous_export sensor requests."""
 
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import date
 
@@ -106,20 +107,23 @@ def export_slices(
         context.log.warning(f"retrying in {delay:.1f} s after a transient error: {error}")
 
     failures: list[str] = []
-    with ThreadPoolExecutor(settings.concurrency, thread_name_prefix="device") as pool:
-        futures = {
-            pool.submit(
-                export_device_ranges,
-                source,
-                store,
-                s3.prefix,
-                device_id,
-                ranges,
-                settings,
-                on_retry,
-            ): device_id
-            for device_id, ranges in by_device.items()
-        }
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="device")
+    futures = {
+        pool.submit(
+            export_device_ranges,
+            source,
+            store,
+            s3.prefix,
+            device_id,
+            ranges,
+            settings,
+            on_retry,
+            stop,
+        ): device_id
+        for device_id, ranges in by_device.items()
+    }
+    try:
         for future in as_completed(futures):
             device_id = futures[future]
             done, error = future.result()
@@ -134,6 +138,14 @@ def export_slices(
             if error is not None:
                 context.log.error(f"{device_id}: export stopped: {error}")
                 failures.append(f"{device_id}: {error}")
+    except BaseException:
+        # SIGTERM reaches the run as an interrupt here: queued devices never start and running
+        # ones stop at their next slice boundary, so nothing partial becomes visible; the next
+        # tick exports what is left.
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     if failures:
         raise Failure(
             f"{len(failures)} of {len(by_device)} devices failed; their remaining slices are "

@@ -60,7 +60,8 @@ class Fleet:
 
     def __init__(self, stack: Stack, instance: DagsterInstance, **env: str) -> None:
         self.stack, self.instance = stack, instance
-        self.settings = stack.settings(**{**CONTINUOUS, **env})
+        self.env = {**CONTINUOUS, **env}
+        self.settings = stack.settings(**self.env)
         self.resources = build_resources(self.settings)
         self.sensor = build_continuous_export(self.settings)
 
@@ -303,25 +304,15 @@ def test_influxdb_down_for_a_tick_then_the_gap_is_exported(
     )
 
 
-def test_a_run_killed_with_sigkill_is_repaired_by_the_next_tick(
-    stack: Stack, instance: DagsterInstance, dagster_home: Path, tmp_path: Path
-) -> None:
-    devices = [new_device() for _ in range(3)]
-    for device in devices:
-        stack.write(every_10s(device, T0 - timedelta(hours=1), T0, step=1))
-    env = {
-        **CONTINUOUS,
-        "DEVICE_IDS": ",".join(devices),
-        "EXPORT_STALE_RUN_SECONDS": "3",
-        "EXPORT_CONCURRENCY": "1",
-        "EXPORT_BATCH_SIZE": "50",
-    }
-    fleet = Fleet(stack, instance, **env)
+def start_run_and_signal_it_midway(
+    fleet: Fleet, devices: list[str], dagster_home: Path, tmp_path: Path, signum: int
+) -> subprocess.Popen[bytes]:
+    """Launch a real `dagster job execute` of the tick's run, then signal it once it has exported
+    part (not all) of its devices."""
     request = fleet.tick(T0 + timedelta(seconds=30)).run_requests[0]  # type: ignore[index]
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(request.run_config))
-
-    # A real run process, killed once it has exported part of its work.
+    env = {**os.environ, **fleet.stack.env(**fleet.env), "DAGSTER_HOME": str(dagster_home)}
     process = subprocess.Popen(
         [
             str(Path(sys.executable).with_name("dagster")),
@@ -334,31 +325,78 @@ def test_a_run_killed_with_sigkill_is_repaired_by_the_next_tick(
             "-c",
             str(config),
         ],
-        env={**os.environ, **stack.env(**env), "DAGSTER_HOME": str(dagster_home)},
+        env=env,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(checkpoints(instance, devices, [T0.date()])) < 1:
+    while time.monotonic() < deadline and not checkpoints(fleet.instance, devices, [DAY]):
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    partial = checkpoints(instance, devices, [T0.date()])
-    assert 1 <= len(partial) < 3, "the run was killed before or after its work, not during it"
+    process.send_signal(signum)
+    return process
 
-    time.sleep(3.5)  # the killed run is now silent for longer than EXPORT_STALE_RUN_SECONDS
-    result = fleet.tick_and_run(T0 + timedelta(seconds=30))
-    assert {item[0] for item in work_of(result)} == set(devices) - set(partial)
+
+SLOW_RUN = {"EXPORT_CONCURRENCY": "1", "EXPORT_STALE_RUN_SECONDS": "3"}
+
+
+def hour_of_1hz_data(stack: Stack, count: int) -> list[str]:
+    devices = [new_device() for _ in range(count)]
+    for device in devices:
+        stack.write(every_10s(device, T0 - timedelta(hours=1), T0, step=1))
+    return devices
+
+
+def assert_folders_equal_influx(fleet: Fleet, devices: list[str]) -> None:
     for device in devices:
         exported = fleet.exported(device)
         assert exported == fleet.in_influx(device, T0 - timedelta(hours=1), T0)
         assert len(exported) == len(set(exported)) == 3600
-    dead = instance.get_runs()
+
+
+def test_a_run_killed_with_sigkill_is_repaired_by_the_next_tick(
+    stack: Stack, instance: DagsterInstance, dagster_home: Path, tmp_path: Path
+) -> None:
+    devices = hour_of_1hz_data(stack, 3)
+    fleet = Fleet(stack, instance, DEVICE_IDS=",".join(devices), **SLOW_RUN)
+    process = start_run_and_signal_it_midway(fleet, devices, dagster_home, tmp_path, signal.SIGKILL)
+    process.wait()
+    partial = checkpoints(instance, devices, [DAY])
+    assert 1 <= len(partial) < 3, "the run was killed before or after its work, not during it"
+    # The killed run stays STARTED in storage: it blocks its devices until it has been silent
+    # for EXPORT_STALE_RUN_SECONDS, then the sensor marks it failed and requests the rest.
+    assert work_of(fleet.tick(T0 + timedelta(seconds=30))) == []
+    time.sleep(3.5)
+    result = fleet.tick_and_run(T0 + timedelta(seconds=30))
+    assert {item[0] for item in work_of(result)} == set(devices) - set(partial)
+    assert_folders_equal_influx(fleet, devices)
+    runs = instance.get_runs()
     assert any(
-        run.status == DagsterRunStatus.FAILURE and run.job_name == "export_due_slices"
-        for run in dead
+        run.status == DagsterRunStatus.FAILURE
+        and "presumed dead"
+        in str(
+            instance.get_records_for_run(run.run_id, limit=1, ascending=False)
+            .records[0]
+            .event_log_entry.message
+        )
+        for run in runs
+        if run.job_name == "export_due_slices"
     )
+
+
+def test_sigterm_stops_a_run_cleanly_and_the_next_tick_exports_the_rest(
+    stack: Stack, instance: DagsterInstance, dagster_home: Path, tmp_path: Path
+) -> None:
+    devices = hour_of_1hz_data(stack, 3)
+    fleet = Fleet(stack, instance, DEVICE_IDS=",".join(devices), **SLOW_RUN)
+    process = start_run_and_signal_it_midway(fleet, devices, dagster_home, tmp_path, signal.SIGTERM)
+    assert process.wait(timeout=60) != 0
+    partial = checkpoints(instance, devices, [DAY])
+    assert 1 <= len(partial) < 3
+    # The run ended itself (no longer in flight), so the rest is requested at once.
+    result = fleet.tick_and_run(T0 + timedelta(seconds=30))
+    assert {item[0] for item in work_of(result)} == set(devices) - set(partial)
+    assert_folders_equal_influx(fleet, devices)
 
 
 def test_the_sensor_runs_by_default_every_interval(stack: Stack) -> None:
