@@ -48,6 +48,17 @@ class S3Settings:
 
 
 @dataclass(frozen=True)
+class CheckpointSettings:
+    """PostgreSQL holding Dagster's storage; dagster.yaml reads the same variables."""
+
+    host: str = "127.0.0.1"
+    port: int = 5432
+    name: str = "export_pipeline"
+    user: str = "postgres"
+    password: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
 class ExportSettings:
     interval_seconds: int = 300
     batch_size: int = 50_000
@@ -72,6 +83,7 @@ class Settings:
     influx: InfluxSettings
     s3: S3Settings
     export: ExportSettings
+    checkpoint: CheckpointSettings = CheckpointSettings()
     port: int = 8080
     log_level: str = "INFO"
 
@@ -200,10 +212,24 @@ class _Parser:
             retries=self.integer("EXPORT_RETRIES", ExportSettings.retries, 0, 20),
             stale_run_seconds=self.integer("EXPORT_STALE_RUN_SECONDS", 0, 0),
         )
+        checkpoint = CheckpointSettings(
+            host=self.text("CHECKPOINT_DB_HOST", CheckpointSettings.host),
+            port=self.integer("CHECKPOINT_DB_PORT", CheckpointSettings.port, 1, 65_535),
+            name=self.text("CHECKPOINT_DB_NAME", CheckpointSettings.name),
+            user=self.text("CHECKPOINT_DB_USER", CheckpointSettings.user),
+            password=self.env.get("CHECKPOINT_DB_PASSWORD", ""),
+        )
         port = self.integer("PORT", 8080, 1, 65_535)
         log_level = self.choice("LOG_LEVEL", "info", tuple(x.lower() for x in LOG_LEVELS)).upper()
         self.finish()
-        return Settings(influx=influx, s3=s3, export=export, port=port, log_level=log_level)
+        return Settings(
+            influx=influx,
+            s3=s3,
+            export=export,
+            checkpoint=checkpoint,
+            port=port,
+            log_level=log_level,
+        )
 
     def interval(self) -> int:
         value = self.integer("EXPORT_INTERVAL_SECONDS", ExportSettings.interval_seconds, 1)

@@ -23,12 +23,14 @@ from export_pipeline_tests.services import (
     POSTGRES,
     InfluxServer,
     MotoServer,
+    drop_database,
     ensure_postgres,
     fresh_database,
 )
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_DATABASE = "export_pipeline_test"
+# One database per test session, so concurrent sessions on one machine never share storage.
+TEST_DATABASE = f"export_pipeline_test_{os.getpid()}"
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-key-id",
     "AWS_SECRET_ACCESS_KEY": "testing-secret",
@@ -54,16 +56,17 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
 
 
 @pytest.fixture(scope="session")
-def checkpoint_env() -> dict[str, str]:
+def checkpoint_env() -> Iterator[dict[str, str]]:
     ensure_postgres()
     fresh_database(TEST_DATABASE)
-    return {
+    yield {
         "CHECKPOINT_DB_HOST": str(POSTGRES["host"]),
         "CHECKPOINT_DB_PORT": str(POSTGRES["port"]),
         "CHECKPOINT_DB_NAME": TEST_DATABASE,
         "CHECKPOINT_DB_USER": str(POSTGRES["user"]),
         "CHECKPOINT_DB_PASSWORD": "",
     }
+    drop_database(TEST_DATABASE)
 
 
 @pytest.fixture(scope="session")

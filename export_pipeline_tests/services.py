@@ -171,11 +171,19 @@ def ensure_postgres() -> None:
     wait_until(answers, "PostgreSQL")
 
 
-def fresh_database(name: str) -> None:
-    """Drop and create `name`, so every test session starts with empty Dagster storage."""
+def _administer(*statements: str) -> None:
     connection = psycopg2.connect(dbname="postgres", **POSTGRES)
     connection.autocommit = True
     with connection.cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        cursor.execute(f'CREATE DATABASE "{name}"')
+        for statement in statements:
+            cursor.execute(statement)
     connection.close()
+
+
+def fresh_database(name: str) -> None:
+    """Drop and create `name`, so every test session starts with empty Dagster storage."""
+    _administer(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"')
+
+
+def drop_database(name: str) -> None:
+    _administer(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

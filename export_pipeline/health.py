@@ -1,0 +1,183 @@
+"""`/health` and `/ready` for Kubernetes probes: `python -m export_pipeline.health` on PORT.
+
+`/health` says the process is alive. `/ready` runs four checks at once, each bounded by a short
+timeout, so it answers within two seconds even when a dependency hangs: the Dagster daemon's
+sensor heartbeat is fresh, PostgreSQL answers a query, S3_BUCKET answers HeadBucket, InfluxDB
+answers a ping. A failing check's reason is logged, never returned, so nothing internal reaches an
+unauthenticated caller. Invalid settings make every check fail (and are logged by name).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+
+import boto3
+import psycopg2
+import requests
+import uvicorn
+from botocore.config import Config
+from dotenv import load_dotenv
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from export_pipeline.settings import Settings, SettingsError
+
+log = logging.getLogger("export_pipeline.health")
+
+CHECK_TIMEOUT_SECONDS = 1.5
+HEARTBEAT_TOLERANCE_SECONDS = 120  # the daemon heartbeats every 30 s
+CHECKS = ("worker_running", "checkpoint_store_connected", "s3_accessible", "influxdb_reachable")
+
+Check = Callable[[], None]  # returns when healthy, raises with the reason otherwise
+
+
+def package_version() -> str:
+    try:
+        return version("export-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def sensor_heartbeat_is_fresh(now: Callable[[], float] = time.time) -> None:
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        heartbeat = instance.get_daemon_heartbeats().get("SENSOR")
+    if heartbeat is None:
+        raise RuntimeError("no sensor daemon heartbeat has ever been recorded")
+    age = now() - heartbeat.timestamp
+    if age > HEARTBEAT_TOLERANCE_SECONDS:
+        raise RuntimeError(f"the sensor daemon's last heartbeat is {age:.0f} s old")
+
+
+def build_checks(settings: Settings) -> dict[str, Check]:
+    timeout = CHECK_TIMEOUT_SECONDS
+
+    def checkpoint_store() -> None:
+        db = settings.checkpoint
+        connection = psycopg2.connect(
+            host=db.host,
+            port=db.port,
+            dbname=db.name,
+            user=db.user,
+            password=db.password,
+            connect_timeout=1,
+            options="-c statement_timeout=1000",
+        )
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+                cursor.fetchone()
+        finally:
+            connection.close()
+
+    def s3_bucket() -> None:
+        client = boto3.client(
+            "s3",
+            endpoint_url=settings.s3.endpoint_url,
+            region_name=settings.s3.region,
+            config=Config(
+                connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1}
+            ),
+        )
+        client.head_bucket(Bucket=settings.s3.bucket)
+
+    def influxdb() -> None:
+        answer = requests.get(f"{settings.influx.url}/ping", timeout=timeout)
+        if answer.status_code != 204:
+            raise RuntimeError(f"ping answered {answer.status_code}")
+
+    return {
+        "worker_running": sensor_heartbeat_is_fresh,
+        "checkpoint_store_connected": checkpoint_store,
+        "s3_accessible": s3_bucket,
+        "influxdb_reachable": influxdb,
+    }
+
+
+def run_checks(checks: Mapping[str, Check], pool: ThreadPoolExecutor) -> dict[str, bool]:
+    """Run every check at once; one that has not passed within the timeout has failed."""
+    futures: dict[str, Future[None]] = {name: pool.submit(check) for name, check in checks.items()}
+    wait(futures.values(), timeout=CHECK_TIMEOUT_SECONDS)
+    results = {}
+    for name, future in futures.items():
+        if not future.done():
+            log.warning("readiness check %s timed out after %.1f s", name, CHECK_TIMEOUT_SECONDS)
+            results[name] = False
+        elif future.exception() is not None:
+            log.warning("readiness check %s failed: %s", name, future.exception())
+            results[name] = False
+        else:
+            results[name] = True
+    return results
+
+
+def build_app(checks: Mapping[str, Check] | None) -> Starlette:
+    """`checks` is None when the settings are invalid: the service stays up and is not ready."""
+    # Hung checks keep their thread until their own timeout ends; enough threads for a few.
+    pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ready")
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse(
+            {
+                "status": "healthy",
+                "version": package_version(),
+                "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            }
+        )
+
+    async def ready(request: Request) -> JSONResponse:
+        if checks is None:
+            results = dict.fromkeys(CHECKS, False)
+        else:
+            results = await _in_thread(lambda: run_checks(checks, pool))
+        ok = all(results.values())
+        return JSONResponse({"ready": ok, "checks": results}, status_code=200 if ok else 503)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    return Starlette(routes=[Route("/health", health), Route("/ready", ready)], lifespan=lifespan)
+
+
+async def _in_thread(function: Callable[[], dict[str, bool]]) -> dict[str, bool]:
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(function)
+
+
+def main() -> int:
+    load_dotenv()
+    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    level = level if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO"
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        settings: Settings | None = Settings.from_env()
+    except SettingsError as error:
+        log.error("%s", error)
+        settings = None
+    raw_port = os.environ.get("PORT", "8080")
+    port = settings.port if settings else int(raw_port) if raw_port.isdigit() else 8080
+    app = build_app(build_checks(settings) if settings else None)
+    # uvicorn stops gracefully on SIGTERM: it finishes the requests in flight, then exits.
+    uvicorn.run(app, host="0.0.0.0", port=port, log_level=level.lower(), access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

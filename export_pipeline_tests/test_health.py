@@ -1,0 +1,161 @@
+"""The health service as a real process, probing the real PostgreSQL, S3 and InfluxDB."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from dagster import DagsterInstance
+from dagster._daemon.types import DaemonHeartbeat
+
+from export_pipeline_tests.conftest import REPO, Stack
+from export_pipeline_tests.services import free_port, wait_until
+
+Service = Callable[..., tuple[str, Path]]
+CHECK_NAMES = {
+    "worker_running",
+    "checkpoint_store_connected",
+    "s3_accessible",
+    "influxdb_reachable",
+}
+
+
+@pytest.fixture
+def health_service(
+    stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str], tmp_path: Path
+) -> Iterator[Service]:
+    processes: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(**overrides: str) -> tuple[str, Path]:
+        port = free_port()
+        log = tmp_path / f"health-{port}.log"
+        env = {
+            **os.environ,
+            **stack.env(),
+            **checkpoint_env,
+            "DAGSTER_HOME": str(dagster_home),
+            "PORT": str(port),
+            **overrides,
+        }
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "export_pipeline.health"],
+                env=env,
+                cwd=REPO,
+                stdout=out,
+                stderr=out,
+            )
+        processes.append((process, log))
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: requests.get(f"{url}/health", timeout=1).ok, "health service")
+        return url, log
+
+    yield start
+    for process, log in processes:
+        process.terminate()
+        # SIGTERM: uvicorn finishes what is in flight, then exits by the signal it got.
+        assert process.wait(timeout=10) in (0, -15)
+        assert "Finished server process" in log.read_text()
+
+
+def heartbeat(instance: DagsterInstance, age_seconds: float) -> None:
+    instance.add_daemon_heartbeat(
+        DaemonHeartbeat(time.time() - age_seconds, "SENSOR", "test-daemon", [])
+    )
+
+
+def test_health_reports_status_version_and_utc_time(health_service: Service) -> None:
+    url, _ = health_service()
+    body = requests.get(f"{url}/health", timeout=5).json()
+    assert body["status"] == "healthy"
+    assert body["version"] == "0.1.0"
+    assert body["timestamp"].endswith("Z")
+
+
+def test_ready_when_every_dependency_answers(
+    health_service: Service, instance: DagsterInstance
+) -> None:
+    heartbeat(instance, age_seconds=5)
+    url, _ = health_service()
+    answer = requests.get(f"{url}/ready", timeout=5)
+    assert answer.status_code == 200
+    assert answer.json() == {"ready": True, "checks": dict.fromkeys(CHECK_NAMES, True)}
+
+
+def test_a_stale_daemon_heartbeat_means_the_worker_is_not_running(
+    health_service: Service, instance: DagsterInstance
+) -> None:
+    heartbeat(instance, age_seconds=600)
+    url, log = health_service()
+    answer = requests.get(f"{url}/ready", timeout=5)
+    assert answer.status_code == 503
+    assert answer.json()["checks"] == {**dict.fromkeys(CHECK_NAMES, True), "worker_running": False}
+    assert "the sensor daemon's last heartbeat is" in log.read_text()
+
+
+def test_a_missing_bucket_fails_readiness_and_the_reason_is_logged_not_returned(
+    health_service: Service, instance: DagsterInstance
+) -> None:
+    heartbeat(instance, age_seconds=5)
+    url, log = health_service(S3_BUCKET="no-such-bucket")
+    answer = requests.get(f"{url}/ready", timeout=5)
+    assert answer.status_code == 503
+    assert answer.json()["checks"]["s3_accessible"] is False
+    assert "no-such-bucket" not in answer.text and "404" not in answer.text
+    assert "s3_accessible failed" in log.read_text()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A TCP server that accepts connections and never answers: a hung dependency."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for connection in held:
+        connection.close()
+    listener.close()
+
+
+def test_ready_answers_within_two_seconds_when_influxdb_hangs(
+    health_service: Service, instance: DagsterInstance, silent_server: str
+) -> None:
+    heartbeat(instance, age_seconds=5)
+    url, log = health_service(INFLUXDB_URL=silent_server)
+    started = time.monotonic()
+    answer = requests.get(f"{url}/ready", timeout=10)
+    elapsed = time.monotonic() - started
+    assert answer.status_code == 503
+    assert answer.json()["checks"]["influxdb_reachable"] is False
+    assert answer.json()["checks"]["checkpoint_store_connected"] is True
+    assert elapsed < 2.0
+    wait_until(lambda: "influxdb_reachable" in log.read_text(), "the logged reason", 5)
+
+
+def test_invalid_settings_keep_the_service_up_but_not_ready(health_service: Service) -> None:
+    url, log = health_service(EXPORT_FORMAT="xml")
+    answer = requests.get(f"{url}/ready", timeout=5)
+    assert answer.status_code == 503
+    assert answer.json() == {"ready": False, "checks": dict.fromkeys(CHECK_NAMES, False)}
+    assert "EXPORT_FORMAT='xml' is not one of parquet, csv" in log.read_text()
