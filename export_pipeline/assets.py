@@ -1,13 +1,14 @@
 """`telemetry_export`: one device-day of telemetry, exported from InfluxDB to its S3 folder."""
 
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from export_pipeline.export import ExportReport, export_device_day
-from export_pipeline.ledger import EXPORTED_THROUGH
+from export_pipeline.ledger import COVERED_THROUGH, EXPORTED_THROUGH, checkpoint_dates, checkpoints
 from export_pipeline.partitions import device_days
+from export_pipeline.planning import first_due
 from export_pipeline.resources import (
     ClockResource,
     ExportBucketResource,
@@ -15,6 +16,7 @@ from export_pipeline.resources import (
     InfluxDBResource,
 )
 from export_pipeline.retries import with_retries
+from export_pipeline.settings import ExportSettings
 from export_pipeline.slicing import SECONDS_PER_DAY, DayRange, closed_until, day_start
 
 
@@ -23,16 +25,22 @@ def device_day_of(partition_key: str) -> tuple[str, date]:
     return keys["device"], date.fromisoformat(keys["date"])
 
 
-def report_metadata(report: ExportReport, piece: DayRange) -> dict[str, Any]:
-    """Materialization metadata; `exported_through` is the checkpoint the sensor resumes from."""
+def report_metadata(
+    report: ExportReport, piece: DayRange, exported_through: datetime | None, now: datetime
+) -> dict[str, Any]:
+    """Materialization metadata.
+
+    `exported_through` is the device's checkpoint after this export (the ledger the sensor
+    resumes from); `covered_through` is where this device-day's exported slices end.
+    """
 
     def stamp(value: object) -> str:
         return value.isoformat() if value else ""  # type: ignore[attr-defined]
 
-    return {
+    metadata: dict[str, Any] = {
         "dagster/row_count": report.rows,
         "dagster/uri": MetadataValue.path(report.folder_uri),
-        EXPORTED_THROUGH: MetadataValue.timestamp(piece.end_time),
+        COVERED_THROUGH: MetadataValue.timestamp(piece.end_time),
         "slices": f"{timedelta(seconds=piece.start)} to {timedelta(seconds=piece.end)} UTC",
         "files_written": len(report.files_written),
         "files_deleted": len(report.files_deleted),
@@ -42,6 +50,25 @@ def report_metadata(report: ExportReport, piece: DayRange) -> dict[str, Any]:
         "read_seconds": round(report.read_seconds, 3),
         "write_seconds": round(report.write_seconds, 3),
     }
+    if exported_through is not None:
+        metadata[EXPORTED_THROUGH] = MetadataValue.timestamp(exported_through)
+        metadata["export_lag_seconds"] = round((now - exported_through).total_seconds(), 1)
+    return metadata
+
+
+def carried_checkpoint(
+    checkpoint: datetime | None, piece: DayRange, now: datetime, settings: ExportSettings
+) -> datetime | None:
+    """The device's checkpoint after a whole-day export of `piece`.
+
+    It advances only over contiguous coverage: materializing a later day while earlier slices
+    are missing must not make the sensor skip them, and an older day never moves it back.
+    """
+    if checkpoint is None:
+        return piece.end_time if piece.end_time >= first_due(now, settings) else None
+    if checkpoint >= day_start(piece.day):
+        return max(checkpoint, piece.end_time)
+    return checkpoint
 
 
 @asset(partitions_def=device_days, kinds={"s3", "influxdb"}, group_name="telemetry")
@@ -61,25 +88,29 @@ def telemetry_export(
     """
     device_id, day = device_day_of(context.partition_key)
     settings = export.settings()
-    until = closed_until(clock.now(), settings.interval_seconds, settings.lateness_seconds)
+    now = clock.now()
+    until = closed_until(now, settings.interval_seconds, settings.lateness_seconds)
     closed = int((until - day_start(day)).total_seconds())
     piece = DayRange(day, 0, max(0, min(SECONDS_PER_DAY, closed)))
-    source, store = influxdb.source(), s3.store()
-    source.check()
-    store.check()
+    store = s3.store()
+    with influxdb.source() as source:
+        source.check()
+        store.check()
 
-    def attempt() -> ExportReport:
-        return export_device_day(
-            source, store, s3.prefix, device_id, day, settings, piece.start, piece.end
-        )
+        def attempt() -> ExportReport:
+            return export_device_day(
+                source, store, s3.prefix, device_id, day, settings, piece.start, piece.end
+            )
 
-    report = with_retries(
-        attempt,
-        settings.retries,
-        lambda e, d: context.log.warning(f"retrying in {d:.1f} s after a transient error: {e}"),
-    )
+        def on_retry(error: BaseException, delay: float) -> None:
+            context.log.warning(f"retrying in {delay:.1f} s after a transient error: {error}")
+
+        report = with_retries(attempt, settings.retries, on_retry)
+    dates = checkpoint_dates(now, first_due(now, settings), settings.start_date)
+    checkpoint = checkpoints(context.instance, [device_id], dates).get(device_id)
+    through = carried_checkpoint(checkpoint, piece, now, settings)
     context.log.info(
         f"{device_id} {day}: {report.rows} rows in {len(report.files_written)} files, "
         f"{len(report.files_deleted)} stale files deleted, {report.folder_uri}"
     )
-    return MaterializeResult(metadata=report_metadata(report, piece))
+    return MaterializeResult(metadata=report_metadata(report, piece, through, clock.now()))

@@ -3,6 +3,7 @@
 from dagster import Definitions
 
 from export_pipeline.assets import telemetry_export
+from export_pipeline.checks import telemetry_export_freshness, telemetry_export_reconciliation
 from export_pipeline.jobs import export_due_slices, register_devices
 from export_pipeline.resources import build_resources
 from export_pipeline.sensors import build_continuous_export
@@ -12,6 +13,7 @@ settings = Settings.from_env()
 
 defs = Definitions(
     assets=[telemetry_export],
+    asset_checks=[telemetry_export_reconciliation, telemetry_export_freshness],
     jobs=[register_devices, export_due_slices],
     sensors=[build_continuous_export(settings)],
     resources=build_resources(settings),

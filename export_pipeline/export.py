@@ -39,6 +39,10 @@ from export_pipeline.slicing import (
 from export_pipeline.writers import ObjectStore, SliceFile
 
 
+class EmptyReadRefused(RuntimeError):
+    """InfluxDB answered with no rows where S3 holds exported objects: deleting them is refused."""
+
+
 class Stopped(Exception):
     """The export was asked to stop (SIGTERM) and did, at a slice boundary."""
 
@@ -138,29 +142,29 @@ def export_device_day(
             written.add(key)
 
         batches = _timed(source.read(device_id, start_ns, end_ns, settings.batch_size), report)
-        for raw in batches:
-            rows = to_export(raw, device_id)
-            for offset, first, count in split_by_slice(raw.column("time"), day, interval):
-                key = slice_key(
-                    prefix,
-                    device_id,
-                    Slice(day, offset, interval),
-                    settings.layout,
-                    settings.format,
-                )
-                if current is None or current[0] != key:
-                    if key in written:
-                        raise ValueError("InfluxDB returned points out of time order")
-                    finish()
-                    path = Path(workdir) / f"{offset:05d}.{settings.format}"
-                    current = (key, SliceFile(path, settings.format, settings.batch_size))
-                current[1].write(rows.slice(first, count))
-            report.rows += rows.num_rows
-            if rows.num_rows:
-                stamps = rows.column("timestamp")
-                report.first_timestamp = report.first_timestamp or stamps[0].as_py()
-                report.last_timestamp = stamps[-1].as_py()
-        finish()
+        try:
+            for raw in batches:
+                rows = to_export(raw, device_id)
+                for offset, first, count in split_by_slice(raw.column("time"), day, interval):
+                    piece = Slice(day, offset, interval)
+                    key = slice_key(prefix, device_id, piece, settings.layout, settings.format)
+                    if current is None or current[0] != key:
+                        if key in written:
+                            raise ValueError("InfluxDB returned points out of time order")
+                        finish()
+                        path = Path(workdir) / f"{offset:05d}.{settings.format}"
+                        current = (key, SliceFile(path, settings.format, settings.batch_size))
+                    current[1].write(rows.slice(first, count))
+                report.rows += rows.num_rows
+                if rows.num_rows:
+                    stamps = rows.column("timestamp")
+                    report.first_timestamp = report.first_timestamp or stamps[0].as_py()
+                    report.last_timestamp = stamps[-1].as_py()
+            finish()
+        except BaseException:
+            if current is not None:
+                current[1].abandon()
+            raise
         for future in in_flight:
             future.result()
     # Everything that is not waiting on InfluxDB: converting, encoding and uploading.
@@ -168,6 +172,16 @@ def export_device_day(
 
     report.files_written = sorted(store.uri(key) for key in written)
     stale = _stale_keys(existing, folder, written, start_offset, end_offset)
+    if stale and not written:
+        # InfluxDB's CSV answer turns some query errors (and a dropped database or an expired
+        # retention period) into an empty body; emptying a folder on that word alone could
+        # destroy the only remaining copy.
+        raise EmptyReadRefused(
+            f"InfluxDB returned no rows for {device_id} on {day} in [{start_offset}, "
+            f"{end_offset}) s, but {report.folder_uri} holds {len(stale)} objects there; "
+            "nothing was deleted. If the points were removed from InfluxDB on purpose, delete "
+            "the objects by hand."
+        )
     store.delete(stale)
     report.files_deleted = [store.uri(key) for key in stale]
     return report

@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import requests
+import requests.adapters
 
 from export_pipeline.schema import FIELD_COLUMNS, SOURCE_SCHEMA, TAG_COLUMNS
 from export_pipeline.settings import InfluxSettings
@@ -78,13 +79,26 @@ class _ChunkStream(io.RawIOBase):
 class InfluxSource:
     """Reads one device's telemetry for a time range as SOURCE_SCHEMA record batches."""
 
-    def __init__(self, settings: InfluxSettings, session: requests.Session | None = None) -> None:
+    def __init__(self, settings: InfluxSettings, connections: int = 10) -> None:
         self.settings = settings
-        self.session = session or requests.Session()
+        self.session = requests.Session()
+        # One pooled connection per concurrent reader, so parallel exports do not reconnect.
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=connections)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         if settings.token:
             self.session.headers["Authorization"] = f"Token {settings.token}"
         elif settings.username:
             self.session.auth = (settings.username, settings.password)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> InfluxSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _get(self, params: dict[str, str], accept: str, stream: bool = False) -> requests.Response:
         url = f"{self.settings.url}/query"
@@ -126,11 +140,9 @@ class InfluxSource:
                 f"{response.status_code}: {response.headers.get('X-Influxdb-Error', '')}"
             )
         if response.status_code != 200:
+            detail = response.headers.get("X-Influxdb-Error") or response.text[:300]
             response.close()
-            raise InfluxError(
-                f"InfluxDB rejected the query ({response.status_code}): "
-                f"{response.headers.get('X-Influxdb-Error') or response.text[:300]}"
-            )
+            raise InfluxError(f"InfluxDB rejected the query ({response.status_code}): {detail}")
         return response
 
     def check(self) -> None:
@@ -146,6 +158,11 @@ class InfluxSource:
             )
         if error:
             raise InfluxError(f"InfluxDB could not list the fields of {measurement}: {error}")
+        if not results[0].get("series"):
+            raise InfluxError(
+                f"INFLUXDB_MEASUREMENT={self.settings.measurement!r} does not exist in "
+                f"INFLUXDB_BUCKET={self.settings.bucket!r} at INFLUXDB_URL={self.settings.url}"
+            )
 
     def device_ids(self, since_ns: int) -> list[str]:
         """Every device_id tag value, limited to points since `since_ns` where the server can

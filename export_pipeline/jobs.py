@@ -2,8 +2,11 @@
 batched run the continuous_export sensor requests."""
 
 import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from datetime import date
+from typing import Any
 
 from dagster import (
     AssetMaterialization,
@@ -17,12 +20,22 @@ from dagster import (
 )
 
 from export_pipeline.assets import report_metadata
-from export_pipeline.export import export_device_ranges
+from export_pipeline.checks import reconciliation_evaluation
+from export_pipeline.export import UPLOAD_THREADS, ExportReport, export_device_ranges
 from export_pipeline.layout import DeviceIdError, validate_device_id
 from export_pipeline.ledger import CONTINUOUS_JOB, TELEMETRY_EXPORT
 from export_pipeline.partitions import devices
-from export_pipeline.resources import ExportBucketResource, ExportResource, InfluxDBResource
-from export_pipeline.slicing import DayRange
+from export_pipeline.planning import WorkItem
+from export_pipeline.reconciliation import Reconciliation, reconcile
+from export_pipeline.resources import (
+    ClockResource,
+    ExportBucketResource,
+    ExportResource,
+    InfluxDBResource,
+)
+from export_pipeline.retries import with_retries
+from export_pipeline.settings import ExportSettings
+from export_pipeline.slicing import SECONDS_PER_DAY, DayRange
 
 
 def refused_ids(device_ids: list[str]) -> list[str]:
@@ -68,6 +81,20 @@ class ExportSlicesConfig(Config):
     work: list[WorkItemConfig]
 
 
+def run_config_for(items: list[WorkItem]) -> dict[str, Any]:
+    """The run config of an export_due_slices run over `items`."""
+    work = [
+        WorkItemConfig(
+            device_id=item.device_id,
+            date=item.range.day.isoformat(),
+            start=item.range.start,
+            end=item.range.end,
+        )
+        for item in items
+    ]
+    return {"ops": {"export_slices": {"config": ExportSlicesConfig(work=work).model_dump()}}}
+
+
 def pool_storage_connections(instance: DagsterInstance) -> None:
     """Hold pooled PostgreSQL connections for this run's event writes.
 
@@ -81,6 +108,15 @@ def pool_storage_connections(instance: DagsterInstance) -> None:
             optimize(statement_timeout=0, pool_recycle=3600, max_overflow=4)
 
 
+@dataclass
+class DeviceOutcome:
+    """What one device's share of a run achieved."""
+
+    done: list[tuple[DayRange, ExportReport]]
+    error: Exception | None
+    reconciliations: list[Reconciliation]
+
+
 @op
 def export_slices(
     context: OpExecutionContext,
@@ -88,56 +124,93 @@ def export_slices(
     influxdb: InfluxDBResource,
     s3: ExportBucketResource,
     export: ExportResource,
+    clock: ClockResource,
 ) -> None:
     """Exports the due slices of many devices, several devices at a time.
 
     Each device's ranges go in time order and stop at its first lasting failure; a materialization
-    (with `exported_through`) is recorded only for ranges complete in S3. A failing device does
-    not hold back the others; the run fails at the end, naming it.
+    (with `exported_through`) is recorded only for ranges complete in S3, and a device-day that
+    closes is reconciled. A failing device does not hold back the others; the run fails at the
+    end, naming it. While devices are in progress the run logs a heartbeat, so the sensor can tell
+    a slow run from a dead one.
     """
     pool_storage_connections(context.instance)
     settings = export.settings()
-    source, store = influxdb.source(), s3.store()
     by_device: dict[str, list[DayRange]] = {}
     for item in config.work:
         piece = DayRange(date.fromisoformat(item.date), item.start, item.end)
         by_device.setdefault(item.device_id, []).append(piece)
+    store = s3.store(connections=settings.concurrency * UPLOAD_THREADS)
+    with influxdb.source(connections=settings.concurrency) as source:
+        with_retries(source.check, settings.retries)
+        with_retries(store.check, settings.retries)
 
-    def on_retry(error: BaseException, delay: float) -> None:
-        context.log.warning(f"retrying in {delay:.1f} s after a transient error: {error}")
+        def on_retry(error: BaseException, delay: float) -> None:
+            context.log.warning(f"retrying in {delay:.1f} s after a transient error: {error}")
 
+        def export_device(
+            device_id: str, ranges: list[DayRange], stop: threading.Event
+        ) -> DeviceOutcome:
+            done, error = export_device_ranges(
+                source, store, s3.prefix, device_id, ranges, settings, on_retry, stop
+            )
+            closed = [piece for piece, _ in done if piece.end == SECONDS_PER_DAY]
+            checked = [
+                reconcile(
+                    source, store, s3.prefix, device_id, piece.day, settings.layout, SECONDS_PER_DAY
+                )
+                for piece in closed
+            ]
+            return DeviceOutcome(done, error, checked)
+
+        failures = run_devices_in_parallel(context, by_device, export_device, settings, clock)
+    if failures:
+        raise Failure(
+            f"{len(failures)} of {len(by_device)} devices failed; their remaining slices are "
+            "requested again on the next tick: " + "; ".join(failures[:20])
+        )
+
+
+def run_devices_in_parallel(
+    context: OpExecutionContext,
+    by_device: dict[str, list[DayRange]],
+    export_device: Callable[[str, list[DayRange], threading.Event], DeviceOutcome],
+    settings: ExportSettings,
+    clock: ClockResource,
+) -> list[str]:
+    """Export devices on a thread pool, recording events from this (the run's) thread."""
+    heartbeat = max(5.0, settings.stale_run_after / 4)
     failures: list[str] = []
     stop = threading.Event()
     pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="device")
-    futures = {
-        pool.submit(
-            export_device_ranges,
-            source,
-            store,
-            s3.prefix,
-            device_id,
-            ranges,
-            settings,
-            on_retry,
-            stop,
-        ): device_id
+    pending = {
+        pool.submit(export_device, device_id, ranges, stop): device_id
         for device_id, ranges in by_device.items()
     }
     try:
-        for future in as_completed(futures):
-            device_id = futures[future]
-            done, error = future.result()
-            for piece, report in done:
-                context.log_event(
-                    AssetMaterialization(
-                        asset_key=TELEMETRY_EXPORT,
-                        partition=f"{piece.day.isoformat()}|{device_id}",
-                        metadata=report_metadata(report, piece),
-                    )
+        while pending:
+            finished, _ = wait(pending, timeout=heartbeat, return_when=FIRST_COMPLETED)
+            if not finished:
+                context.log.info(
+                    f"exporting: {len(by_device) - len(pending)} of {len(by_device)} devices done"
                 )
-            if error is not None:
-                context.log.error(f"{device_id}: export stopped: {error}")
-                failures.append(f"{device_id}: {error}")
+            for future in finished:
+                device_id = pending.pop(future)
+                outcome = future.result()
+                for piece, report in outcome.done:
+                    context.log_event(
+                        AssetMaterialization(
+                            asset_key=TELEMETRY_EXPORT,
+                            partition=f"{piece.day.isoformat()}|{device_id}",
+                            metadata=report_metadata(report, piece, piece.end_time, clock.now()),
+                        )
+                    )
+                for result in outcome.reconciliations:
+                    # log_event records check evaluations too; its type hint is narrower.
+                    context.log_event(reconciliation_evaluation(result))  # type: ignore[arg-type]
+                if outcome.error is not None:
+                    context.log.error(f"{device_id}: export stopped: {outcome.error}")
+                    failures.append(f"{device_id}: {outcome.error}")
     except BaseException:
         # SIGTERM reaches the run as an interrupt here: queued devices never start and running
         # ones stop at their next slice boundary, so nothing partial becomes visible; the next
@@ -146,11 +219,7 @@ def export_slices(
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
-    if failures:
-        raise Failure(
-            f"{len(failures)} of {len(by_device)} devices failed; their remaining slices are "
-            "requested again on the next tick: " + "; ".join(failures[:20])
-        )
+    return failures
 
 
 @job(name=CONTINUOUS_JOB, executor_def=in_process_executor)

@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from dagster import (
+    AssetCheckKey,
     AssetKey,
     AssetRecordsFilter,
     DagsterEventType,
@@ -22,10 +23,17 @@ from dagster import (
     DagsterRunStatus,
     RunsFilter,
 )
+from dagster._core.storage.asset_check_execution_record import (
+    AssetCheckExecutionRecordStatus as CheckStatus,
+)
 
 EXPORTED_THROUGH = "exported_through"
+COVERED_THROUGH = "covered_through"
 TELEMETRY_EXPORT = AssetKey("telemetry_export")
+RECONCILIATION = AssetCheckKey(TELEMETRY_EXPORT, "reconciliation")
 CONTINUOUS_JOB = "export_due_slices"
+DEVICE_TAG = "dagster/partition/device"  # on runs materializing one device-day partition
+CHECKPOINT_WINDOW_DAYS = 7
 IN_FLIGHT = [
     DagsterRunStatus.QUEUED,
     DagsterRunStatus.NOT_STARTED,
@@ -65,6 +73,46 @@ def checkpoints(
     return found
 
 
+def covered_through(instance: DagsterInstance, partition_key: str) -> datetime | None:
+    """Where the latest export of one device-day ended."""
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=TELEMETRY_EXPORT, asset_partitions=[partition_key]), limit=1
+    ).records
+    if not records or records[0].asset_materialization is None:
+        return None
+    value = records[0].asset_materialization.metadata.get(COVERED_THROUGH)
+    return None if value is None else datetime.fromtimestamp(float(value.value), tz=UTC)  # type: ignore[arg-type]
+
+
+def failed_reconciliations(
+    instance: DagsterInstance, devices: Iterable[str], dates: Iterable[date]
+) -> list[tuple[str, date]]:
+    """Closed device-days whose latest reconciliation failed: data arrived after they were
+    exported (or something removed objects), so they are exported again."""
+    keys = [f"{day.isoformat()}|{device}" for day in dates for device in devices]
+    if not keys:
+        return []
+    infos = instance.event_log_storage.get_asset_check_partition_info(
+        [RECONCILIATION], partition_keys=keys
+    )
+    failed = []
+    for info in infos:
+        if info.partition_key and info.latest_execution_status == CheckStatus.FAILED:
+            day, device = info.partition_key.split("|", 1)
+            failed.append((device, date.fromisoformat(day)))
+    return sorted(failed)
+
+
+def checkpoint_dates(now: datetime, first_due: datetime, start_date: date) -> list[date]:
+    """The dates whose partitions are searched for checkpoints: a week, or the lookback window
+    if longer, never before the first partition."""
+    first = min(
+        first_due.date() - timedelta(days=1), now.date() - timedelta(CHECKPOINT_WINDOW_DAYS)
+    )
+    first = max(first, start_date)
+    return [first + timedelta(days=n) for n in range((now.date() - first).days + 1)]
+
+
 def run_devices(run_config: Mapping[str, Any]) -> set[str]:
     """The devices a continuous-export run covers, from its run config."""
     work = run_config.get("ops", {}).get("export_slices", {}).get("config", {}).get("work", [])
@@ -72,11 +120,17 @@ def run_devices(run_config: Mapping[str, Any]) -> set[str]:
 
 
 def busy_devices(instance: DagsterInstance, stale_after: timedelta) -> tuple[set[str], list[str]]:
-    """Devices covered by live continuous-export runs, and the ids of dead runs marked failed."""
+    """Devices covered by live export runs (continuous ones, and materializations of their
+    device-days from the UI, CLI or a backfill), and the ids of dead runs marked failed."""
     busy: set[str] = set()
     dead: list[str] = []
-    runs = instance.get_runs(RunsFilter(job_name=CONTINUOUS_JOB, statuses=IN_FLIGHT))
-    for run in runs:
+    for run in instance.get_runs(RunsFilter(statuses=IN_FLIGHT)):
+        device = run.tags.get(DEVICE_TAG)
+        if device is not None:
+            busy.add(device)
+            continue
+        if run.job_name != CONTINUOUS_JOB:
+            continue
         if run.status in (DagsterRunStatus.STARTING, DagsterRunStatus.STARTED):
             last = instance.get_records_for_run(run.run_id, limit=1, ascending=False).records
             last_seen = last[0].timestamp if last else 0.0

@@ -40,7 +40,14 @@ def due_work(
     until = closed_until(now, settings.interval_seconds, settings.lateness_seconds)
     items: list[WorkItem] = []
     for device_id in devices:
-        start = checkpoints.get(device_id) or first_due(now, settings)
+        checkpoint = checkpoints.get(device_id)
+        # Aligned down: after a change of EXPORT_INTERVAL_SECONDS, the slice holding the old
+        # checkpoint is exported again in the new size (its old objects are deleted as stale).
+        start = (
+            align_down(checkpoint, settings.interval_seconds)
+            if checkpoint
+            else first_due(now, settings)
+        )
         items.extend(WorkItem(device_id, piece) for piece in day_ranges(start, until))
     return items
 
@@ -56,3 +63,11 @@ def batches(items: list[WorkItem], devices_per_run: int) -> list[list[WorkItem]]
         [item for group in groups[i : i + devices_per_run] for item in group]
         for i in range(0, len(groups), devices_per_run)
     ]
+
+
+def with_reexports(work: list[WorkItem], failed: list[WorkItem]) -> list[WorkItem]:
+    """Add whole-day re-exports (device-days whose reconciliation failed), dropping the due
+    pieces they already cover."""
+    whole = {(item.device_id, item.range.day) for item in failed}
+    kept = [item for item in work if (item.device_id, item.range.day) not in whole]
+    return kept + failed

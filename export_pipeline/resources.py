@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from datetime import UTC, date, datetime
 
+import boto3
+from botocore.config import Config
 from dagster import ConfigurableResource, EnvVar
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
@@ -36,7 +38,7 @@ class InfluxDBResource(ConfigurableResource):
     password: str = ""
     timeout_seconds: float = 30.0
 
-    def source(self) -> InfluxSource:
+    def source(self, connections: int = 10) -> InfluxSource:
         return InfluxSource(
             InfluxSettings(
                 url=self.url,
@@ -47,7 +49,8 @@ class InfluxDBResource(ConfigurableResource):
                 token=self.token,
                 password=self.password,
                 timeout_seconds=self.timeout_seconds,
-            )
+            ),
+            connections,
         )
 
 
@@ -57,8 +60,18 @@ class ExportBucketResource(S3Resource):
     bucket: str
     prefix: str = "telemetry"
 
-    def store(self) -> ObjectStore:
-        return ObjectStore(self.get_client(), self.bucket)
+    def store(self, connections: int = 10) -> ObjectStore:
+        """A client with a connection pool as large as the uploads that share it."""
+        client = boto3.client(
+            "s3",
+            region_name=self.region_name,
+            endpoint_url=self.endpoint_url,
+            config=Config(
+                max_pool_connections=connections,
+                retries={"max_attempts": self.max_attempts, "mode": "standard"},
+            ),
+        )
+        return ObjectStore(client, self.bucket)
 
 
 class ExportResource(ConfigurableResource):

@@ -28,11 +28,17 @@ TRANSIENT_S3_CODES = {
 }
 
 
-def is_transient(error: BaseException) -> bool:
-    if isinstance(error, InfluxUnavailable | ConnectionError | HTTPClientError):
-        return True
-    if isinstance(error, ClientError):
-        return str(error.response.get("Error", {}).get("Code", "")) in TRANSIENT_S3_CODES
+def is_transient(error: BaseException | None) -> bool:
+    """True for failures a later attempt can cure, also when wrapped (boto3's upload_file wraps
+    a SlowDown in S3UploadFailedError)."""
+    while error is not None:
+        if isinstance(error, InfluxUnavailable | ConnectionError | HTTPClientError):
+            return True
+        if isinstance(error, ClientError):
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in TRANSIENT_S3_CODES:
+                return True
+        error = error.__cause__ or error.__context__
     return False
 
 

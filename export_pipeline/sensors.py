@@ -1,7 +1,12 @@
 """`continuous_export`: the only scheduler. Each tick registers devices, reads every device's
-checkpoint from Dagster's storage, and requests batched runs for the slices that are due."""
+checkpoint from Dagster's storage, and requests batched runs for the slices that are due.
 
-from datetime import timedelta
+The sensor's cursor remembers the checkpoints it has read, so a device silent for longer than the
+searched window (a week, or the lookback) still resumes exactly where it stopped.
+"""
+
+import json
+from datetime import UTC, datetime, timedelta
 
 from dagster import (
     DefaultSensorStatus,
@@ -12,14 +17,51 @@ from dagster import (
     sensor,
 )
 
-from export_pipeline.jobs import ExportSlicesConfig, WorkItemConfig, export_due_slices
+from export_pipeline.checks import freshness_evaluation
+from export_pipeline.jobs import export_due_slices, run_config_for
 from export_pipeline.layout import DeviceIdError, validate_device_id
-from export_pipeline.ledger import busy_devices, checkpoints
+from export_pipeline.ledger import (
+    busy_devices,
+    checkpoint_dates,
+    checkpoints,
+    failed_reconciliations,
+)
 from export_pipeline.partitions import devices
-from export_pipeline.planning import batches, due_work, first_due
+from export_pipeline.planning import WorkItem, batches, due_work, first_due, with_reexports
 from export_pipeline.resources import ClockResource, ExportResource, InfluxDBResource
-from export_pipeline.settings import Settings
-from export_pipeline.slicing import NS_PER_SECOND, closed_until
+from export_pipeline.settings import ExportSettings, Settings
+from export_pipeline.slicing import NS_PER_SECOND, SECONDS_PER_DAY, DayRange, closed_until
+
+
+def fleet_of(
+    context: SensorEvaluationContext,
+    influxdb: InfluxDBResource,
+    config: ExportSettings,
+    known: set[str],
+    now: datetime,
+) -> list[str]:
+    """DEVICE_IDS, or every device InfluxDB has seen lately; unsafe ids are skipped, logged."""
+    candidates = list(config.device_ids)
+    if not candidates:
+        since = int(first_due(now, config).timestamp()) * NS_PER_SECOND
+        try:
+            with influxdb.source() as source:
+                candidates = source.device_ids(since)
+        except Exception as error:
+            context.log.warning(f"device discovery failed, using known devices: {error}")
+            candidates = sorted(known)
+    fleet = []
+    for device_id in candidates:
+        try:
+            fleet.append(validate_device_id(device_id))
+        except DeviceIdError as error:
+            context.log.warning(f"skipped: {error}")
+    return fleet
+
+
+def remembered(cursor: str | None) -> dict[str, datetime]:
+    values = json.loads(cursor).get("checkpoints", {}) if cursor else {}
+    return {device: datetime.fromtimestamp(seconds, tz=UTC) for device, seconds in values.items()}
 
 
 def build_continuous_export(settings: Settings) -> SensorDefinition:
@@ -38,56 +80,38 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
         config, now, instance = export.settings(), clock.now(), context.instance
         assert devices.name is not None
         known = set(instance.get_dynamic_partitions(devices.name))
-        candidates = list(config.device_ids)
-        if not candidates:  # DEVICE_IDS empty or `*`: every device InfluxDB has seen lately
-            since = first_due(now, config)
-            try:
-                candidates = influxdb.source().device_ids(int(since.timestamp()) * NS_PER_SECOND)
-            except Exception as error:
-                context.log.warning(f"device discovery failed, using known devices: {error}")
-                candidates = sorted(known)
-        fleet = []
-        for device_id in candidates:
-            try:
-                fleet.append(validate_device_id(device_id))
-            except DeviceIdError as error:
-                context.log.warning(f"skipped: {error}")
+        fleet = fleet_of(context, influxdb, config, known, now)
         new = [device_id for device_id in fleet if device_id not in known]
 
         busy, dead = busy_devices(instance, timedelta(seconds=config.stale_run_after))
         for run_id in dead:
             context.log.warning(f"run {run_id} presumed dead and marked failed")
-        start = first_due(now, config) - timedelta(days=1)
-        dates = [
-            start.date() + timedelta(days=n) for n in range((now.date() - start.date()).days + 1)
-        ]
-        done = checkpoints(instance, fleet, dates)
-        work = due_work([d for d in fleet if d not in busy], done, now, config)
+        dates = checkpoint_dates(now, first_due(now, config), config.start_date)
+        done = remembered(context.cursor)
+        for device_id, through in checkpoints(instance, fleet, dates).items():
+            done[device_id] = max(through, done.get(device_id, through))
+        for device_id in sorted(set(fleet) & known - set(done)):
+            context.log.warning(
+                f"{device_id} has no checkpoint since {dates[0]}: exporting from LOOKBACK_HOURS "
+                "ago; materialize earlier device-days from the UI if they are missing"
+            )
+
+        free = [device_id for device_id in fleet if device_id not in busy]
         until = closed_until(now, config.interval_seconds, config.lateness_seconds)
+        closed_days = [day for day in dates if day < until.date()]
+        late = [
+            WorkItem(device_id, DayRange(day, 0, SECONDS_PER_DAY))
+            for device_id, day in failed_reconciliations(instance, free, closed_days)
+        ]
+        for item in late:
+            context.log.warning(f"re-exporting {item.partition_key}: its reconciliation failed")
+        work = with_reexports(due_work(free, done, now, config), late)
+        instance.report_runless_asset_event(freshness_evaluation(done, fleet, now, config))
         requests = [
             RunRequest(
                 run_key=f"{until.isoformat()}-batch-{index}",
-                run_config={
-                    "ops": {
-                        "export_slices": {
-                            "config": ExportSlicesConfig(
-                                work=[
-                                    WorkItemConfig(
-                                        device_id=item.device_id,
-                                        date=item.range.day.isoformat(),
-                                        start=item.range.start,
-                                        end=item.range.end,
-                                    )
-                                    for item in batch
-                                ]
-                            ).model_dump()
-                        }
-                    }
-                },
-                tags={
-                    "export/through": until.isoformat(),
-                    "export/devices": str(len({item.device_id for item in batch})),
-                },
+                run_config=run_config_for(batch),
+                tags={"export/through": until.isoformat()},
             )
             for index, batch in enumerate(batches(work, config.devices_per_run))
         ]
@@ -95,9 +119,11 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
             f"{len(fleet)} devices ({len(new)} new, {len(busy)} busy): {len(work)} device-day "
             f"ranges due through {until.isoformat()} in {len(requests)} runs"
         )
+        cursor = {device: moment.timestamp() for device, moment in done.items()}
         return SensorResult(
             run_requests=requests,
             dynamic_partitions_requests=[devices.build_add_request(new)] if new else [],
+            cursor=json.dumps({"checkpoints": cursor}, separators=(",", ":")),
         )
 
     return continuous_export

@@ -201,7 +201,7 @@ class _Parser:
             layout=cast(Layout, self.choice("EXPORT_LAYOUT", "seed", LAYOUTS)),
             start_date=self.start_date(),
             device_ids=self.device_ids(),
-            lookback_hours=self.integer("LOOKBACK_HOURS", ExportSettings.lookback_hours, 0),
+            lookback_hours=self.integer("LOOKBACK_HOURS", ExportSettings.lookback_hours, 1),
             lateness_seconds=self.integer(
                 "EXPORT_LATENESS_SECONDS", ExportSettings.lateness_seconds, 0, 86_400
             ),

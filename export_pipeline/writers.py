@@ -71,6 +71,13 @@ class SliceFile:
             table = table.set_column(0, CSV_SCHEMA.field(0), text)
         self._writer.write_table(table.combine_chunks())
 
+    def abandon(self) -> None:
+        """Close the file after a failure; it is never uploaded."""
+        try:
+            self._writer.close()
+        finally:
+            self.path.unlink(missing_ok=True)
+
     def close(self) -> int:
         """Finish the file; return its size in bytes."""
         self._flush()
@@ -116,6 +123,14 @@ class ObjectStore:
             for item in page.get("Contents", []):
                 found[item["Key"]] = item["Size"]
         return found
+
+    def read(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def read_tail(self, key: str, size: int) -> bytes:
+        """The last `size` bytes of an object (all of it if smaller): one ranged GET."""
+        answer = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=-{size}")
+        return answer["Body"].read()
 
     def upload(self, path: Path, key: str, fmt: str) -> None:
         extra: dict[str, Any] = {"ContentType": CONTENT_TYPES[fmt]}

@@ -1,0 +1,101 @@
+"""Does a device-day's folder hold exactly InfluxDB's rows, in the declared schema?
+
+S3's side is read from Parquet footers (a ranged GET of the file's tail, not the file), or by
+counting CSV rows; InfluxDB's side is the same query the export runs.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from datetime import date
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from export_pipeline.export import Source
+from export_pipeline.layout import device_folder, slice_offset_of
+from export_pipeline.schema import SCHEMA
+from export_pipeline.slicing import NS_PER_SECOND, day_bounds_ns
+from export_pipeline.writers import CSV_SCHEMA, ObjectStore
+
+FOOTER_PROBE = 64 * 1024
+
+
+@dataclass
+class Reconciliation:
+    device_id: str
+    day: date
+    through_offset: int  # seconds after midnight up to which the day was exported
+    source_rows: int = 0
+    exported_rows: int = 0
+    files: int = 0
+    schema_mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.source_rows == self.exported_rows and not self.schema_mismatches
+
+    @property
+    def description(self) -> str:
+        if self.passed:
+            return f"{self.exported_rows} rows in {self.files} files match InfluxDB"
+        parts = []
+        if self.source_rows != self.exported_rows:
+            parts.append(
+                f"InfluxDB has {self.source_rows} rows, S3 {self.exported_rows} "
+                f"({self.exported_rows - self.source_rows:+d})"
+            )
+        if self.schema_mismatches:
+            parts.append(f"{len(self.schema_mismatches)} files with another schema")
+        return "; ".join(parts)
+
+
+def parquet_footer(store: ObjectStore, key: str) -> pq.FileMetaData:
+    tail = store.read_tail(key, FOOTER_PROBE)
+    footer_length = int.from_bytes(tail[-8:-4], "little")
+    if footer_length + 8 > len(tail):
+        tail = store.read_tail(key, footer_length + 8)
+    return pq.read_metadata(pa.BufferReader(tail))
+
+
+def csv_rows_and_header(store: ObjectStore, key: str) -> tuple[int, list[str]]:
+    body = store.read(key)
+    options = pacsv.ConvertOptions(column_types=dict.fromkeys(CSV_SCHEMA.names, pa.string()))
+    table = pacsv.read_csv(io.BytesIO(body), convert_options=options)
+    return table.num_rows, table.column_names
+
+
+def reconcile(
+    source: Source,
+    store: ObjectStore,
+    prefix: str,
+    device_id: str,
+    day: date,
+    layout: str,
+    through_offset: int,
+) -> Reconciliation:
+    """Compare `[midnight, midnight + through_offset)` of the device-day in InfluxDB and S3."""
+    result = Reconciliation(device_id, day, through_offset)
+    start_ns, _ = day_bounds_ns(day)
+    end_ns = start_ns + through_offset * NS_PER_SECOND
+    for batch in source.read(device_id, start_ns, end_ns):
+        result.source_rows += batch.num_rows
+    folder = device_folder(prefix, device_id, day, layout)
+    for key in sorted(store.list_keys(folder)):
+        offset = slice_offset_of(key[len(folder) :])
+        if offset is None or offset >= through_offset:
+            continue
+        result.files += 1
+        if key.endswith(".parquet"):
+            metadata = parquet_footer(store, key)
+            result.exported_rows += metadata.num_rows
+            if not metadata.schema.to_arrow_schema().remove_metadata().equals(SCHEMA):
+                result.schema_mismatches.append(key)
+        else:
+            rows, header = csv_rows_and_header(store, key)
+            result.exported_rows += rows
+            if header != CSV_SCHEMA.names:
+                result.schema_mismatches.append(key)
+    return result
