@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from botocore.config import Config
 
-from export_pipeline.export import ExportReport, export_device_day
-from export_pipeline.influx import InfluxSource
+from export_pipeline.export import EmptyReadRefused, ExportReport, export_device_day
+from export_pipeline.influx import InfluxError, InfluxSource
 from export_pipeline.schema import DICTIONARY_COLUMNS, SCHEMA
 from export_pipeline.writers import ObjectStore, StoreError
 from export_pipeline_tests.conftest import Stack
@@ -228,3 +228,20 @@ def test_an_unreachable_s3_endpoint_is_named_in_the_error() -> None:
     )
     with pytest.raises(StoreError, match=f"S3_ENDPOINT_URL={url} is unreachable"):
         ObjectStore(client, "exports").check()
+
+
+def test_an_empty_answer_never_empties_a_folder(stack: Stack) -> None:
+    stack.write([point(at(3), "D1", {"voltage": 1}), point(at(9), "D1", {"voltage": 2})])
+    export(stack)
+    before = stack.objects()
+    stack.influx.query("DELETE FROM telemetry WHERE time > 0", stack.database)
+    with pytest.raises(EmptyReadRefused, match="holds 2 objects there; nothing was deleted"):
+        export(stack)
+    assert stack.objects() == before
+
+
+def test_a_missing_measurement_is_named_in_the_error(stack: Stack) -> None:
+    stack.write([point(at(3), "D1", {"voltage": 1})])
+    source = InfluxSource(stack.settings(INFLUXDB_MEASUREMENT="telemetri").influx)
+    with pytest.raises(InfluxError, match="INFLUXDB_MEASUREMENT='telemetri' does not exist"):
+        source.check()

@@ -1,6 +1,6 @@
 from datetime import UTC, date, datetime
 
-from export_pipeline.planning import WorkItem, batches, due_work
+from export_pipeline.planning import WorkItem, batches, due_work, with_reexports
 from export_pipeline.settings import ExportSettings
 from export_pipeline.slicing import DayRange, closed_until, day_ranges
 
@@ -49,4 +49,21 @@ def test_batches_keep_a_devices_pieces_together_in_time_order() -> None:
     assert batches(items, 2) == [
         [WorkItem("A", day1), WorkItem("B", day1), WorkItem("B", day2)],
         [WorkItem("C", day1)],
+    ]
+
+
+def test_a_checkpoint_off_the_interval_grid_is_aligned_down() -> None:
+    # EXPORT_INTERVAL_SECONDS went from 60 to 300 with the checkpoint at 11:01.
+    settings = ExportSettings(interval_seconds=300, lateness_seconds=30, lookback_hours=1)
+    work = due_work(["D1"], {"D1": utc(2026, 2, 7, 11, 1)}, utc(2026, 2, 7, 11, 10, 30), settings)
+    assert work == [WorkItem("D1", DayRange(date(2026, 2, 7), 39_600, 40_200))]
+
+
+def test_whole_day_reexports_replace_the_due_pieces_of_that_day() -> None:
+    day1, day2 = date(2026, 2, 7), date(2026, 2, 8)
+    due = [WorkItem("D1", DayRange(day1, 86_340, 86_400)), WorkItem("D1", DayRange(day2, 0, 60))]
+    again = [WorkItem("D1", DayRange(day1, 0, 86_400))]
+    assert sorted(with_reexports(due, again)) == [
+        WorkItem("D1", DayRange(day1, 0, 86_400)),
+        WorkItem("D1", DayRange(day2, 0, 60)),
     ]

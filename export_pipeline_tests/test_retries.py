@@ -48,3 +48,15 @@ def test_s3_connection_errors_and_5xx_are_transient_but_403_is_not() -> None:
     assert is_transient(EndpointConnectionError(endpoint_url="http://x"))
     assert is_transient(ClientError({"Error": {"Code": "SlowDown"}}, "PutObject"))
     assert not is_transient(ClientError({"Error": {"Code": "AccessDenied"}}, "PutObject"))
+
+
+def test_an_upload_failure_wrapping_a_slowdown_is_transient() -> None:
+    from boto3.exceptions import S3UploadFailedError
+
+    try:
+        try:
+            raise ClientError({"Error": {"Code": "SlowDown"}}, "UploadPart")
+        except ClientError as inner:
+            raise S3UploadFailedError("Failed to upload") from inner
+    except S3UploadFailedError as wrapped:
+        assert is_transient(wrapped)

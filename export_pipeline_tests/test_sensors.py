@@ -77,14 +77,17 @@ class Fleet:
             )
         return result
 
-    def run(self, result: SensorResult) -> list[bool]:
-        """Execute the requested runs as the daemon would launch them."""
+    def run(self, result: SensorResult, now: datetime | None = None) -> list[bool]:
+        """Execute the requested runs as the daemon would launch them (at `now`)."""
+        resources = dict(self.resources)
+        if now is not None:
+            resources["clock"] = ClockResource(frozen_at=now.isoformat())
         outcomes = []
         for request in result.run_requests or []:
             outcome = export_due_slices.execute_in_process(
                 run_config=request.run_config,
                 instance=self.instance,
-                resources=self.resources,
+                resources=resources,
                 tags=request.tags,
                 raise_on_error=False,
             )
@@ -93,7 +96,7 @@ class Fleet:
 
     def tick_and_run(self, now: datetime) -> SensorResult:
         result = self.tick(now)
-        assert all(self.run(result))
+        assert all(self.run(result, now))
         return result
 
     def exported(self, device: str, day: date = DAY) -> list[int]:
@@ -144,6 +147,9 @@ def test_each_tick_exports_exactly_the_slices_that_closed(
     assert len(exported) == 78 and len(set(exported)) == 78
     through = checkpoints(instance, [device], [T0.date()])
     assert through == {device: T0 + timedelta(minutes=3)}
+    latest = instance.get_latest_materialization_event(telemetry_export.key)
+    assert latest is not None and latest.asset_materialization is not None
+    assert latest.asset_materialization.metadata["export_lag_seconds"].value == 35.0
 
 
 def test_a_device_that_appears_mid_stream_is_registered_and_exported(
@@ -403,3 +409,61 @@ def test_the_sensor_runs_by_default_every_interval(stack: Stack) -> None:
     sensor = build_continuous_export(stack.settings(EXPORT_INTERVAL_SECONDS="120"))
     assert sensor.minimum_interval_seconds == 120
     assert sensor.default_status.value == "RUNNING"
+
+
+def test_materializing_a_later_day_does_not_skip_the_gap_before_it(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    device = new_device()
+    stack.write(every_10s(device, T0 - timedelta(hours=1), T0 + timedelta(minutes=5)))
+    next_day = datetime(2026, 2, 8, 6, tzinfo=UTC)
+    stack.write(every_10s(device, next_day, next_day + timedelta(minutes=5)))
+    fleet = Fleet(stack, instance, DEVICE_IDS=device)
+    fleet.tick_and_run(T0 + timedelta(seconds=30))  # checkpoint: 02-07 12:00
+    # An operator materializes 02-08 while 02-07 12:00-24:00 has not been exported yet.
+    later = {**fleet.resources, "clock": ClockResource(frozen_at="2026-02-08T07:00:00+00:00")}
+    assert materialize(
+        [telemetry_export],
+        partition_key=f"2026-02-08|{device}",
+        resources=later,
+        instance=instance,
+    ).success
+    dates = [DAY, date(2026, 2, 8)]
+    assert checkpoints(instance, [device], dates) == {device: T0}
+    result = fleet.tick(datetime(2026, 2, 8, 7, 0, 30, tzinfo=UTC))
+    assert work_of(result)[0] == (device, "2026-02-07", 43_200, 86_400)
+
+
+def test_a_device_silent_for_longer_than_the_window_resumes_at_its_checkpoint(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    device = new_device()
+    stack.write(every_10s(device, T0 - timedelta(minutes=5), T0 + timedelta(minutes=5)))
+    fleet = Fleet(stack, instance, DEVICE_IDS=device)
+    first = fleet.tick(T0 + timedelta(seconds=30))
+    assert all(fleet.run(first))
+    cursor = fleet.tick(T0 + timedelta(seconds=45)).cursor  # remembers the checkpoint
+    ten_days_later = T0 + timedelta(days=10, seconds=30)
+    resources = {**fleet.resources, "clock": ClockResource(frozen_at=ten_days_later.isoformat())}
+    with build_sensor_context(instance=instance, resources=resources, cursor=cursor) as context:
+        result = fleet.sensor(context)
+    assert isinstance(result, SensorResult)
+    assert work_of(result)[0] == (device, "2026-02-07", 43_200, 86_400)
+    assert len(work_of(result)) == 11  # every day up to 02-17, none skipped
+
+
+def test_a_device_day_being_materialized_holds_its_device(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    device = new_device()
+    stack.write(every_10s(device, T0 - timedelta(minutes=5), T0 + timedelta(minutes=5)))
+    fleet = Fleet(stack, instance, DEVICE_IDS=device)
+    run = instance.create_run_for_job(
+        export_due_slices,
+        run_config={"ops": {"export_slices": {"config": {"work": []}}}},
+        status=DagsterRunStatus.NOT_STARTED,
+        tags={"dagster/partition/device": device, "dagster/partition": f"2026-02-07|{device}"},
+    )
+    assert work_of(fleet.tick(T0 + timedelta(seconds=30))) == []
+    instance.report_run_canceled(run)
+    assert work_of(fleet.tick(T0 + timedelta(seconds=30)))

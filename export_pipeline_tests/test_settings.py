@@ -35,6 +35,10 @@ def test_defaults_need_only_a_bucket() -> None:
         ("INFLUXDB_TIMEOUT_SECONDS", "0", "INFLUXDB_TIMEOUT_SECONDS=0 must be a positive"),
         ("PORT", "70000", "PORT=70000 must be at least 1 and at most 65535"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL='LOUD' is not one of"),
+        ("LOOKBACK_HOURS", "0", "LOOKBACK_HOURS=0 must be at least 1"),
+        ("EXPORT_LATENESS_SECONDS", "-5", "EXPORT_LATENESS_SECONDS=-5 must be at least 0"),
+        ("EXPORT_CONCURRENCY", "0", "EXPORT_CONCURRENCY=0 must be at least 1"),
+        ("CHECKPOINT_DB_PORT", "x", "CHECKPOINT_DB_PORT='x' is not a whole number"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_the_variable(name: str, value: str, message: str) -> None:
