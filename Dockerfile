@@ -1,8 +1,14 @@
+# The project's image: code server, webserver, daemon, health service and simulator all run it.
 FROM python:3.11-slim
 WORKDIR /opt/export-pipeline
+RUN apt-get update && apt-get install -y --no-install-recommends curl \
+    && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
 COPY export_pipeline ./export_pipeline
 RUN pip install --no-cache-dir .
 COPY dagster.yaml workspace.yaml ./
-ENV DAGSTER_HOME=/opt/dagster_home
-RUN mkdir -p $DAGSTER_HOME && cp dagster.yaml $DAGSTER_HOME/
+COPY deploy ./deploy
+ENV DAGSTER_HOME=/opt/dagster/home
+RUN mkdir -p "$DAGSTER_HOME" && cp dagster.yaml "$DAGSTER_HOME/dagster.yaml"
+RUN useradd --system --uid 10001 exporter && chown -R exporter "$DAGSTER_HOME"
+USER exporter

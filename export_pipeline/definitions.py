@@ -1,5 +1,7 @@
 """The code location: `dagster ... -m export_pipeline.definitions`."""
 
+import logging
+
 from dagster import Definitions
 
 from export_pipeline.assets import telemetry_export
@@ -10,6 +12,9 @@ from export_pipeline.sensors import build_continuous_export
 from export_pipeline.settings import Settings
 
 settings = Settings.from_env()
+# LOG_LEVEL governs the package's loggers in the code server and in every run process
+# (dagster.yaml forwards them into Dagster's run logs).
+logging.getLogger("export_pipeline").setLevel(settings.log_level)
 
 defs = Definitions(
     assets=[telemetry_export],

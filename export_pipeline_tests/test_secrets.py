@@ -1,0 +1,90 @@
+"""Tokens, passwords and AWS secrets never reach logs, run config, events, metadata or the UI.
+
+An export runs through the real CLI with recognisable fake secrets (the servers here do not
+authenticate, so any value works), once successfully and once failing, and every log line,
+stored event, run record and the code location's snapshot are searched for them.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance
+from dagster._core.remote_representation.external_data import RepositorySnap
+from dagster._serdes import serialize_value
+
+from export_pipeline.resources import build_resources
+from export_pipeline.settings import Settings
+from export_pipeline_tests.conftest import REPO, Stack
+from export_pipeline_tests.services import free_port, point
+from export_pipeline_tests.test_export import at
+
+SECRETS = {
+    "INFLUXDB_TOKEN": "tok-FAKESECRET-1a2b",
+    "INFLUXDB_PASSWORD": "pw-FAKESECRET-3c4d",
+    "AWS_SECRET_ACCESS_KEY": "aws-FAKESECRET-5e6f",
+    "CHECKPOINT_DB_PASSWORD": "pg-FAKESECRET-7a8b",
+}
+
+
+def cli(args: list[str], env: dict[str, str]) -> str:
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    done = subprocess.run(
+        [dagster, *args, "-m", "export_pipeline.definitions"],
+        env={**os.environ, **env},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return done.stdout + done.stderr
+
+
+def test_no_secret_appears_in_logs_events_run_records_or_the_ui(
+    stack: Stack,
+    instance: DagsterInstance,
+    dagster_home: Path,
+    checkpoint_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    device = f"dev-{uuid.uuid4().hex[:8]}"
+    stack.write([point(at(12), device, {"voltage": 230.0})])
+    env = {
+        **stack.env(DEVICE_IDS=device, LOG_LEVEL="DEBUG"),
+        **checkpoint_env,
+        **SECRETS,
+        "DAGSTER_HOME": str(dagster_home),
+    }
+    before = {run.run_id for run in instance.get_runs()}
+    output = cli(["job", "execute", "-j", "register_devices"], env)
+    partition = ["--partition", f"2026-02-07|{device}"]
+    output += cli(["asset", "materialize", "--select", "telemetry_export", *partition], env)
+    unreachable = {**env, "INFLUXDB_URL": f"http://127.0.0.1:{free_port()}", "EXPORT_RETRIES": "0"}
+    output += cli(["asset", "materialize", "--select", "telemetry_export", *partition], unreachable)
+
+    runs = [run for run in instance.get_runs() if run.run_id not in before]
+    assert len(runs) == 3 and {run.status.value for run in runs} == {"SUCCESS", "FAILURE"}
+    assert "is unreachable" in output  # the failure was logged, with its message
+    stored = [serialize_value(run) for run in runs]
+    for run in runs:
+        stored += [serialize_value(entry) for entry in instance.all_logs(run.run_id)]
+    # The UI's view of the code location, loaded from this environment as the server would.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    definitions = importlib.reload(importlib.import_module("export_pipeline.definitions"))
+    snapshot = serialize_value(RepositorySnap.from_def(definitions.defs.get_repository_def()))
+    resources = repr(build_resources(Settings.from_env(env)))
+    haystacks = {
+        "cli output": output,
+        "events and runs": "\n".join(stored),
+        "repository snapshot": snapshot,
+        "resources": resources,
+    }
+    for where, text in haystacks.items():
+        for name, secret in SECRETS.items():
+            assert secret not in text, f"{name} leaked into the {where}"
+    assert "INFLUXDB_TOKEN" in snapshot  # the UI shows the variable's name instead
