@@ -9,6 +9,8 @@ unauthenticated caller. Invalid settings make every check fail (and are logged b
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import sys
@@ -24,6 +26,7 @@ import psycopg2
 import requests
 import uvicorn
 from botocore.config import Config
+from dagster import DagsterInstance
 from dotenv import load_dotenv
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -48,11 +51,14 @@ def package_version() -> str:
         return "unknown"
 
 
-def sensor_heartbeat_is_fresh(now: Callable[[], float] = time.time) -> None:
-    from dagster import DagsterInstance
+@functools.cache
+def dagster_instance() -> DagsterInstance:
+    """Opened once: the first opening checks the storage schema and takes seconds."""
+    return DagsterInstance.get()
 
-    with DagsterInstance.get() as instance:
-        heartbeat = instance.get_daemon_heartbeats().get("SENSOR")
+
+def sensor_heartbeat_is_fresh(now: Callable[[], float] = time.time) -> None:
+    heartbeat = dagster_instance().get_daemon_heartbeats().get("SENSOR")
     if heartbeat is None:
         raise RuntimeError("no sensor daemon heartbeat has ever been recorded")
     age = now() - heartbeat.timestamp
@@ -146,6 +152,13 @@ def build_app(checks: Mapping[str, Check] | None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if checks is not None:
+            # Open Dagster's storage before serving, so the first /ready is not a timeout; a
+            # storage that is down must not keep the service from starting, though.
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(pool.submit(dagster_instance)), 30)
+            except Exception as error:
+                log.warning("Dagster's storage could not be opened at start-up: %s", error)
         yield
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -162,10 +175,8 @@ def main() -> int:
     load_dotenv()
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
     level = level if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO"
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("export_pipeline").setLevel(level)
     try:
         settings: Settings | None = Settings.from_env()
     except SettingsError as error:

@@ -92,8 +92,8 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
             done[device_id] = max(through, done.get(device_id, through))
         for device_id in sorted(set(fleet) & known - set(done)):
             context.log.warning(
-                f"{device_id} has no checkpoint since {dates[0]}: exporting from LOOKBACK_HOURS "
-                "ago; materialize earlier device-days from the UI if they are missing"
+                f"{device_id}: no checkpoint (never exported, or not since {dates[0]}); "
+                "exporting from LOOKBACK_HOURS ago; materialize earlier device-days to fill in"
             )
 
         free = [device_id for device_id in fleet if device_id not in busy]
