@@ -1,0 +1,351 @@
+"""Benchmarks, each a ratio against a baseline measured in the same run (the machine is noisy).
+
+    .venv/bin/python -m bench.run                 # all benchmarks
+    .venv/bin/python -m bench.run --only P1,P6    # some of them
+
+Starts its own InfluxDB, S3 (moto) and PostgreSQL database, writes bench/results.json and prints
+a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+import yaml
+
+from bench.load import load
+from export_pipeline.export import export_device_day
+from export_pipeline.influx import InfluxSource, device_query
+from export_pipeline.schema import DICTIONARY_COLUMNS
+from export_pipeline.settings import Settings
+from export_pipeline.writers import ObjectStore
+from export_pipeline_tests.services import (
+    POSTGRES,
+    InfluxServer,
+    MotoServer,
+    ensure_postgres,
+    fresh_database,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+DAY = date(2026, 2, 7)
+MIDNIGHT_NS = int(datetime(2026, 2, 7, tzinfo=UTC).timestamp()) * 1_000_000_000
+NS = 1_000_000_000
+PEAK_RSS = (
+    "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+    "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+class Bench:
+    """The services and the settings every benchmark shares."""
+
+    def __init__(self, root: Path) -> None:
+        os.environ.update(
+            {
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench-secret",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+        )
+        self.root = root
+        self.influx = InfluxServer(root)
+        self.s3_server = MotoServer(root)
+        self.influx.start()
+        self.s3_server.start()
+        self.database = "bench"
+        self.bucket = "bench-exports"
+        self.s3 = boto3.client("s3", endpoint_url=self.s3_server.url, region_name="us-east-1")
+        self.s3.create_bucket(Bucket=self.bucket)
+        ensure_postgres()
+        self.pg_database = f"export_pipeline_bench_{os.getpid()}"
+        fresh_database(self.pg_database)
+        self.home = root / "dagster_home"
+        self.home.mkdir()
+        shutil.copy(REPO / "dagster.yaml", self.home / "dagster.yaml")
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        return {
+            "INFLUXDB_URL": self.influx.url,
+            "INFLUXDB_BUCKET": self.database,
+            "S3_BUCKET": self.bucket,
+            "S3_ENDPOINT_URL": self.s3_server.url,
+            "CHECKPOINT_DB_HOST": str(POSTGRES["host"]),
+            "CHECKPOINT_DB_PORT": str(POSTGRES["port"]),
+            "CHECKPOINT_DB_NAME": self.pg_database,
+            "CHECKPOINT_DB_USER": str(POSTGRES["user"]),
+            "CHECKPOINT_DB_PASSWORD": "",
+            "DAGSTER_HOME": str(self.home),
+            **overrides,
+        }
+
+    def settings(self, **overrides: str) -> Settings:
+        return Settings.from_env(self.env(**overrides))
+
+    def folder_sizes(self, prefix: str) -> list[int]:
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [item["Size"] for page in pages for item in page.get("Contents", [])]
+
+    def close(self) -> None:
+        self.influx.stop()
+        self.s3_server.stop()
+
+
+def best_of(runs: int, action: Callable[[], Any]) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def raw_download(bench: Bench, device: str) -> int:
+    """The baseline: InfluxDB's chunked CSV answer for the device-day, read and thrown away."""
+    query = device_query("telemetry", device, MIDNIGHT_NS, MIDNIGHT_NS + 86_400 * NS)
+    params = {
+        "db": bench.database,
+        "q": query,
+        "epoch": "ns",
+        "chunked": "true",
+        "chunk_size": "10000",
+    }
+    with requests.get(
+        f"{bench.influx.url}/query",
+        params=params,
+        stream=True,
+        timeout=600,
+        headers={"Accept": "application/csv"},
+    ) as answer:
+        return sum(len(chunk) for chunk in answer.iter_content(1 << 20))
+
+
+def export(bench: Bench, device: str, **env: str) -> int:
+    settings = bench.settings(**env)
+    with InfluxSource(settings.influx) as source:
+        report = export_device_day(
+            source,
+            ObjectStore(bench.s3, bench.bucket),
+            settings.s3.prefix,
+            device,
+            DAY,
+            settings.export,
+        )
+    return report.rows
+
+
+def p1_p6(bench: Bench, results: dict[str, Any], big_rows: int) -> None:
+    """P1 throughput against the raw query, and P6 bytes per row (same exports)."""
+    day_device, big_device = "p1-day", "p1-big"
+    load(bench.influx.url, bench.database, [day_device], MIDNIGHT_NS, 86_400, NS)
+    load(
+        bench.influx.url,
+        bench.database,
+        [big_device],
+        MIDNIGHT_NS,
+        big_rows,
+        86_400 * NS // big_rows,
+    )
+    for device, rows in ((day_device, 86_400), (big_device, big_rows)):
+        raw = best_of(2, lambda d=device: raw_download(bench, d))
+        exported = best_of(2, lambda d=device: export(bench, d))
+        results[f"P1 {rows:,} rows"] = {
+            "exporter_rows_per_s": round(rows / exported),
+            "raw_query_rows_per_s": round(rows / raw),
+            "ratio": round(raw / exported, 3),
+            "target": ">= 0.85",
+        }
+    sizes = bench.folder_sizes(f"telemetry/device_id={day_device}/")
+    tables = []
+    pages = bench.s3.get_paginator("list_objects_v2").paginate(
+        Bucket=bench.bucket, Prefix=f"telemetry/device_id={day_device}/"
+    )
+    for page in pages:
+        for item in page["Contents"]:
+            data = bench.s3.get_object(Bucket=bench.bucket, Key=item["Key"])["Body"].read()
+            tables.append(pq.read_table(pa.BufferReader(data)))
+    whole = pa.concat_tables(tables)
+    buffer = io.BytesIO()
+    pq.write_table(whole, buffer, compression="zstd", use_dictionary=list(DICTIONARY_COLUMNS))
+    results["P6 bytes per row (1 Hz day, 300 s slices)"] = {
+        "slice_files": len(sizes),
+        "bytes_per_row_sliced": round(sum(sizes) / whole.num_rows, 2),
+        "bytes_per_row_one_file": round(len(buffer.getvalue()) / whole.num_rows, 2),
+        "ratio": round(sum(sizes) / len(buffer.getvalue()), 2),
+        "target": "report",
+    }
+
+
+def peak_rss_mib(bench: Bench, device: str) -> float:
+    """Peak RSS of a real `dagster asset materialize` run process exporting one device-day."""
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    subprocess.run(
+        [dagster, "job", "execute", "-m", "export_pipeline.definitions", "-j", "register_devices"],
+        env={**os.environ, **bench.env(DEVICE_IDS=device)},
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    command = [
+        dagster,
+        "asset",
+        "materialize",
+        "-m",
+        "export_pipeline.definitions",
+        "--select",
+        "telemetry_export",
+        "--partition",
+        f"{DAY}|{device}",
+    ]
+    answer = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, *command],
+        cwd=REPO,
+        env={**os.environ, **bench.env()},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(answer.stdout.strip()) / 1024
+
+
+def p4(bench: Bench, results: dict[str, Any]) -> None:
+    small = "p4-small"
+    load(bench.influx.url, bench.database, [small], MIDNIGHT_NS, 10_000, 8 * NS)
+    baseline = peak_rss_mib(bench, small)
+    big = peak_rss_mib(bench, "p1-big")
+    results["P4 peak RSS of the run process"] = {
+        "rss_mib_5m_rows": round(big),
+        "rss_mib_10k_rows": round(baseline),
+        "ratio": round(big / baseline, 3),
+        "target": "<= 1.3 and <= 400 MiB",
+    }
+
+
+def run_cli_job(bench: Bench, run_config: dict[str, Any], env: dict[str, str]) -> float:
+    """Launch one export_due_slices run as a real process, as the daemon would; its wall time."""
+    config = bench.root / f"run-{uuid.uuid4().hex[:8]}.yaml"
+    config.write_text(yaml.safe_dump(run_config))
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    started = time.perf_counter()
+    subprocess.run(
+        [
+            dagster,
+            "job",
+            "execute",
+            "-m",
+            "export_pipeline.definitions",
+            "-j",
+            "export_due_slices",
+            "-c",
+            str(config),
+        ],
+        env={**os.environ, **env},
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - started
+
+
+def p2(bench: Bench, results: dict[str, Any], fleets: list[int]) -> None:
+    """Amortised wall time per device-slice: one batched run per tick against a run per device."""
+    from export_pipeline.jobs import run_config_for
+    from export_pipeline.planning import WorkItem
+    from export_pipeline.slicing import DayRange
+
+    env = bench.env(EXPORT_INTERVAL_SECONDS="60")
+    minute = 12 * 60
+    for n in fleets:
+        devices = [f"p2-{n}-{i:04d}" for i in range(n)]
+        start = MIDNIGHT_NS + minute * 60 * NS
+        load(bench.influx.url, bench.database, devices, start, 60, NS)
+        piece = DayRange(DAY, minute * 60, minute * 60 + 60)
+        work = [WorkItem(device, piece) for device in devices]
+        batched = run_cli_job(bench, run_config_for(work), env)
+        per_device = run_cli_job(bench, run_config_for(work[:1]), env)
+        results[f"P2 {n} devices"] = {
+            "ms_per_device_slice_batched": round(1000 * batched / n, 1),
+            "ms_per_device_slice_run_per_device": round(1000 * per_device, 1),
+            "ratio": round(batched / n / per_device, 4),
+            "target": "<= 20 ms per device-slice at 1,000 devices",
+        }
+        minute += 1
+
+
+def machine() -> dict[str, Any]:
+    memory = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(int(memory) / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "dagster": version("dagster"),
+        "pyarrow": version("pyarrow"),
+        "influxdb": "1.6.7 (Debian)",
+        "s3": f"moto {version('moto')}",
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["| benchmark | measured | ratio | target |", "|---|---|---|---|"]
+    for name, values in results.items():
+        measured = ", ".join(
+            f"{key} {value:,}" if isinstance(value, int | float) else f"{key} {value}"
+            for key, value in values.items()
+            if key not in ("ratio", "target")
+        )
+        lines.append(f"| {name} | {measured} | {values.get('ratio', '')} | {values['target']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="P1,P2,P4,P6")
+    parser.add_argument("--big-rows", type=int, default=5_000_000)
+    parser.add_argument("--fleets", default="1,10,100,1000")
+    args = parser.parse_args()
+    chosen = set(args.only.split(","))
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as root:
+        bench = Bench(Path(root))
+        try:
+            if chosen & {"P1", "P6", "P4"}:
+                p1_p6(bench, results, args.big_rows)
+            if "P4" in chosen:
+                p4(bench, results)
+            if "P2" in chosen:
+                p2(bench, results, [int(n) for n in args.fleets.split(",")])
+        finally:
+            bench.close()
+    report = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
+        "machine": machine(),
+        "results": results,
+    }
+    (REPO / "bench" / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{report['when']} on {report['machine']}\n`{report['command']}`\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
