@@ -319,9 +319,11 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="P1,P2,P4,P6")
+    parser.add_argument("--only", default="P1,P2,P4,P5,P6")
     parser.add_argument("--big-rows", type=int, default=5_000_000)
     parser.add_argument("--fleets", default="1,10,100,1000")
+    parser.add_argument("--history-days", type=int, default=30)
+    parser.add_argument("--ticks-per-day", type=int, default=288, help="300 s interval")
     args = parser.parse_args()
     chosen = set(args.only.split(","))
     results: dict[str, Any] = {}
@@ -334,6 +336,10 @@ def main() -> None:
                 p4(bench, results)
             if "P2" in chosen:
                 p2(bench, results, [int(n) for n in args.fleets.split(",")])
+            if "P5" in chosen:
+                from bench.history import p5
+
+                p5(bench.env(), results, 1000, args.history_days, args.ticks_per_day)
         finally:
             bench.close()
     report = {

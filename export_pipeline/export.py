@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from itertools import pairwise
 from pathlib import Path
+from queue import Full, Queue
 from typing import Protocol
 
 import numpy as np
@@ -47,8 +48,8 @@ class Stopped(Exception):
     """The export was asked to stop (SIGTERM) and did, at a slice boundary."""
 
 
-UPLOAD_THREADS = 4
-MAX_FILES_IN_FLIGHT = 8  # bounds the temporary disk an export holds while uploads catch up
+UPLOAD_THREADS = 8
+MAX_FILES_IN_FLIGHT = 16  # bounds the temporary disk an export holds while uploads catch up
 
 
 class Source(Protocol):
@@ -141,7 +142,8 @@ def export_device_day(
             in_flight.append(pool.submit(_upload, store, slice_file, key))
             written.add(key)
 
-        batches = _timed(source.read(device_id, start_ns, end_ns, settings.batch_size), report)
+        reading = prefetched(source.read(device_id, start_ns, end_ns, settings.batch_size))
+        batches = _timed(reading, report)
         try:
             for raw in batches:
                 rows = to_export(raw, device_id)
@@ -185,6 +187,51 @@ def export_device_day(
     store.delete(stale)
     report.files_deleted = [store.uri(key) for key in stale]
     return report
+
+
+def prefetched(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
+    """Read `batches` on a thread of their own, at most `depth` ahead of the consumer.
+
+    Without it InfluxDB sits idle (TCP back-pressure) while a batch is encoded and uploaded, and
+    an export takes read + write time instead of the longer of the two. Memory stays bounded by
+    `depth` batches; an error in the reader is raised in the consumer.
+    """
+    done = object()
+    queue: Queue[object] = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        queue.put(batch, timeout=0.1)
+                        break
+                    except Full:
+                        continue
+                if stop.is_set():
+                    return
+            queue.put(done)
+        except BaseException as error:
+            queue.put(error)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+    reader = threading.Thread(target=produce, name="influx-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = queue.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
 
 
 def _timed(batches: Iterator[pa.RecordBatch], report: ExportReport) -> Iterator[pa.RecordBatch]:

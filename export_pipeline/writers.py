@@ -22,6 +22,7 @@ from export_pipeline.schema import DICTIONARY_COLUMNS, SCHEMA
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+MULTIPART_THRESHOLD = 8 * 1024 * 1024  # boto3's default
 CONTENT_TYPES = {"parquet": "application/vnd.apache.parquet", "csv": "text/csv; charset=utf-8"}
 # CSV timestamps read as ISO-8601 with microseconds and a Z: 2026-02-07T12:00:00.000000Z
 # (Arrow's %S carries the fraction for microsecond timestamps).
@@ -69,7 +70,7 @@ class SliceFile:
         if self.fmt == "csv":
             text = pc.strftime(table.column("timestamp"), format=CSV_TIMESTAMP_FORMAT)
             table = table.set_column(0, CSV_SCHEMA.field(0), text)
-        self._writer.write_table(table.combine_chunks())
+        self._writer.write_table(table)
 
     def abandon(self) -> None:
         """Close the file after a failure; it is never uploaded."""
@@ -133,6 +134,14 @@ class ObjectStore:
         return answer["Body"].read()
 
     def upload(self, path: Path, key: str, fmt: str) -> None:
+        """One PutObject for a file under the multipart threshold (most slices: the transfer
+        manager's per-file set-up cost more than the upload), a multipart upload above it,
+        which boto3 aborts on failure. Either way the object appears whole or not at all."""
+        if path.stat().st_size < MULTIPART_THRESHOLD:
+            self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=path.read_bytes(), ContentType=CONTENT_TYPES[fmt]
+            )
+            return
         extra: dict[str, Any] = {"ContentType": CONTENT_TYPES[fmt]}
         self.client.upload_file(str(path), self.bucket, key, ExtraArgs=extra)
 
