@@ -103,15 +103,18 @@ def load_history(
 
 
 def tick_seconds(instance: DagsterInstance, settings: Settings, now: datetime) -> list[float]:
+    """A first tick (no cursor: searches the whole window), then three with the cursor it left,
+    as the daemon runs them."""
     resources = {**build_resources(settings), "clock": ClockResource(frozen_at=now.isoformat())}
     sensor = build_continuous_export(settings)
-    durations = []
-    for _ in range(3):
+    durations, cursor = [], None
+    for _ in range(4):
         started = time.perf_counter()
-        with build_sensor_context(instance=instance, resources=resources) as context:
+        with build_sensor_context(instance=instance, resources=resources, cursor=cursor) as context:
             result = sensor(context)
         durations.append(time.perf_counter() - started)
         assert isinstance(result, SensorResult)
+        cursor = result.cursor
     return durations
 
 
@@ -126,11 +129,12 @@ def p5(env: dict[str, str], results: dict[str, Any], fleet: int, days: int, tick
         rows = load_history(instance, devices, now, days, ticks)
         loaded = time.perf_counter() - started
         durations = tick_seconds(instance, settings, now)
-    median = statistics.median(durations)
+    median = statistics.median(durations[1:])
     results[f"P5 sensor tick, {fleet} devices"] = {
         "history_materializations": rows,
         "history_days": days,
         "tick_seconds_median": round(median, 3),
+        "first_tick_seconds": round(durations[0], 2),
         "tick_seconds_all": ", ".join(f"{d:.2f}" for d in durations),
         "load_seconds": round(loaded),
         "ratio": round(median / 60, 4),

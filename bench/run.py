@@ -42,6 +42,7 @@ from export_pipeline_tests.services import (
     POSTGRES,
     InfluxServer,
     MotoServer,
+    drop_database,
     ensure_postgres,
     fresh_database,
 )
@@ -109,6 +110,7 @@ class Bench:
     def close(self) -> None:
         self.influx.stop()
         self.s3_server.stop()
+        drop_database(self.pg_database)
 
 
 def best_of(runs: int, action: Callable[[], Any]) -> float:
@@ -342,15 +344,17 @@ def main() -> None:
                 p5(bench.env(), results, 1000, args.history_days, args.ticks_per_day)
         finally:
             bench.close()
+    path = REPO / "bench" / "results.json"
+    earlier = json.loads(path.read_text()).get("results", {}) if path.exists() else {}
     report = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
         "machine": machine(),
-        "results": results,
+        "results": {**earlier, **results},  # a partial run (--only) updates its own rows
     }
-    (REPO / "bench" / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{report['when']} on {report['machine']}\n`{report['command']}`\n")
-    print(table(results))
+    print(table(report["results"]))
 
 
 if __name__ == "__main__":

@@ -43,17 +43,35 @@ IN_FLIGHT = [
 
 
 def checkpoints(
-    instance: DagsterInstance, devices: Iterable[str], dates: Iterable[date]
+    instance: DagsterInstance,
+    devices: Iterable[str],
+    dates: Iterable[date],
+    after_storage_id: int | None = None,
 ) -> dict[str, datetime]:
-    """`exported_through` per device, from the latest materialization of each device-day."""
+    """`exported_through` per device, from the latest materialization of each device-day
+    (only those stored after `after_storage_id`, when given)."""
+    return checkpoints_since(instance, devices, dates, after_storage_id)[0]
+
+
+def checkpoints_since(
+    instance: DagsterInstance,
+    devices: Iterable[str],
+    dates: Iterable[date],
+    after_storage_id: int | None = None,
+) -> tuple[dict[str, datetime], int | None]:
+    """Checkpoints as `checkpoints`, and the largest storage id they were read from.
+
+    Reading only what was stored after the previous tick keeps a tick's cost proportional to the
+    work done since, not to the history: the database scans the newest index entries only.
+    """
     keys = {f"{day.isoformat()}|{device}" for day in dates for device in devices}
     if not keys:
-        return {}
+        return {}, after_storage_id
     latest = instance.get_latest_storage_id_by_partition(
-        TELEMETRY_EXPORT, DagsterEventType.ASSET_MATERIALIZATION, keys
+        TELEMETRY_EXPORT, DagsterEventType.ASSET_MATERIALIZATION, keys, after_storage_id
     )
     if not latest:
-        return {}
+        return {}, after_storage_id
     records = instance.fetch_materializations(
         AssetRecordsFilter(asset_key=TELEMETRY_EXPORT, storage_ids=list(latest.values())),
         limit=len(latest),
@@ -70,7 +88,7 @@ def checkpoints(
         device = str(materialization.partition).split("|", 1)[1]
         if device not in found or through > found[device]:
             found[device] = through
-    return found
+    return found, max(latest.values())
 
 
 def covered_through(instance: DagsterInstance, partition_key: str) -> datetime | None:

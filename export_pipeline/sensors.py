@@ -23,7 +23,7 @@ from export_pipeline.layout import DeviceIdError, validate_device_id
 from export_pipeline.ledger import (
     busy_devices,
     checkpoint_dates,
-    checkpoints,
+    checkpoints_since,
     failed_reconciliations,
 )
 from export_pipeline.partitions import devices
@@ -59,9 +59,15 @@ def fleet_of(
     return fleet
 
 
-def remembered(cursor: str | None) -> dict[str, datetime]:
-    values = json.loads(cursor).get("checkpoints", {}) if cursor else {}
-    return {device: datetime.fromtimestamp(seconds, tz=UTC) for device, seconds in values.items()}
+RESCAN_EVENTS = 50_000
+
+
+def remembered(cursor: str | None) -> tuple[dict[str, datetime], int | None]:
+    """The checkpoints and the newest storage id an earlier tick read."""
+    state = json.loads(cursor) if cursor else {}
+    values = state.get("checkpoints", {})
+    done = {device: datetime.fromtimestamp(seconds, tz=UTC) for device, seconds in values.items()}
+    return done, state.get("storage_id")
 
 
 def build_continuous_export(settings: Settings) -> SensorDefinition:
@@ -86,9 +92,15 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
         busy, dead = busy_devices(instance, timedelta(seconds=config.stale_run_after))
         for run_id in dead:
             context.log.warning(f"run {run_id} presumed dead and marked failed")
+        done, seen = remembered(context.cursor)
+        # A first tick (or a reset cursor) searches the whole window. Later ones read only the
+        # materializations stored since (less a margin, for events committed out of id order):
+        # over 30 days of history for 1,000 devices, a full search took 2.8 s.
         dates = checkpoint_dates(now, first_due(now, config), config.start_date)
-        done = remembered(context.cursor)
-        for device_id, through in checkpoints(instance, fleet, dates).items():
+        after = None if seen is None else max(0, seen - RESCAN_EVENTS)
+        found, newest = checkpoints_since(instance, fleet, dates, after)
+        newest = max(newest or 0, seen or 0) or None
+        for device_id, through in found.items():
             done[device_id] = max(through, done.get(device_id, through))
         for device_id in sorted(set(fleet) & known - set(done)):
             context.log.warning(
@@ -119,11 +131,14 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
             f"{len(fleet)} devices ({len(new)} new, {len(busy)} busy): {len(work)} device-day "
             f"ranges due through {until.isoformat()} in {len(requests)} runs"
         )
-        cursor = {device: moment.timestamp() for device, moment in done.items()}
+        cursor = {
+            "checkpoints": {device: moment.timestamp() for device, moment in done.items()},
+            "storage_id": newest,
+        }
         return SensorResult(
             run_requests=requests,
             dynamic_partitions_requests=[devices.build_add_request(new)] if new else [],
-            cursor=json.dumps({"checkpoints": cursor}, separators=(",", ":")),
+            cursor=json.dumps(cursor, separators=(",", ":")),
         )
 
     return continuous_export

@@ -64,12 +64,17 @@ class Fleet:
         self.settings = stack.settings(**self.env)
         self.resources = build_resources(self.settings)
         self.sensor = build_continuous_export(self.settings)
+        self.cursor: str | None = None
 
     def tick(self, now: datetime) -> SensorResult:
+        """One evaluation, with the cursor the previous one left, as the daemon runs them."""
         resources = {**self.resources, "clock": ClockResource(frozen_at=now.isoformat())}
-        with build_sensor_context(instance=self.instance, resources=resources) as context:
+        with build_sensor_context(
+            instance=self.instance, resources=resources, cursor=self.cursor
+        ) as context:
             result = self.sensor(context)
         assert isinstance(result, SensorResult)
+        self.cursor = result.cursor
         for request in result.dynamic_partitions_requests or []:
             self.instance.add_dynamic_partitions(
                 request.partitions_def_name,
@@ -127,9 +132,12 @@ def new_device() -> str:
     return f"dev-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.mark.parametrize("rescan", [None, 0], ids=["default-rescan", "strictly-incremental"])
 def test_each_tick_exports_exactly_the_slices_that_closed(
-    stack: Stack, instance: DagsterInstance
+    stack: Stack, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch, rescan: int | None
 ) -> None:
+    if rescan is not None:  # ticks after the first read only events stored since the last one
+        monkeypatch.setattr("export_pipeline.sensors.RESCAN_EVENTS", rescan)
     device = new_device()
     stack.write(every_10s(device, T0 - timedelta(minutes=10), T0 + timedelta(minutes=5)))
     fleet = Fleet(stack, instance, DEVICE_IDS=device)
