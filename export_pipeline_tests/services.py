@@ -39,14 +39,24 @@ def wait_until(check: object, what: str, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{what} did not start within {timeout:.0f} s (last error: {last})")
 
 
-class InfluxServer:
-    """`influxd` from Debian's `influxdb` package, its data in a temporary folder."""
+class LocalServer:
+    """A server process on a free loopback port, its files under `root`."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None
+
+
+class InfluxServer(LocalServer):
+    """`influxd` from Debian's `influxdb` package, its data in a temporary folder."""
 
     def start(self) -> None:
         binary = shutil.which("influxd")
@@ -74,12 +84,6 @@ bind-address = "127.0.0.1:{free_port()}"
         wait_until(
             lambda: requests.get(f"{self.url}/ping", timeout=1).status_code == 204, "influxd"
         )
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-            self.process = None
 
     def query(self, statement: str, database: str = "") -> dict[str, object]:
         answer = requests.post(
@@ -122,14 +126,8 @@ def point(
     return f"{measurement},{tag_text} {field_text} {time_ns}"
 
 
-class MotoServer:
+class MotoServer(LocalServer):
     """moto's S3 server: a real HTTP S3 endpoint."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         log = (self.root / "moto.log").open("ab")
@@ -139,12 +137,6 @@ class MotoServer:
             stderr=log,
         )
         wait_until(lambda: requests.get(self.url, timeout=1).status_code < 500, "moto_server")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-            self.process = None
 
 
 POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
