@@ -65,7 +65,10 @@ def carried_checkpoint(
     are missing must not make the sensor skip them, and an older day never moves it back.
     """
     if checkpoint is None:
-        return piece.end_time if piece.end_time >= first_due(now, settings) else None
+        # A device the sensor has not started yet: only a day that covers where the sensor
+        # would start gives it a checkpoint, or the hours before the day would be skipped.
+        start = first_due(now, settings)
+        return piece.end_time if day_start(piece.day) <= start <= piece.end_time else None
     if checkpoint >= day_start(piece.day):
         return max(checkpoint, piece.end_time)
     return checkpoint

@@ -12,13 +12,13 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from itertools import pairwise
 from pathlib import Path
-from queue import Full, Queue
+from queue import Empty, Full, Queue
 from typing import Protocol
 
 import numpy as np
@@ -167,6 +167,8 @@ def export_device_day(
             if current is not None:
                 current[1].abandon()
             raise
+        finally:
+            reading.close()  # stops and joins the reader thread, whatever happened
         for future in in_flight:
             future.result()
     # Everything that is not waiting on InfluxDB: converting, encoding and uploading.
@@ -189,31 +191,38 @@ def export_device_day(
     return report
 
 
-def prefetched(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
+def prefetched(
+    batches: Iterator[pa.RecordBatch], depth: int = 2
+) -> Generator[pa.RecordBatch, None, None]:
     """Read `batches` on a thread of their own, at most `depth` ahead of the consumer.
 
     Without it InfluxDB sits idle (TCP back-pressure) while a batch is encoded and uploaded, and
     an export takes read + write time instead of the longer of the two. Memory stays bounded by
-    `depth` batches; an error in the reader is raised in the consumer.
+    `depth` queued batches plus the one being read; an error in the reader is raised in the
+    consumer. Closing the generator (or an error in the consumer) stops and joins the reader.
     """
     done = object()
     queue: Queue[object] = Queue(maxsize=depth)
     stop = threading.Event()
 
+    def offer(item: object) -> bool:
+        """Queue `item` unless the consumer has gone; every put gives up when it has."""
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for batch in batches:
-                while not stop.is_set():
-                    try:
-                        queue.put(batch, timeout=0.1)
-                        break
-                    except Full:
-                        continue
-                if stop.is_set():
+                if not offer(batch):
                     return
-            queue.put(done)
+            offer(done)
         except BaseException as error:
-            queue.put(error)
+            offer(error)
         finally:
             close = getattr(batches, "close", None)
             if close is not None:
@@ -231,6 +240,11 @@ def prefetched(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa
             yield item
     finally:
         stop.set()
+        while True:  # free a reader blocked on a full queue
+            try:
+                queue.get_nowait()
+            except Empty:
+                break
         reader.join()
 
 

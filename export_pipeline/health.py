@@ -87,16 +87,16 @@ def build_checks(settings: Settings) -> dict[str, Check]:
         finally:
             connection.close()
 
+    # Made once: boto3's default session is not safe to build clients from concurrently.
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=settings.s3.endpoint_url,
+        region_name=settings.s3.region,
+        config=Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1}),
+    )
+
     def s3_bucket() -> None:
-        client = boto3.client(
-            "s3",
-            endpoint_url=settings.s3.endpoint_url,
-            region_name=settings.s3.region,
-            config=Config(
-                connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1}
-            ),
-        )
-        client.head_bucket(Bucket=settings.s3.bucket)
+        s3.head_bucket(Bucket=settings.s3.bucket)
 
     def influxdb() -> None:
         answer = requests.get(f"{settings.influx.url}/ping", timeout=timeout)
@@ -111,9 +111,24 @@ def build_checks(settings: Settings) -> dict[str, Check]:
     }
 
 
-def run_checks(checks: Mapping[str, Check], pool: ThreadPoolExecutor) -> dict[str, bool]:
-    """Run every check at once; one that has not passed within the timeout has failed."""
-    futures: dict[str, Future[None]] = {name: pool.submit(check) for name, check in checks.items()}
+def run_checks(
+    checks: Mapping[str, Check],
+    pool: ThreadPoolExecutor,
+    pending: dict[str, Future[None]] | None = None,
+) -> dict[str, bool]:
+    """Run every check at once; one that has not passed within the timeout has failed.
+
+    A check still hanging from an earlier probe is not started again (it fails at once), so a
+    dependency that hangs holds one thread, not one per probe.
+    """
+    pending = {} if pending is None else pending
+    futures: dict[str, Future[None]] = {}
+    for name, check in checks.items():
+        earlier = pending.get(name)
+        if earlier is not None and not earlier.done():
+            futures[name] = earlier
+        else:
+            futures[name] = pending[name] = pool.submit(check)
     wait(futures.values(), timeout=CHECK_TIMEOUT_SECONDS)
     results = {}
     for name, future in futures.items():
@@ -132,6 +147,7 @@ def build_app(checks: Mapping[str, Check] | None) -> Starlette:
     """`checks` is None when the settings are invalid: the service stays up and is not ready."""
     # Hung checks keep their thread until their own timeout ends; enough threads for a few.
     pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ready")
+    pending: dict[str, Future[None]] = {}
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse(
@@ -146,7 +162,7 @@ def build_app(checks: Mapping[str, Check] | None) -> Starlette:
         if checks is None:
             results = dict.fromkeys(CHECKS, False)
         else:
-            results = await _in_thread(lambda: run_checks(checks, pool))
+            results = await _in_thread(lambda: run_checks(checks, pool, pending))
         ok = all(results.values())
         return JSONResponse({"ready": ok, "checks": results}, status_code=200 if ok else 503)
 

@@ -75,6 +75,7 @@ class WorkItemConfig(Config):
     date: str
     start: int
     end: int
+    reexport: bool = False  # a closed day exported again because its reconciliation failed
 
 
 class ExportSlicesConfig(Config):
@@ -89,6 +90,7 @@ def run_config_for(items: list[WorkItem]) -> dict[str, Any]:
             date=item.range.day.isoformat(),
             start=item.range.start,
             end=item.range.end,
+            reexport=item.reexport,
         )
         for item in items
     ]
@@ -113,7 +115,7 @@ class DeviceOutcome:
     """What one device's share of a run achieved."""
 
     done: list[tuple[DayRange, ExportReport]]
-    error: Exception | None
+    errors: list[str]
     reconciliations: list[Reconciliation]
 
 
@@ -136,10 +138,10 @@ def export_slices(
     """
     pool_storage_connections(context.instance)
     settings = export.settings()
-    by_device: dict[str, list[DayRange]] = {}
+    by_device: dict[str, list[tuple[DayRange, bool]]] = {}
     for item in config.work:
         piece = DayRange(date.fromisoformat(item.date), item.start, item.end)
-        by_device.setdefault(item.device_id, []).append(piece)
+        by_device.setdefault(item.device_id, []).append((piece, item.reexport))
     store = s3.store(connections=settings.concurrency * UPLOAD_THREADS)
     with influxdb.source(connections=settings.concurrency) as source:
         with_retries(source.check, settings.retries)
@@ -149,19 +151,35 @@ def export_slices(
             context.log.warning(f"retrying in {delay:.1f} s after a transient error: {error}")
 
         def export_device(
-            device_id: str, ranges: list[DayRange], stop: threading.Event
+            device_id: str, work: list[tuple[DayRange, bool]], stop: threading.Event
         ) -> DeviceOutcome:
-            done, error = export_device_ranges(
-                source, store, s3.prefix, device_id, ranges, settings, on_retry, stop
-            )
-            closed = [piece for piece, _ in done if piece.end == SECONDS_PER_DAY]
-            checked = [
-                reconcile(
-                    source, store, s3.prefix, device_id, piece.day, settings.layout, SECONDS_PER_DAY
+            """The due ranges in order (stopping at the first lasting failure, so the checkpoint
+            never passes a gap), then each re-export on its own, then the reconciliation of every
+            day that closed. No failure here stops the other devices."""
+            outcome = DeviceOutcome([], [], [])
+            due = [piece for piece, again in work if not again]
+            chains = [due] + [[piece] for piece, again in work if again]
+            for chain in chains:
+                done, error = export_device_ranges(
+                    source, store, s3.prefix, device_id, chain, settings, on_retry, stop
                 )
-                for piece in closed
-            ]
-            return DeviceOutcome(done, error, checked)
+                outcome.done += done
+                if error is not None:
+                    outcome.errors.append(str(error))
+            for piece, _ in outcome.done:
+                if piece.end != SECONDS_PER_DAY:
+                    continue
+
+                def check(day: date = piece.day) -> Reconciliation:
+                    return reconcile(
+                        source, store, s3.prefix, device_id, day, settings.layout, SECONDS_PER_DAY
+                    )
+
+                try:
+                    outcome.reconciliations.append(with_retries(check, settings.retries))
+                except Exception as error:
+                    outcome.errors.append(f"reconciling {piece.day}: {error}")
+            return outcome
 
         failures = run_devices_in_parallel(context, by_device, export_device, settings, clock)
     if failures:
@@ -173,8 +191,8 @@ def export_slices(
 
 def run_devices_in_parallel(
     context: OpExecutionContext,
-    by_device: dict[str, list[DayRange]],
-    export_device: Callable[[str, list[DayRange], threading.Event], DeviceOutcome],
+    by_device: dict[str, list[tuple[DayRange, bool]]],
+    export_device: Callable[[str, list[tuple[DayRange, bool]], threading.Event], DeviceOutcome],
     settings: ExportSettings,
     clock: ClockResource,
 ) -> list[str]:
@@ -208,9 +226,9 @@ def run_devices_in_parallel(
                 for result in outcome.reconciliations:
                     # log_event records check evaluations too; its type hint is narrower.
                     context.log_event(reconciliation_evaluation(result))  # type: ignore[arg-type]
-                if outcome.error is not None:
-                    context.log.error(f"{device_id}: export stopped: {outcome.error}")
-                    failures.append(f"{device_id}: {outcome.error}")
+                for problem in outcome.errors:
+                    context.log.error(f"{device_id}: {problem}")
+                    failures.append(f"{device_id}: {problem}")
     except BaseException:
         # SIGTERM reaches the run as an interrupt here: queued devices never start and running
         # ones stop at their next slice boundary, so nothing partial becomes visible; the next

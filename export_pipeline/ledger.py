@@ -144,22 +144,22 @@ def busy_devices(instance: DagsterInstance, stale_after: timedelta) -> tuple[set
     dead: list[str] = []
     for run in instance.get_runs(RunsFilter(statuses=IN_FLIGHT)):
         device = run.tags.get(DEVICE_TAG)
-        if device is not None:
-            busy.add(device)
+        if device is None and run.job_name != CONTINUOUS_JOB:
             continue
-        if run.job_name != CONTINUOUS_JOB:
-            continue
+        # A whole-day materialization logs nothing between its start and end, so it is given
+        # four times as long before it is presumed dead.
+        silence = stale_after * (4 if device is not None else 1)
         if run.status in (DagsterRunStatus.STARTING, DagsterRunStatus.STARTED):
             last = instance.get_records_for_run(run.run_id, limit=1, ascending=False).records
             last_seen = last[0].timestamp if last else 0.0
-            if time.time() - last_seen > stale_after.total_seconds():
+            if time.time() - last_seen > silence.total_seconds():
                 instance.report_run_failed(
                     run,
                     f"Marked failed by the continuous_export sensor: no event for over "
-                    f"{stale_after.total_seconds():.0f} s, its process is presumed dead. "
+                    f"{silence.total_seconds():.0f} s, its process is presumed dead. "
                     "Its unexported slices are requested again.",
                 )
                 dead.append(run.run_id)
                 continue
-        busy |= run_devices(run.run_config)
+        busy |= {device} if device is not None else run_devices(run.run_config)
     return busy, dead

@@ -19,6 +19,7 @@ from export_pipeline.slicing import DayRange, align_down, closed_until, day_rang
 class WorkItem:
     device_id: str
     range: DayRange
+    reexport: bool = False  # a closed day whose reconciliation failed, exported whole again
 
     @property
     def partition_key(self) -> str:

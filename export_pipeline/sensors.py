@@ -112,7 +112,7 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
         until = closed_until(now, config.interval_seconds, config.lateness_seconds)
         closed_days = [day for day in dates if day < until.date()]
         late = [
-            WorkItem(device_id, DayRange(day, 0, SECONDS_PER_DAY))
+            WorkItem(device_id, DayRange(day, 0, SECONDS_PER_DAY), reexport=True)
             for device_id, day in failed_reconciliations(instance, free, closed_days)
         ]
         for item in late:

@@ -87,7 +87,8 @@ def test_the_sensor_reports_freshness_and_names_devices_that_fall_behind(
     fresh, stuck = new_device(), new_device()
     stack.write(every_10s(fresh, T0 - timedelta(minutes=5), T0 + timedelta(minutes=10)))
     fleet = Fleet(stack, instance, DEVICE_IDS=f"{fresh},{stuck}")
-    # Only `fresh` gets exported: `stuck` is held by a run that never starts.
+    # Only `fresh` gets exported; `stuck` has no checkpoint at all, the furthest behind a device
+    # can be.
     request = fleet.tick(T0 + timedelta(seconds=30)).run_requests[0]  # type: ignore[index]
     only_fresh = {
         "ops": {

@@ -1,5 +1,8 @@
 """Device-day exports from a real InfluxDB into a real S3 server, read back value by value."""
 
+import threading
+import time
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 
 import boto3
@@ -8,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from botocore.config import Config
 
-from export_pipeline.export import EmptyReadRefused, ExportReport, export_device_day
+from export_pipeline.export import EmptyReadRefused, ExportReport, export_device_day, prefetched
 from export_pipeline.influx import InfluxError, InfluxSource
-from export_pipeline.schema import DICTIONARY_COLUMNS, SCHEMA
+from export_pipeline.schema import DICTIONARY_COLUMNS, SCHEMA, SOURCE_SCHEMA
 from export_pipeline.writers import ObjectStore, StoreError
 from export_pipeline_tests.conftest import Stack
 from export_pipeline_tests.services import free_port, point
@@ -245,3 +248,35 @@ def test_a_missing_measurement_is_named_in_the_error(stack: Stack) -> None:
     source = InfluxSource(stack.settings(INFLUXDB_MEASUREMENT="telemetri").influx)
     with pytest.raises(InfluxError, match="INFLUXDB_MEASUREMENT='telemetri' does not exist"):
         source.check()
+
+
+def test_a_failing_export_stops_its_reader_thread_promptly() -> None:
+    """The reader runs ahead on a thread; an error in the encoder must not leave it blocked."""
+    batches = [
+        pa.RecordBatch.from_pylist([{"time": at(12) + i}], schema=SOURCE_SCHEMA) for i in range(3)
+    ]
+    closed = threading.Event()
+
+    def source() -> Iterator[pa.RecordBatch]:
+        try:
+            yield from batches
+        finally:
+            closed.set()
+
+    reading = prefetched(source(), depth=2)
+    assert next(reading).num_rows == 1
+    time.sleep(0.3)  # the reader fills the queue and blocks on its last put
+    reading.close()
+    assert closed.wait(timeout=5)
+    assert not any(t.name == "influx-reader" and t.is_alive() for t in threading.enumerate())
+
+
+def test_an_error_in_the_source_reaches_the_consumer() -> None:
+    def source() -> Iterator[pa.RecordBatch]:
+        yield pa.RecordBatch.from_pylist([{"time": at(12)}], schema=SOURCE_SCHEMA)
+        raise InfluxError("broke off")
+
+    reading = prefetched(source())
+    next(reading)
+    with pytest.raises(InfluxError, match="broke off"):
+        next(reading)

@@ -175,3 +175,28 @@ def test_sigterm_shuts_the_service_down_gracefully(health_service: Service) -> N
     wait_until(lambda: "Finished server process" in log.read_text(), "a graceful shutdown", 10)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/health", timeout=2)
+
+
+def test_a_hanging_check_is_not_started_again_by_the_next_probe() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from export_pipeline.health import run_checks
+
+    release, calls = threading.Event(), []
+
+    def hangs() -> None:
+        calls.append(1)
+        release.wait(30)
+
+    pool, pending = ThreadPoolExecutor(4), {}
+    try:
+        assert run_checks({"influxdb_reachable": hangs}, pool, pending) == {
+            "influxdb_reachable": False
+        }
+        assert run_checks({"influxdb_reachable": hangs}, pool, pending) == {
+            "influxdb_reachable": False
+        }
+        assert len(calls) == 1
+    finally:
+        release.set()
+        pool.shutdown(wait=True)

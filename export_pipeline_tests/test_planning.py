@@ -1,5 +1,6 @@
 from datetime import UTC, date, datetime
 
+from export_pipeline.assets import carried_checkpoint
 from export_pipeline.planning import WorkItem, batches, due_work, with_reexports
 from export_pipeline.settings import ExportSettings
 from export_pipeline.slicing import DayRange, closed_until, day_ranges
@@ -67,3 +68,20 @@ def test_whole_day_reexports_replace_the_due_pieces_of_that_day() -> None:
         WorkItem("D1", DayRange(day1, 0, 86_400)),
         WorkItem("D1", DayRange(day2, 0, 60)),
     ]
+
+
+def test_a_whole_day_export_carries_the_checkpoint_only_over_contiguous_coverage() -> None:
+    settings = ExportSettings(interval_seconds=60, lookback_hours=24)
+    now = utc(2026, 2, 8, 10, 0)  # the sensor would start a new device at 02-07 10:00
+    today = DayRange(date(2026, 2, 8), 0, 36_000)
+    yesterday = DayRange(date(2026, 2, 7), 0, 86_400)
+    older = DayRange(date(2026, 2, 1), 0, 86_400)
+    # A checkpoint inside or before the day's start: it moves to the day's end, never back.
+    assert carried_checkpoint(utc(2026, 2, 8, 1), today, now, settings) == utc(2026, 2, 8, 10)
+    assert carried_checkpoint(utc(2026, 2, 8, 12), today, now, settings) == utc(2026, 2, 8, 12)
+    # A gap before the day: the checkpoint stays where it is.
+    assert carried_checkpoint(utc(2026, 2, 6), today, now, settings) == utc(2026, 2, 6)
+    # No checkpoint: only a day covering the sensor's starting point may set one.
+    assert carried_checkpoint(None, yesterday, now, settings) == utc(2026, 2, 8)
+    assert carried_checkpoint(None, today, now, settings) is None
+    assert carried_checkpoint(None, older, now, settings) is None
