@@ -213,24 +213,26 @@ def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def _parse_csv(stream: io.BufferedIOBase, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Parse InfluxDB's CSV answer; a value that is not a number in a numeric field (a field
+    written as a string in some shard) fails the read, naming the value, rather than being
+    exported as a null."""
     # About 70 bytes a row in InfluxDB's CSV; the block size is what bounds rows per batch.
     block_size = min(max(batch_rows * 80, 1 << 16), 1 << 26)
-    reader = pacsv.open_csv(
-        stream,
-        read_options=pacsv.ReadOptions(block_size=block_size, encoding="utf8", use_threads=False),
-        convert_options=pacsv.ConvertOptions(
-            column_types={field.name: field.type for field in SOURCE_SCHEMA},
-            include_columns=SOURCE_SCHEMA.names,
-            include_missing_columns=True,
-            strings_can_be_null=True,
-        ),
-    )
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            return
-        except pa.ArrowInvalid as error:
-            raise InfluxError(f"InfluxDB's CSV answer could not be parsed: {error}") from error
-        if batch.num_rows:
-            yield batch.select(SOURCE_SCHEMA.names)
+    try:
+        reader = pacsv.open_csv(
+            stream,
+            read_options=pacsv.ReadOptions(
+                block_size=block_size, encoding="utf8", use_threads=False
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={field.name: field.type for field in SOURCE_SCHEMA},
+                include_columns=SOURCE_SCHEMA.names,
+                include_missing_columns=True,
+                strings_can_be_null=True,
+            ),
+        )
+        for batch in reader:
+            if batch.num_rows:
+                yield batch.select(SOURCE_SCHEMA.names)
+    except pa.ArrowInvalid as error:
+        raise InfluxError(f"InfluxDB's CSV answer could not be parsed: {error}") from error

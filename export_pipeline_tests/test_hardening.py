@@ -1,0 +1,158 @@
+"""Faults and odd input on the real stack; each ends by comparing S3 with InfluxDB."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance
+
+from export_pipeline.influx import InfluxError
+from export_pipeline.writers import ObjectStore
+from export_pipeline_tests.conftest import REPO, Stack
+from export_pipeline_tests.services import point, wait_until
+from export_pipeline_tests.test_export import FOLDER, at, export, folder_rows
+from export_pipeline_tests.test_sensors import T0, Fleet, every_10s, ns, work_of
+
+
+def test_two_exports_of_one_device_day_at_once_leave_each_row_once(stack: Stack) -> None:
+    stack.write(every_10s("D1", T0.replace(hour=10), T0.replace(hour=14)))
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(lambda _: export(stack), range(2)))
+    assert reports[0].rows == reports[1].rows == 1440
+    stamps = [row["timestamp"] for row in folder_rows(stack)]
+    assert len(stamps) == len(set(stamps)) == 1440
+
+
+def test_an_upload_that_fails_half_way_leaves_no_object_and_no_open_multipart_upload(
+    stack: Stack, tmp_path: Path
+) -> None:
+    big = tmp_path / "slice.parquet"
+    big.write_bytes(os.urandom(20 * 1024 * 1024))  # above the multipart threshold
+    client = stack.s3
+    parts = []
+
+    def fail_the_second_part(**kwargs: object) -> None:
+        parts.append(1)
+        if len(parts) == 2:
+            raise ConnectionResetError("the S3 server went away during the upload")
+
+    client.meta.events.register("before-call.s3.UploadPart", fail_the_second_part)
+    store = ObjectStore(client, stack.bucket)
+    with pytest.raises(Exception, match="went away"):
+        store.upload(big, FOLDER + "export_120000.parquet", "parquet")
+    assert stack.objects() == {}
+    assert client.list_multipart_uploads(Bucket=stack.bucket).get("Uploads", []) == []
+
+
+HOSTILE_IDS = {
+    "a/b": False,
+    "..": False,
+    "x..y": False,
+    "p|q": False,
+    "x" * 1024: False,
+    "x=y": True,
+    "c,d": True,
+    "it's": True,
+    'say "hi"': True,
+    "back\\slash": True,
+    "with space": True,
+    "温度计": True,
+}
+
+
+def test_hostile_device_ids_are_exported_under_their_own_folder_or_refused(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    for device in HOSTILE_IDS:
+        stack.write([point(ns(T0) - 60 * 10**9, device, {"voltage": 1.0})])
+    fleet = Fleet(stack, instance, DEVICE_IDS="")  # discovered from InfluxDB
+    result = fleet.tick_and_run(T0 + timedelta(seconds=31))
+    requested = {item[0] for item in work_of(result)}
+    assert requested == {device for device, safe in HOSTILE_IDS.items() if safe}
+    for key in stack.objects():
+        assert key.startswith("telemetry/device_id=") and "/../" not in key
+    for device in requested:
+        assert fleet.exported(device) == [ns(T0) - 60 * 10**9]
+
+
+def test_integer_fields_extra_fields_and_tags_and_shared_timestamps(stack: Stack) -> None:
+    stack.influx.write(
+        stack.database,
+        [
+            # Integer-typed fields, an unknown field and an unknown tag.
+            f"telemetry,device_id=D1,device_type=fan,location=lab,floor=3 "
+            f"voltage=230i,current=2i,power=400i,humidity=40i {at(12)}",
+            # The same instant in another series (another location): a second row.
+            f"telemetry,device_id=D1,device_type=fan,location=roof "
+            f"voltage=229i,current=1i,power=100i {at(12)}",
+        ],
+    )
+    export(stack)
+    rows = folder_rows(stack)
+    assert [(r["location"], r["voltage"], r["power_factor"]) for r in rows] == [
+        ("lab", 230.0, pytest.approx(400 / 460)),
+        ("roof", 229.0, pytest.approx(100 / 229)),
+    ]
+    assert set(rows[0]) == {
+        "timestamp",
+        "device_id",
+        "device_type",
+        "location",
+        "voltage",
+        "current",
+        "power",
+        "temperature",
+        "hour",
+        "day_of_week",
+        "is_weekend",
+        "power_factor",
+    }
+
+
+def test_a_string_in_a_numeric_field_fails_the_device_day_by_name(stack: Stack) -> None:
+    stack.influx.write(stack.database, [f'telemetry,device_id=D1 voltage="high" {at(12)}'])
+    with pytest.raises(InfluxError, match=r"could not be parsed.*high"):
+        export(stack)
+    assert stack.objects() == {}
+
+
+def test_sigterm_stops_the_daemon_cleanly(
+    stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str], instance: DagsterInstance
+) -> None:
+    env = {
+        **os.environ,
+        **stack.env(DEVICE_IDS="D1"),
+        **checkpoint_env,
+        "DAGSTER_HOME": str(dagster_home),
+    }
+    started = time.time()
+    daemon = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("dagster-daemon")),
+            "run",
+            "-m",
+            "export_pipeline.definitions",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(
+            lambda: (
+                instance.get_daemon_heartbeats().get("SENSOR") is not None
+                and instance.get_daemon_heartbeats()["SENSOR"].timestamp > started
+            ),
+            "the daemon's first heartbeat",
+            120,
+        )
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=60) in (0, -signal.SIGTERM)
