@@ -142,25 +142,33 @@ class MotoServer(LocalServer):
 POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 
 
-def ensure_postgres() -> None:
-    """Start the machine's PostgreSQL cluster if it is not answering."""
+def _postgres_answers() -> bool:
+    psycopg2.connect(dbname="postgres", connect_timeout=2, **POSTGRES).close()
+    return True
 
-    def answers() -> bool:
-        psycopg2.connect(dbname="postgres", connect_timeout=2, **POSTGRES).close()
-        return True
 
-    try:
-        answers()
-        return
-    except psycopg2.OperationalError:
-        pass
+def _cluster(action: str) -> None:
+    """`pg_ctlcluster` on the machine's PostgreSQL cluster, then wait until it answers."""
     versions = sorted(os.path.basename(p) for p in glob.glob("/etc/postgresql/*"))
     if not versions:
         raise RuntimeError("PostgreSQL is not installed (no /etc/postgresql/*)")
     subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", "start"], check=False
+        ["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", action], check=False
     )
-    wait_until(answers, "PostgreSQL")
+    wait_until(_postgres_answers, "PostgreSQL")
+
+
+def ensure_postgres() -> None:
+    """Start the machine's PostgreSQL cluster if it is not answering."""
+    try:
+        _postgres_answers()
+    except psycopg2.OperationalError:
+        _cluster("start")
+
+
+def restart_postgres() -> None:
+    """Restart the machine's PostgreSQL cluster: every open connection is cut."""
+    _cluster("restart")
 
 
 def _administer(*statements: str) -> None:

@@ -18,7 +18,7 @@ from export_pipeline.ledger import checkpoints
 from export_pipeline.schema import SCHEMA
 from export_pipeline.writers import ObjectStore
 from export_pipeline_tests.conftest import REPO, Stack
-from export_pipeline_tests.services import MotoServer, point, wait_until
+from export_pipeline_tests.services import MotoServer, point, restart_postgres, wait_until
 from export_pipeline_tests.test_export import FOLDER, at, export, folder_rows
 from export_pipeline_tests.test_sensors import T0, Fleet, every_10s, ns, work_of
 
@@ -180,3 +180,42 @@ def test_s3_down_for_two_ticks_then_the_gap_is_exported(
     assert work_of(result) == [(device, "2026-02-07", 43_200, 43_380)]
     exported = fleet.exported(device)
     assert exported == fleet.in_influx(device, T0, T0 + timedelta(minutes=3))
+
+
+def test_the_daemon_recovers_from_a_postgresql_restart_by_itself(
+    stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str], instance: DagsterInstance
+) -> None:
+    env = {
+        **os.environ,
+        **stack.env(DEVICE_IDS="D1"),
+        **checkpoint_env,
+        "DAGSTER_HOME": str(dagster_home),
+    }
+    started = time.time()
+    daemon = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("dagster-daemon")),
+            "run",
+            "-m",
+            "export_pipeline.definitions",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def beat_after(moment: float) -> bool:
+        beat = instance.get_daemon_heartbeats().get("SENSOR")
+        return beat is not None and beat.timestamp > moment
+
+    try:
+        wait_until(lambda: beat_after(started), "the daemon's first heartbeat", 120)
+        restart_postgres()
+        restarted = time.time()
+        # Heartbeats every 30 s; the daemon must write one again without being restarted.
+        wait_until(lambda: beat_after(restarted), "a heartbeat after the restart", 120)
+        assert daemon.poll() is None
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
