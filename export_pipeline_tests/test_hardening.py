@@ -14,6 +14,7 @@ import pytest
 from dagster import DagsterInstance
 
 from export_pipeline.influx import InfluxError
+from export_pipeline.jobs import pool_storage_connections
 from export_pipeline.ledger import checkpoints
 from export_pipeline.schema import SCHEMA
 from export_pipeline.writers import ObjectStore
@@ -213,6 +214,9 @@ def test_the_daemon_recovers_from_a_postgresql_restart_by_itself(
         wait_until(lambda: beat_after(started), "the daemon's first heartbeat", 120)
         restart_postgres()
         restarted = time.time()
+        # This test process shares one instance with runs executed in-process, which pooled its
+        # storage connections (a run process does that for itself); the restart cut them.
+        pool_storage_connections(instance)
         # Heartbeats every 30 s; the daemon must write one again without being restarted.
         wait_until(lambda: beat_after(restarted), "a heartbeat after the restart", 120)
         assert daemon.poll() is None
