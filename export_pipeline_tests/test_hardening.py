@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
+from subprocess import Popen
 
 import pytest
 from dagster import DagsterInstance
@@ -113,36 +114,37 @@ def test_a_string_in_a_numeric_field_fails_the_device_day_by_name(stack: Stack) 
     assert stack.objects() == {}
 
 
-def test_sigterm_stops_the_daemon_cleanly(
-    stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str], instance: DagsterInstance
-) -> None:
+def start_daemon(stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str]) -> Popen[bytes]:
+    """A real `dagster-daemon` serving this stack's code location."""
     env = {
         **os.environ,
         **stack.env(DEVICE_IDS="D1"),
         **checkpoint_env,
         "DAGSTER_HOME": str(dagster_home),
     }
-    started = time.time()
-    daemon = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("dagster-daemon")),
-            "run",
-            "-m",
-            "export_pipeline.definitions",
-        ],
+    daemon = str(Path(sys.executable).with_name("dagster-daemon"))
+    return subprocess.Popen(
+        [daemon, "run", "-m", "export_pipeline.definitions"],
         env=env,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def sensor_beat_after(instance: DagsterInstance, moment: float) -> bool:
+    beat = instance.get_daemon_heartbeats().get("SENSOR")
+    return beat is not None and beat.timestamp > moment
+
+
+def test_sigterm_stops_the_daemon_cleanly(
+    stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str], instance: DagsterInstance
+) -> None:
+    started = time.time()
+    daemon = start_daemon(stack, dagster_home, checkpoint_env)
     try:
         wait_until(
-            lambda: (
-                instance.get_daemon_heartbeats().get("SENSOR") is not None
-                and instance.get_daemon_heartbeats()["SENSOR"].timestamp > started
-            ),
-            "the daemon's first heartbeat",
-            120,
+            lambda: sensor_beat_after(instance, started), "the daemon's first heartbeat", 120
         )
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -186,29 +188,11 @@ def test_s3_down_for_two_ticks_then_the_gap_is_exported(
 def test_the_daemon_recovers_from_a_postgresql_restart_by_itself(
     stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str], instance: DagsterInstance
 ) -> None:
-    env = {
-        **os.environ,
-        **stack.env(DEVICE_IDS="D1"),
-        **checkpoint_env,
-        "DAGSTER_HOME": str(dagster_home),
-    }
     started = time.time()
-    daemon = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("dagster-daemon")),
-            "run",
-            "-m",
-            "export_pipeline.definitions",
-        ],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    daemon = start_daemon(stack, dagster_home, checkpoint_env)
 
     def beat_after(moment: float) -> bool:
-        beat = instance.get_daemon_heartbeats().get("SENSOR")
-        return beat is not None and beat.timestamp > moment
+        return sensor_beat_after(instance, moment)
 
     try:
         wait_until(lambda: beat_after(started), "the daemon's first heartbeat", 120)
