@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, date, datetime
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -169,8 +170,8 @@ def p1_p6(bench: Bench, results: dict[str, Any], big_rows: int) -> None:
         86_400 * NS // big_rows,
     )
     for device, rows in ((day_device, 86_400), (big_device, big_rows)):
-        raw = best_of(2, lambda d=device: raw_download(bench, d))
-        exported = best_of(2, lambda d=device: export(bench, d))
+        raw = best_of(2, partial(raw_download, bench, device))
+        exported = best_of(2, partial(export, bench, device))
         results[f"P1 {rows:,} rows"] = {
             "exporter_rows_per_s": round(rows / exported),
             "raw_query_rows_per_s": round(rows / raw),
@@ -354,7 +355,7 @@ def main() -> None:
     }
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{report['when']} on {report['machine']}\n`{report['command']}`\n")
-    print(table(report["results"]))
+    print(table({**earlier, **results}))
 
 
 if __name__ == "__main__":

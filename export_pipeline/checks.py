@@ -22,6 +22,8 @@ from dagster import (
 
 from export_pipeline.assets import device_day_of, telemetry_export
 from export_pipeline.ledger import (
+    CHECKED_THROUGH,
+    FIELD_COUNTS,
     RECONCILIATION,
     TELEMETRY_EXPORT,
     checkpoint_dates,
@@ -30,7 +32,7 @@ from export_pipeline.ledger import (
 )
 from export_pipeline.partitions import device_days, devices
 from export_pipeline.planning import first_due
-from export_pipeline.reconciliation import Reconciliation, reconcile
+from export_pipeline.reconciliation import LateData, Reconciliation, reconcile
 from export_pipeline.resources import (
     ClockResource,
     ExportBucketResource,
@@ -51,9 +53,10 @@ def reconciliation_metadata(result: Reconciliation) -> dict[str, object]:
         "difference": result.exported_rows - result.source_rows,
         "files": result.files,
         "schema_mismatches": MetadataValue.json(result.schema_mismatches[:20]),
-        "checked_through": MetadataValue.timestamp(
+        CHECKED_THROUGH: MetadataValue.timestamp(
             day_start(result.day) + timedelta(seconds=result.through_offset)
         ),
+        FIELD_COUNTS: MetadataValue.json(result.field_counts),
         "summary": result.description,
     }
 
@@ -66,6 +69,23 @@ def reconciliation_evaluation(result: Reconciliation) -> AssetCheckEvaluation:
         passed=result.passed,
         metadata=reconciliation_metadata(result),  # type: ignore[arg-type]
         partition=f"{result.day.isoformat()}|{result.device_id}",
+        severity=AssetCheckSeverity.ERROR,
+    )
+
+
+def late_data_evaluation(late: LateData) -> AssetCheckEvaluation:
+    """A failed reconciliation for a device-day that changed in InfluxDB after it was
+    reconciled: the continuous_export sensor exports the day again, which reconciles it anew."""
+    return AssetCheckEvaluation(
+        asset_key=TELEMETRY_EXPORT,
+        check_name=RECONCILIATION.name,
+        passed=False,
+        metadata={
+            "reconciled_field_counts": MetadataValue.json(late.reconciled),
+            FIELD_COUNTS: MetadataValue.json(late.now),
+            "summary": late.description,
+        },
+        partition=f"{late.day.isoformat()}|{late.device_id}",
         severity=AssetCheckSeverity.ERROR,
     )
 

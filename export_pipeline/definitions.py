@@ -6,8 +6,9 @@ from dagster import Definitions, in_process_executor
 
 from export_pipeline.assets import telemetry_export
 from export_pipeline.checks import telemetry_export_freshness, telemetry_export_reconciliation
-from export_pipeline.jobs import export_due_slices, register_devices
+from export_pipeline.jobs import export_due_slices, register_devices, sweep_late_data
 from export_pipeline.resources import build_resources
+from export_pipeline.schedules import build_late_data_sweep
 from export_pipeline.sensors import build_continuous_export
 from export_pipeline.settings import Settings
 
@@ -19,8 +20,9 @@ logging.getLogger("export_pipeline").setLevel(settings.log_level)
 defs = Definitions(
     assets=[telemetry_export],
     asset_checks=[telemetry_export_reconciliation, telemetry_export_freshness],
-    jobs=[register_devices, export_due_slices],
+    jobs=[register_devices, export_due_slices, sweep_late_data],
     sensors=[build_continuous_export(settings)],
+    schedules=[build_late_data_sweep(settings)],
     resources=build_resources(settings),
     # Every step runs in the run's own process: a second (step) process would cost ~200 MB and
     # seconds of start-up for no parallelism the export needs (it has its own thread pools).

@@ -54,6 +54,15 @@ def device_query(measurement: str, device_id: str, start_ns: int, end_ns: int) -
     )
 
 
+def counts_query(measurement: str, start_ns: int, end_ns: int) -> str:
+    """Every device's non-null count of each exported field in `[start_ns, end_ns)`."""
+    columns = [f"count({quote_identifier(n)}) AS {quote_identifier(n)}" for n in FIELD_COLUMNS]
+    return (
+        f"SELECT {', '.join(columns)} FROM {quote_identifier(measurement)} "
+        f'WHERE time >= {int(start_ns)} AND time < {int(end_ns)} GROUP BY "device_id"'
+    )
+
+
 class _ChunkStream(io.RawIOBase):
     """A read-only file over an iterator of byte chunks, for pyarrow's streaming CSV reader."""
 
@@ -178,6 +187,23 @@ class InfluxSource:
         return sorted(
             {str(row[1]) for series in result.get("series", []) for row in series["values"]}
         )
+
+    def field_counts(self, start_ns: int, end_ns: int) -> dict[str, dict[str, int]]:
+        """Each device's count of values per exported field in `[start_ns, end_ns)`: one
+        aggregate query for the whole fleet, a fingerprint that grows with every late point."""
+        query = counts_query(self.settings.measurement, start_ns, end_ns)
+        answer = self._get({"q": query}, "application/json").json()
+        result = (answer.get("results") or [{}])[0]
+        if result.get("error"):
+            raise InfluxError(f"InfluxDB could not count the fields: {result['error']}")
+        counts: dict[str, dict[str, int]] = {}
+        for series in result.get("series", []):
+            device_id = str(series.get("tags", {}).get("device_id", ""))
+            if not device_id:
+                continue
+            row = dict(zip(series["columns"], series["values"][0], strict=True))
+            counts[device_id] = {name: int(row.get(name) or 0) for name in FIELD_COLUMNS}
+        return counts
 
     def read(
         self, device_id: str, start_ns: int, end_ns: int, batch_rows: int = 50_000

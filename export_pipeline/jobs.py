@@ -1,11 +1,12 @@
-"""Jobs: `register_devices` (DEVICE_IDS → `devices` partitions) and `export_due_slices`, the
-batched run the continuous_export sensor requests."""
+"""Jobs: `register_devices` (DEVICE_IDS → `devices` partitions), `export_due_slices`, the
+batched run the continuous_export sensor requests, and `sweep_late_data`, which finds closed
+device-days that changed in InfluxDB after they were reconciled."""
 
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from dagster import (
@@ -20,13 +21,18 @@ from dagster import (
 )
 
 from export_pipeline.assets import report_metadata
-from export_pipeline.checks import reconciliation_evaluation
+from export_pipeline.checks import late_data_evaluation, reconciliation_evaluation
 from export_pipeline.export import UPLOAD_THREADS, ExportReport, export_device_ranges
 from export_pipeline.layout import DeviceIdError, validate_device_id
-from export_pipeline.ledger import CONTINUOUS_JOB, TELEMETRY_EXPORT
+from export_pipeline.ledger import (
+    CONTINUOUS_JOB,
+    TELEMETRY_EXPORT,
+    checkpoint_dates,
+    reconciled_counts,
+)
 from export_pipeline.partitions import devices
-from export_pipeline.planning import WorkItem
-from export_pipeline.reconciliation import Reconciliation, reconcile
+from export_pipeline.planning import WorkItem, first_due
+from export_pipeline.reconciliation import Reconciliation, late_data, reconcile
 from export_pipeline.resources import (
     ClockResource,
     ExportBucketResource,
@@ -35,7 +41,7 @@ from export_pipeline.resources import (
 )
 from export_pipeline.retries import with_retries
 from export_pipeline.settings import ExportSettings
-from export_pipeline.slicing import SECONDS_PER_DAY, DayRange
+from export_pipeline.slicing import SECONDS_PER_DAY, DayRange, closed_until, day_bounds_ns
 
 
 def refused_ids(device_ids: list[str]) -> list[str]:
@@ -245,3 +251,68 @@ def run_devices_in_parallel(
 @job(name=CONTINUOUS_JOB, executor_def=in_process_executor)
 def export_due_slices() -> None:
     export_slices()
+
+
+@op
+def abort_abandoned_uploads(
+    context: OpExecutionContext, s3: ExportBucketResource, export: ExportResource
+) -> None:
+    """Aborts multipart uploads under S3_PREFIX older than EXPORT_STALE_RUN_SECONDS (by then
+    their run has ended or been presumed dead): an upload cut off with its connection."""
+    settings = export.settings()
+    started_before = datetime.now(UTC) - timedelta(seconds=settings.stale_run_after)
+    prefix = f"{s3.prefix}/" if s3.prefix else ""
+    aborted = with_retries(
+        lambda: s3.store().abort_abandoned_uploads(prefix, started_before), settings.retries
+    )
+    for key in aborted:
+        context.log.warning(f"aborted an abandoned multipart upload of {key}")
+    context.log.info(f"{len(aborted)} abandoned multipart uploads aborted")
+
+
+@op
+def find_late_data(
+    context: OpExecutionContext,
+    influxdb: InfluxDBResource,
+    export: ExportResource,
+    clock: ClockResource,
+) -> None:
+    """Marks the reconciliation of each closed device-day that InfluxDB has changed since as
+    failed; the continuous_export sensor then exports those days again.
+
+    Data can arrive days late (a device that was offline uploads its buffer). The day-close
+    reconciliation recorded InfluxDB's count of values per field; one aggregate query per closed
+    day in the sensor's window counts them again for the whole fleet. A count that moved means
+    points were added (or deleted) after the export.
+    """
+    settings, now, instance = export.settings(), clock.now(), context.instance
+    assert devices.name is not None
+    fleet = list(settings.device_ids) or instance.get_dynamic_partitions(devices.name)
+    until = closed_until(now, settings.interval_seconds, settings.lateness_seconds)
+    window = checkpoint_dates(now, first_due(now, settings), settings.start_date)
+    reconciled = reconciled_counts(instance, fleet, [day for day in window if day < until.date()])
+    days = sorted({day for _, day in reconciled})
+    counts_by_day = {}
+    with influxdb.source() as source:
+        for day in days:
+            start_ns, end_ns = day_bounds_ns(day)
+            counts_by_day[day] = with_retries(
+                lambda: source.field_counts(start_ns, end_ns),  # noqa: B023 (called at once)
+                settings.retries,
+            )
+    changed = late_data(reconciled, counts_by_day)
+    for late in changed:
+        context.log.warning(f"{late.day}|{late.device_id}: {late.description}; re-exporting")
+        # log_event records check evaluations too; its type hint is narrower.
+        context.log_event(late_data_evaluation(late))  # type: ignore[arg-type]
+    context.log.info(
+        f"swept {len(reconciled)} reconciled device-days over {len(days)} days: "
+        f"{len(changed)} changed since"
+    )
+
+
+@job(executor_def=in_process_executor)
+def sweep_late_data() -> None:
+    """Late data, and the leftovers of uploads cut off mid-way."""
+    find_late_data()
+    abort_abandoned_uploads()

@@ -21,6 +21,7 @@ from dagster import (
     DagsterEventType,
     DagsterInstance,
     DagsterRunStatus,
+    EventRecordsFilter,
     RunsFilter,
 )
 from dagster._core.storage.asset_check_execution_record import (
@@ -28,6 +29,8 @@ from dagster._core.storage.asset_check_execution_record import (
 )
 
 EXPORTED_THROUGH = "exported_through"
+FIELD_COUNTS = "influxdb_field_counts"
+CHECKED_THROUGH = "checked_through"
 COVERED_THROUGH = "covered_through"
 TELEMETRY_EXPORT = AssetKey("telemetry_export")
 RECONCILIATION = AssetCheckKey(TELEMETRY_EXPORT, "reconciliation")
@@ -119,6 +122,48 @@ def failed_reconciliations(
             day, device = info.partition_key.split("|", 1)
             failed.append((device, date.fromisoformat(day)))
     return sorted(failed)
+
+
+def reconciled_counts(
+    instance: DagsterInstance, devices: Iterable[str], dates: Iterable[date]
+) -> dict[tuple[str, date], dict[str, int]]:
+    """InfluxDB's field counts recorded by the latest reconciliation of each device-day, where
+    it passed and covered the whole day (failed ones are already being exported again)."""
+    keys = [f"{day.isoformat()}|{device}" for day in dates for device in devices]
+    if not keys:
+        return {}
+    infos = instance.event_log_storage.get_asset_check_partition_info(
+        [RECONCILIATION], partition_keys=keys
+    )
+    ids = [
+        info.latest_check_event_storage_id
+        for info in infos
+        if info.partition_key and info.latest_execution_status == CheckStatus.SUCCEEDED
+    ]
+    found: dict[tuple[str, date], dict[str, int]] = {}
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start : start + 1000]
+        records = instance.event_log_storage.get_event_records(
+            EventRecordsFilter(DagsterEventType.ASSET_CHECK_EVALUATION, storage_ids=chunk),
+            limit=len(chunk),
+        )
+        for record in records:
+            event = record.event_log_entry.dagster_event
+            if event is None:
+                continue
+            evaluation = event.asset_check_evaluation_data
+            counts = evaluation.metadata.get(FIELD_COUNTS)
+            checked = evaluation.metadata.get(CHECKED_THROUGH)
+            if counts is None or checked is None or evaluation.partition is None:
+                continue  # recorded before counts were kept: not swept
+            day_text, device = evaluation.partition.split("|", 1)
+            day = date.fromisoformat(day_text)
+            end = datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+            if float(checked.value) < end.timestamp():  # type: ignore[arg-type]
+                continue  # only part of the day was reconciled
+            values: dict[str, Any] = dict(counts.value)  # type: ignore[arg-type]
+            found[(device, day)] = {str(name): int(value) for name, value in values.items()}
+    return found
 
 
 def checkpoint_dates(now: datetime, first_due: datetime, start_date: date) -> list[date]:

@@ -1,7 +1,10 @@
-"""Does a device-day's folder hold exactly InfluxDB's rows, in the declared schema?
+"""Does a device-day's folder hold exactly InfluxDB's rows, in the declared schema? And has
+InfluxDB changed for a day since it was reconciled (late data)?
 
 S3's side is read from Parquet footers (a ranged GET of the file's tail, not the file), or by
-counting CSV rows; InfluxDB's side is the same query the export runs.
+counting CSV rows; InfluxDB's side is the same query the export runs. A reconciliation also
+records InfluxDB's count of values per field: the late-data sweep compares those with one
+aggregate query per day for the whole fleet, instead of reading every device-day again.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import pyarrow.parquet as pq
 
 from export_pipeline.export import Source
 from export_pipeline.layout import device_folder, slice_offset_of
-from export_pipeline.schema import SCHEMA
+from export_pipeline.schema import FIELD_COLUMNS, SCHEMA
 from export_pipeline.slicing import NS_PER_SECOND, day_bounds_ns
 from export_pipeline.writers import CSV_SCHEMA, ObjectStore
 
@@ -32,6 +35,7 @@ class Reconciliation:
     exported_rows: int = 0
     files: int = 0
     schema_mismatches: list[str] = field(default_factory=list)
+    field_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FIELD_COLUMNS, 0))
 
     @property
     def passed(self) -> bool:
@@ -82,6 +86,9 @@ def reconcile(
     end_ns = start_ns + through_offset * NS_PER_SECOND
     for batch in source.read(device_id, start_ns, end_ns):
         result.source_rows += batch.num_rows
+        for name in FIELD_COLUMNS:
+            column = batch.column(name)
+            result.field_counts[name] += len(column) - column.null_count
     folder = device_folder(prefix, device_id, day, layout)
     for key in sorted(store.list_keys(folder)):
         offset = slice_offset_of(key[len(folder) :])
@@ -99,3 +106,40 @@ def reconcile(
             if header != CSV_SCHEMA.names:
                 result.schema_mismatches.append(key)
     return result
+
+
+@dataclass(frozen=True)
+class LateData:
+    """A reconciled device-day whose field counts in InfluxDB have changed since."""
+
+    device_id: str
+    day: date
+    reconciled: dict[str, int]
+    now: dict[str, int]
+
+    @property
+    def description(self) -> str:
+        changes = [
+            f"{name} {self.reconciled.get(name, 0)} -> {self.now.get(name, 0)}"
+            for name in FIELD_COLUMNS
+            if self.reconciled.get(name, 0) != self.now.get(name, 0)
+        ]
+        return f"InfluxDB changed after the day was reconciled: {', '.join(changes)}"
+
+
+def late_data(
+    reconciled: dict[tuple[str, date], dict[str, int]],
+    counts_by_day: dict[date, dict[str, dict[str, int]]],
+) -> list[LateData]:
+    """The device-days whose counts now differ from those recorded when they were reconciled.
+
+    `reconciled` holds whole-day counts per (device, day); `counts_by_day` what InfluxDB counts
+    now, per day and device (a device absent from a day's answer has no values that day).
+    """
+    empty = dict.fromkeys(FIELD_COLUMNS, 0)
+    changed = []
+    for (device_id, day), then in sorted(reconciled.items()):
+        now = counts_by_day.get(day, {}).get(device_id, empty)
+        if any(then.get(name, 0) != now.get(name, 0) for name in FIELD_COLUMNS):
+            changed.append(LateData(device_id, day, dict(then), dict(now)))
+    return changed

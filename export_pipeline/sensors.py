@@ -1,5 +1,6 @@
-"""`continuous_export`: the only scheduler. Each tick registers devices, reads every device's
-checkpoint from Dagster's storage, and requests batched runs for the slices that are due.
+"""`continuous_export`: decides every export. Each tick registers devices, reads every device's
+checkpoint from Dagster's storage, and requests batched runs for the slices that are due, and
+for closed device-days whose reconciliation failed (at day close, or by the late-data sweep).
 
 The sensor's cursor remembers the checkpoints it has read, so a device silent for longer than the
 searched window (a week, or the lookback) still resumes exactly where it stopped.

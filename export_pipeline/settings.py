@@ -72,6 +72,7 @@ class ExportSettings:
     concurrency: int = 8
     retries: int = 4
     stale_run_seconds: int = 0  # 0: three intervals, at least 180 s
+    sweep_cron: str = "20 * * * *"  # when closed days are searched for late data (UTC)
 
     @property
     def stale_run_after(self) -> int:
@@ -164,6 +165,18 @@ class _Parser:
             )
         return value.rstrip("/")
 
+    def cron(self, name: str, default: str) -> str:
+        value = self.text(name, default)
+        # Dagster's own rule (five fields, no seconds), so the schedule can always be built.
+        from dagster._utils.schedules import is_valid_cron_string
+
+        if not is_valid_cron_string(value):
+            self.problems.append(
+                f"{name}={value!r} is not a five-field cron expression such as '20 * * * *'"
+            )
+            return default
+        return value
+
     def required(self, name: str, hint: str) -> str:
         value = self.text(name)
         if not value:
@@ -211,6 +224,7 @@ class _Parser:
             concurrency=self.integer("EXPORT_CONCURRENCY", ExportSettings.concurrency, 1, 64),
             retries=self.integer("EXPORT_RETRIES", ExportSettings.retries, 0, 20),
             stale_run_seconds=self.integer("EXPORT_STALE_RUN_SECONDS", 0, 0),
+            sweep_cron=self.cron("EXPORT_SWEEP_CRON", ExportSettings.sweep_cron),
         )
         checkpoint = CheckpointSettings(
             host=self.text("CHECKPOINT_DB_HOST", CheckpointSettings.host),

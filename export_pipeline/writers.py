@@ -8,6 +8,8 @@ file, and a failed upload leaves nothing behind.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +88,14 @@ class SliceFile:
         return os.path.getsize(self.path)
 
 
+def abandoned(
+    uploads: Iterable[Mapping[str, Any]], started_before: datetime
+) -> list[Mapping[str, Any]]:
+    """The multipart uploads started before `started_before`; younger ones may still be live
+    (another run uploading the same slice) and are left alone."""
+    return [upload for upload in uploads if upload["Initiated"] < started_before]
+
+
 class StoreError(RuntimeError):
     """The S3 bucket cannot be used; the message names the setting to look at."""
 
@@ -144,6 +154,23 @@ class ObjectStore:
             return
         extra: dict[str, Any] = {"ContentType": CONTENT_TYPES[fmt]}
         self.client.upload_file(str(path), self.bucket, key, ExtraArgs=extra)
+
+    def abort_abandoned_uploads(self, prefix: str, started_before: datetime) -> list[str]:
+        """Abort the multipart uploads under `prefix` started before `started_before`.
+
+        boto3 aborts a failing multipart upload itself, unless the connection died first (the
+        S3 server or the network went away mid-upload): then the parts stay stored, and billed,
+        with no object. The upload's slice is exported again whole, under a new upload.
+        """
+        aborted = []
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for upload in abandoned(page.get("Uploads", []), started_before):
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+                aborted.append(upload["Key"])
+        return aborted
 
     def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):

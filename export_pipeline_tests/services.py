@@ -6,12 +6,14 @@ data folders are temporary. PostgreSQL is the machine's own, started when it is 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -137,6 +139,84 @@ class MotoServer(LocalServer):
             stderr=log,
         )
         wait_until(lambda: requests.get(self.url, timeout=1).status_code < 500, "moto_server")
+
+
+class TcpProxy:
+    """A loopback TCP forwarder in front of a server, to take the network away from it.
+
+    `cut()` drops every open connection and refuses new ones, as a dead host or a broken link
+    does; `restore()` listens again on the same port. `cut_after(n)` cuts once `n` more bytes
+    have gone from clients to the server, so a transfer dies half-way. The server behind keeps
+    running with all it holds.
+    """
+
+    def __init__(self, target_url: str) -> None:
+        self.target_url = target_url
+        self.target = ("127.0.0.1", int(target_url.rsplit(":", 1)[1]))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._budget: int | None = None
+
+    def restore(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        with self._lock:
+            self._listener, self._budget = listener, None
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    start = restore
+
+    def cut_after(self, client_bytes: int) -> None:
+        with self._lock:
+            self._budget = client_bytes
+
+    def cut(self) -> None:
+        with self._lock:
+            doomed = list(self._sockets) + ([self._listener] if self._listener else [])
+            self._sockets.clear()
+            self._listener = None
+        for sock in doomed:
+            with contextlib.suppress(OSError):  # wakes threads blocked in accept or recv
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    stop = cut
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            with self._lock:
+                if self._listener is not listener:  # cut meanwhile
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets |= {client, upstream}
+            for source, sink, counted in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(
+                    target=self._pump, args=(source, sink, counted), daemon=True
+                ).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                if counted:
+                    with self._lock:
+                        if self._budget is not None:
+                            self._budget -= len(data)
+                        over = self._budget is not None and self._budget < 0
+                    if over:
+                        self.cut()
+                        return
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
 
 POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}

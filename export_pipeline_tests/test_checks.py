@@ -114,4 +114,4 @@ def test_the_sensor_reports_freshness_and_names_devices_that_fall_behind(
     data = evaluation.dagster_event.asset_check_evaluation_data  # type: ignore[union-attr]
     assert not data.passed
     assert data.metadata["devices_behind"].value == 1
-    assert stuck in data.metadata["behind"].value
+    assert stuck in dict(data.metadata["behind"].value)  # type: ignore[arg-type]

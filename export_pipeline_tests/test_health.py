@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -188,7 +189,8 @@ def test_a_hanging_check_is_not_started_again_by_the_next_probe() -> None:
         calls.append(1)
         release.wait(30)
 
-    pool, pending = ThreadPoolExecutor(4), {}
+    pool = ThreadPoolExecutor(4)
+    pending: dict[str, Any] = {}
     try:
         assert run_checks({"influxdb_reachable": hangs}, pool, pending) == {
             "influxdb_reachable": False

@@ -107,3 +107,21 @@ def test_an_unreachable_server_is_a_retryable_error_naming_the_url() -> None:
     source = InfluxSource(InfluxSettings(url=url, bucket="x", timeout_seconds=2))
     with pytest.raises(InfluxUnavailable, match=f"INFLUXDB_URL={url} is unreachable"):
         source.check()
+
+
+def test_field_counts_are_per_device_and_field_within_the_range(stack: Stack) -> None:
+    stack.write(
+        [
+            point(T0 - NS, "D1", {"voltage": 1.0}),  # before the range
+            point(T0, "D1", {"voltage": 1.0, "power": 2.0}),
+            point(T0, "D1", {"current": 1.0}, location="roof"),  # same instant, another series
+            point(T0 + 59 * NS, "it's, D2", {"temperature": 20.0}),
+            point(T0 + 60 * NS, "D1", {"voltage": 1.0}),  # the range's end is excluded
+        ]
+    )
+    counts = source_for(stack).field_counts(T0, T0 + 60 * NS)
+    assert counts == {
+        "D1": {"voltage": 1, "current": 1, "power": 1, "temperature": 0},
+        "it's, D2": {"voltage": 0, "current": 0, "power": 0, "temperature": 1},
+    }
+    assert source_for(stack).field_counts(T0 + 61 * NS, T0 + 120 * NS) == {}

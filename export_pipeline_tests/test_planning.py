@@ -8,8 +8,10 @@ from export_pipeline.slicing import DayRange, closed_until, day_ranges
 SETTINGS = ExportSettings(interval_seconds=60, lateness_seconds=30, lookback_hours=1)
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def test_a_slice_is_due_once_closed_for_the_lateness_allowance() -> None:

@@ -6,7 +6,8 @@ from export_pipeline.retries import backoff_delays, is_transient, with_retries
 
 
 def test_transient_failures_are_retried_until_they_pass() -> None:
-    calls, slept = [], []
+    calls: list[int] = []
+    slept: list[float] = []
 
     def flaky() -> str:
         calls.append(1)

@@ -39,6 +39,8 @@ def test_defaults_need_only_a_bucket() -> None:
         ("EXPORT_LATENESS_SECONDS", "-5", "EXPORT_LATENESS_SECONDS=-5 must be at least 0"),
         ("EXPORT_CONCURRENCY", "0", "EXPORT_CONCURRENCY=0 must be at least 1"),
         ("CHECKPOINT_DB_PORT", "x", "CHECKPOINT_DB_PORT='x' is not a whole number"),
+        ("EXPORT_SWEEP_CRON", "hourly", "EXPORT_SWEEP_CRON='hourly' is not a five-field cron"),
+        ("EXPORT_SWEEP_CRON", "0 * * * * *", "EXPORT_SWEEP_CRON='0 * * * * *' is not a five"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_the_variable(name: str, value: str, message: str) -> None:
