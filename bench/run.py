@@ -295,6 +295,33 @@ def p2(bench: Bench, results: dict[str, Any], fleets: list[int]) -> None:
         minute += 1
 
 
+def p7(bench: Bench, results: dict[str, Any], devices: int, points: int) -> None:
+    """The late-data sweep's InfluxDB side for one closed day of a fleet: one aggregate count
+    query, against reading every device-day again (what re-reconciling by rows would cost)."""
+    fleet = [f"p7-{i:04d}" for i in range(devices)]
+    day = date(2026, 2, 5)
+    start = int(datetime(2026, 2, 5, tzinfo=UTC).timestamp()) * NS
+    load(bench.influx.url, bench.database, fleet, start, points, 86_400 * NS // points)
+    settings = bench.settings()
+    with InfluxSource(settings.influx) as source:
+        counted = best_of(2, partial(source.field_counts, start, start + 86_400 * NS))
+        counts = source.field_counts(start, start + 86_400 * NS)
+        assert sum(c["voltage"] for d, c in counts.items() if d in fleet) == devices * points
+
+        def read_every_device_day() -> None:
+            for device in fleet:
+                for _ in source.read(device, start, start + 86_400 * NS):
+                    pass
+
+        read = best_of(1, read_every_device_day)
+    results[f"P7 sweep, {devices} devices x {points:,} points ({day})"] = {
+        "sweep_count_query_s": round(counted, 2),
+        "read_every_device_day_s": round(read, 2),
+        "ratio": round(counted / read, 4),
+        "target": "report only: the sweep's cost per closed day in the window",
+    }
+
+
 def machine() -> dict[str, Any]:
     memory = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
     return {
@@ -322,11 +349,13 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="P1,P2,P4,P5,P6")
+    parser.add_argument("--only", default="P1,P2,P4,P5,P6,P7")
     parser.add_argument("--big-rows", type=int, default=5_000_000)
     parser.add_argument("--fleets", default="1,10,100,1000")
     parser.add_argument("--history-days", type=int, default=30)
     parser.add_argument("--ticks-per-day", type=int, default=288, help="300 s interval")
+    parser.add_argument("--sweep-devices", type=int, default=1000)
+    parser.add_argument("--sweep-points", type=int, default=1440, help="per device-day")
     args = parser.parse_args()
     chosen = set(args.only.split(","))
     results: dict[str, Any] = {}
@@ -339,6 +368,8 @@ def main() -> None:
                 p4(bench, results)
             if "P2" in chosen:
                 p2(bench, results, [int(n) for n in args.fleets.split(",")])
+            if "P7" in chosen:
+                p7(bench, results, args.sweep_devices, args.sweep_points)
             if "P5" in chosen:
                 from bench.history import p5
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from dagster import (
@@ -282,8 +283,8 @@ def find_late_data(
 
     Data can arrive days late (a device that was offline uploads its buffer). The day-close
     reconciliation recorded InfluxDB's count of values per field; one aggregate query per closed
-    day in the sensor's window counts them again for the whole fleet. A count that moved means
-    points were added (or deleted) after the export.
+    day in the sensor's window counts them again for the whole fleet. A count that grew means
+    points were added after the export.
     """
     settings, now, instance = export.settings(), clock.now(), context.instance
     assert devices.name is not None
@@ -297,8 +298,7 @@ def find_late_data(
         for day in days:
             start_ns, end_ns = day_bounds_ns(day)
             counts_by_day[day] = with_retries(
-                lambda: source.field_counts(start_ns, end_ns),  # noqa: B023 (called at once)
-                settings.retries,
+                partial(source.field_counts, start_ns, end_ns), settings.retries
             )
     changed = late_data(reconciled, counts_by_day)
     for late in changed:

@@ -131,15 +131,18 @@ def late_data(
     reconciled: dict[tuple[str, date], dict[str, int]],
     counts_by_day: dict[date, dict[str, dict[str, int]]],
 ) -> list[LateData]:
-    """The device-days whose counts now differ from those recorded when they were reconciled.
+    """The device-days where InfluxDB now counts more values of some field than it did when they
+    were reconciled: points arrived since.
 
     `reconciled` holds whole-day counts per (device, day); `counts_by_day` what InfluxDB counts
-    now, per day and device (a device absent from a day's answer has no values that day).
+    now, per day and device (a device absent from a day's answer has no values that day). Counts
+    that only fell are not late data: a retention policy expired or points were deleted, and the
+    objects in S3, perhaps the only copy left, are kept.
     """
     empty = dict.fromkeys(FIELD_COLUMNS, 0)
     changed = []
     for (device_id, day), then in sorted(reconciled.items()):
         now = counts_by_day.get(day, {}).get(device_id, empty)
-        if any(then.get(name, 0) != now.get(name, 0) for name in FIELD_COLUMNS):
+        if any(now.get(name, 0) > then.get(name, 0) for name in FIELD_COLUMNS):
             changed.append(LateData(device_id, day, dict(then), dict(now)))
     return changed

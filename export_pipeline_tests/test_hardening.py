@@ -148,39 +148,52 @@ def sensor_beat_after(instance: DagsterInstance, moment: float) -> bool:
     return beat is not None and beat.timestamp > moment
 
 
+class LiveDevice:
+    """Three minutes of 1 Hz telemetry around now (the last minute still to come) for a daemon
+    running on the real clock, in 10 s slices."""
+
+    def __init__(self, stack: Stack, instance: DagsterInstance) -> None:
+        self.stack, self.instance, self.device = stack, instance, new_device()
+        now = int(time.time()) // 10 * 10
+        self.start, self.end = (datetime.fromtimestamp(now + s, UTC) for s in (-120, 60))
+        self.days = sorted({self.start.date(), self.end.date()})
+        stack.write(every_10s(self.device, self.start, self.end, step=1))
+        self.env = {
+            "DEVICE_IDS": self.device,
+            "EXPORT_INTERVAL_SECONDS": "10",
+            "EXPORT_LATENESS_SECONDS": "0",
+            "LOOKBACK_HOURS": "1",
+            "EXPORT_STALE_RUN_SECONDS": "20",
+        }
+
+    def through(self) -> datetime | None:
+        return checkpoints(self.instance, [self.device], self.days).get(self.device)
+
+    def wait_until_exported(self, what: str) -> None:
+        wait_until(lambda: (self.through() or self.start) >= self.end, what, 240)
+
+    def assert_reconciled(self) -> None:
+        assert assert_reconciled(self.stack, self.device, self.days) == 180
+
+
 def test_sigterm_stops_the_daemon_and_a_restarted_one_exports_every_row_once(
     stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str], instance: DagsterInstance
 ) -> None:
-    # Real time: three minutes of 1 Hz telemetry, one of them still to come, in 10 s slices.
-    device, now = new_device(), int(time.time()) // 10 * 10
-    start, end = (datetime.fromtimestamp(now + offset, UTC) for offset in (-120, 60))
-    stack.write(every_10s(device, start, end, step=1))
-    env = {
-        "DEVICE_IDS": device,
-        "EXPORT_INTERVAL_SECONDS": "10",
-        "EXPORT_LATENESS_SECONDS": "0",
-        "LOOKBACK_HOURS": "1",
-        "EXPORT_STALE_RUN_SECONDS": "20",
-    }
-    days = sorted({start.date(), end.date()})
-
-    def through() -> datetime | None:
-        return checkpoints(instance, [device], days).get(device)
-
-    daemon = start_daemon(stack, dagster_home, checkpoint_env, **env)
+    live = LiveDevice(stack, instance)
+    daemon = start_daemon(stack, dagster_home, checkpoint_env, **live.env)
     try:
-        wait_until(lambda: through() is not None, "the daemon's first export", 180)
+        wait_until(lambda: live.through() is not None, "the daemon's first export", 180)
     finally:
         assert stop_daemon(daemon) in (0, -signal.SIGTERM)
-    stopped_at = through()
-    assert stopped_at is not None and stopped_at < end, "nothing was left for the restart"
+    stopped_at = live.through()
+    assert stopped_at is not None and stopped_at < live.end, "nothing was left for the restart"
 
-    daemon = start_daemon(stack, dagster_home, checkpoint_env, **env)
+    daemon = start_daemon(stack, dagster_home, checkpoint_env, **live.env)
     try:
-        wait_until(lambda: (through() or start) >= end, "the restarted daemon's exports", 240)
+        live.wait_until_exported("the restarted daemon's exports")
     finally:
         assert stop_daemon(daemon) in (0, -signal.SIGTERM)
-    assert assert_reconciled(stack, device, days) == 180
+    live.assert_reconciled()
 
 
 @pytest.fixture
@@ -244,25 +257,23 @@ def test_a_multipart_upload_cut_off_by_the_network_leaves_no_object_and_is_abort
 def test_the_daemon_recovers_from_a_postgresql_restart_by_itself(
     stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str], instance: DagsterInstance
 ) -> None:
-    started = time.time()
-    daemon = start_daemon(stack, dagster_home, checkpoint_env)
-
-    def beat_after(moment: float) -> bool:
-        return sensor_beat_after(instance, moment)
-
+    live = LiveDevice(stack, instance)
+    daemon = start_daemon(stack, dagster_home, checkpoint_env, **live.env)
     try:
-        wait_until(lambda: beat_after(started), "the daemon's first heartbeat", 120)
-        restart_postgres()
+        wait_until(lambda: live.through() is not None, "the daemon's first export", 180)
+        restart_postgres()  # every connection is cut, a run's included
         restarted = time.time()
         # This test process shares one instance with runs executed in-process, which pooled its
         # storage connections (a run process does that for itself); the restart cut them.
         pool_storage_connections(instance)
-        # Heartbeats every 30 s; the daemon must write one again without being restarted.
-        wait_until(lambda: beat_after(restarted), "a heartbeat after the restart", 120)
+        # Heartbeats every 30 s; the daemon must write one again without being restarted, and
+        # go on exporting: a run cut off by the restart is redone.
+        wait_until(lambda: sensor_beat_after(instance, restarted), "a heartbeat after it", 120)
+        live.wait_until_exported("the exports after the restart")
         assert daemon.poll() is None
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=60)
+        stop_daemon(daemon)
+    live.assert_reconciled()
 
 
 def reconciliation_of(instance: DagsterInstance, partition: str) -> tuple[str, dict[str, Any]]:
@@ -316,3 +327,22 @@ def test_late_data_days_after_its_day_is_found_by_the_sweep_and_exported_again(
     assert assert_reconciled(stack, device, days) == 420 + 1
     assert fleet.sweep(later + timedelta(seconds=120))  # nothing changed since: nothing to do
     assert {reconciliation_of(instance, key)[0] for key in partitions} == {"SUCCEEDED"}
+
+
+def test_points_far_in_the_past_or_future_stay_out_of_the_days_being_exported(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    device = new_device()
+    stack.write(every_10s(device, T0 - timedelta(minutes=2), T0))
+    stack.write(
+        [
+            point(ns(datetime(1980, 1, 1, tzinfo=UTC)), device, {"voltage": 1.0}),
+            point(ns(datetime(2200, 1, 1, tzinfo=UTC)), device, {"voltage": 2.0}),
+        ]
+    )
+    fleet = Fleet(stack, instance, DEVICE_IDS=device)
+    result = fleet.tick_and_run(T0 + timedelta(seconds=30))
+    assert work_of(result) == [(device, "2026-02-07", 39_600, 43_200)]
+    assert assert_reconciled(stack, device, [T0.date()]) == 12
+    folders = {key.rsplit("/", 1)[0] for key in stack.objects()}
+    assert folders == {f"telemetry/device_id={device}/date=2026/02/07"}
