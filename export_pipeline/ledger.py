@@ -2,6 +2,8 @@
 
 - A device's checkpoint is the largest `exported_through` among the latest materializations of its
   recent device-day partitions (two queries for the whole fleet, whatever its size).
+- What InfluxDB held for a closed device-day when it was reconciled (its count of values per
+  field) is in that reconciliation's evaluation, for the late-data sweep to compare with.
 - A device is busy while a continuous-export run that covers it is queued or running. A run that
   has logged nothing for too long is dead (its process was killed, which the default run launcher
   cannot see): it is marked failed, so its devices are free again.
@@ -27,6 +29,8 @@ from dagster import (
 from dagster._core.storage.asset_check_execution_record import (
     AssetCheckExecutionRecordStatus as CheckStatus,
 )
+
+from export_pipeline.slicing import day_start
 
 EXPORTED_THROUGH = "exported_through"
 FIELD_COUNTS = "influxdb_field_counts"
@@ -158,8 +162,8 @@ def reconciled_counts(
                 continue  # recorded before counts were kept: not swept
             day_text, device = evaluation.partition.split("|", 1)
             day = date.fromisoformat(day_text)
-            end = datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
-            if float(checked.value) < end.timestamp():  # type: ignore[arg-type]
+            end = day_start(day + timedelta(days=1)).timestamp()
+            if float(checked.value) < end:  # type: ignore[arg-type]
                 continue  # only part of the day was reconciled
             values: dict[str, Any] = dict(counts.value)  # type: ignore[arg-type]
             found[(device, day)] = {str(name): int(value) for name, value in values.items()}
