@@ -1,5 +1,6 @@
 """Faults and odd input on the real stack; each ends by comparing S3 with InfluxDB."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -117,25 +118,47 @@ def test_a_string_in_a_numeric_field_fails_the_device_day_by_name(stack: Stack) 
     assert stack.objects() == {}
 
 
-def start_daemon(
-    stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str], **env: str
-) -> Popen[bytes]:
-    """A real `dagster-daemon` serving this stack's code location; its runs are real processes
-    launched through the run queue, as in production."""
-    environment = {
-        **os.environ,
-        **stack.env(**{"DEVICE_IDS": "D1", **env}),
-        **checkpoint_env,
-        "DAGSTER_HOME": str(dagster_home),
-    }
-    daemon = str(Path(sys.executable).with_name("dagster-daemon"))
-    return subprocess.Popen(
-        [daemon, "run", "-m", "export_pipeline.definitions"],
-        env=environment,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+class Daemons:
+    """Real `dagster-daemon` processes serving this stack's code location; their runs are real
+    processes launched through the run queue, as in production. Each daemon leads a process
+    group of its own, so what it leaves behind (a code server, a run) is reaped after the test."""
+
+    def __init__(self, stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str]) -> None:
+        self.stack, self.dagster_home, self.checkpoint_env = stack, dagster_home, checkpoint_env
+        self.started: list[Popen[bytes]] = []
+
+    def start(self, **env: str) -> Popen[bytes]:
+        environment = {
+            **os.environ,
+            **self.stack.env(**{"DEVICE_IDS": "D1", **env}),
+            **self.checkpoint_env,
+            "DAGSTER_HOME": str(self.dagster_home),
+        }
+        binary = str(Path(sys.executable).with_name("dagster-daemon"))
+        daemon = subprocess.Popen(
+            [binary, "run", "-m", "export_pipeline.definitions"],
+            env=environment,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.started.append(daemon)
+        return daemon
+
+    def reap(self) -> None:
+        for daemon in self.started:
+            if daemon.poll() is None:
+                stop_daemon(daemon)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(daemon.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def daemons(stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str]) -> Iterator[Daemons]:
+    started = Daemons(stack, dagster_home, checkpoint_env)
+    yield started
+    started.reap()
 
 
 def stop_daemon(daemon: Popen[bytes]) -> int:
@@ -177,10 +200,10 @@ class LiveDevice:
 
 
 def test_sigterm_stops_the_daemon_and_a_restarted_one_exports_every_row_once(
-    stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str], instance: DagsterInstance
+    stack: Stack, instance: DagsterInstance, daemons: Daemons
 ) -> None:
     live = LiveDevice(stack, instance)
-    daemon = start_daemon(stack, dagster_home, checkpoint_env, **live.env)
+    daemon = daemons.start(**live.env)
     try:
         wait_until(lambda: live.through() is not None, "the daemon's first export", 180)
     finally:
@@ -188,7 +211,7 @@ def test_sigterm_stops_the_daemon_and_a_restarted_one_exports_every_row_once(
     stopped_at = live.through()
     assert stopped_at is not None and stopped_at < live.end, "nothing was left for the restart"
 
-    daemon = start_daemon(stack, dagster_home, checkpoint_env, **live.env)
+    daemon = daemons.start(**live.env)
     try:
         live.wait_until_exported("the restarted daemon's exports")
     finally:
@@ -255,10 +278,10 @@ def test_a_multipart_upload_cut_off_by_the_network_leaves_no_object_and_is_abort
 
 
 def test_the_daemon_recovers_from_a_postgresql_restart_by_itself(
-    stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str], instance: DagsterInstance
+    stack: Stack, instance: DagsterInstance, daemons: Daemons
 ) -> None:
     live = LiveDevice(stack, instance)
-    daemon = start_daemon(stack, dagster_home, checkpoint_env, **live.env)
+    daemon = daemons.start(**live.env)
     try:
         wait_until(lambda: live.through() is not None, "the daemon's first export", 180)
         restart_postgres()  # every connection is cut, a run's included
