@@ -14,6 +14,9 @@ from typing import Any
 
 import pytest
 import yaml
+from dagster import DagsterInstance
+from dagster._core.definitions.run_request import InstigatorType
+from dagster._core.scheduler.instigation import TickStatus
 from dotenv import dotenv_values
 
 from export_pipeline.settings import Settings
@@ -136,3 +139,10 @@ def test_the_image_installs_the_package_and_ships_the_instance_config() -> None:
     assert "pip install --no-cache-dir ." in dockerfile
     assert 'cp dagster.yaml "$DAGSTER_HOME/dagster.yaml"' in dockerfile
     assert Path(REPO / "deploy" / "workspace.yaml").is_file()
+
+
+def test_the_instance_keeps_sensor_ticks_a_week_not_forever(instance: DagsterInstance) -> None:
+    # continuous_export ticks every interval and stores its cursor with each tick.
+    retention = instance.get_tick_retention_settings(InstigatorType.SENSOR)
+    assert retention[TickStatus.SUCCESS] == retention[TickStatus.SKIPPED] == 7
+    assert retention[TickStatus.FAILURE] == 30
