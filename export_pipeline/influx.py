@@ -109,15 +109,22 @@ class InfluxSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _get(self, params: dict[str, str], accept: str, stream: bool = False) -> requests.Response:
+    def _get(
+        self,
+        params: dict[str, str],
+        accept: str,
+        stream: bool = False,
+        timeout: float | None = None,
+    ) -> requests.Response:
         url = f"{self.settings.url}/query"
+        timeout = max(timeout or 0.0, self.settings.timeout_seconds)
         try:
             response = self.session.get(
                 url,
                 params={"db": self.settings.bucket, **params},
                 headers={"Accept": accept},
                 stream=stream,
-                timeout=self.settings.timeout_seconds,
+                timeout=timeout,
             )
         except requests.ConnectionError as error:
             raise InfluxUnavailable(
@@ -127,7 +134,7 @@ class InfluxSource:
         except requests.Timeout as error:
             raise InfluxUnavailable(
                 f"InfluxDB at INFLUXDB_URL={self.settings.url} did not answer within "
-                f"INFLUXDB_TIMEOUT_SECONDS={self.settings.timeout_seconds:g}"
+                f"{timeout:g} s (INFLUXDB_TIMEOUT_SECONDS={self.settings.timeout_seconds:g})"
             ) from error
         if response.status_code in (401, 403):
             response.close()
@@ -188,11 +195,14 @@ class InfluxSource:
             {str(row[1]) for series in result.get("series", []) for row in series["values"]}
         )
 
-    def field_counts(self, start_ns: int, end_ns: int) -> dict[str, dict[str, int]]:
+    def field_counts(
+        self, start_ns: int, end_ns: int, timeout_seconds: float | None = None
+    ) -> dict[str, dict[str, int]]:
         """Each device's count of values per exported field in `[start_ns, end_ns)`: one
-        aggregate query for the whole fleet, a fingerprint that grows with every late point."""
+        aggregate query for the whole fleet, a fingerprint that grows with every late point.
+        It scans every point of the range, so it may be given longer than other queries."""
         query = counts_query(self.settings.measurement, start_ns, end_ns)
-        answer = self._get({"q": query}, "application/json").json()
+        answer = self._get({"q": query}, "application/json", timeout=timeout_seconds).json()
         result = (answer.get("results") or [{}])[0]
         if result.get("error"):
             raise InfluxError(f"InfluxDB could not count the fields: {result['error']}")

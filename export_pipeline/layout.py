@@ -50,17 +50,27 @@ def _unsafe_reason(device_id: str) -> str | None:
     return None
 
 
+def devices_root(prefix: str) -> str:
+    """What every device folder's key starts with (`device_id=` under the prefix)."""
+    return f"{prefix}/device_id=" if prefix else "device_id="
+
+
+def device_root(prefix: str, device_id: str) -> str:
+    """The folder holding all of one device's days, with a trailing slash."""
+    validate_device_id(device_id)
+    return f"{devices_root(prefix)}{device_id}/"
+
+
 def device_folder(prefix: str, device_id: str, day: date, layout: str) -> str:
     """The folder of one device-day, with a trailing slash; one Dagster partition."""
-    validate_device_id(device_id)
+    root = device_root(prefix, device_id)
     if layout == "hive":
         day_part = f"date={day:%Y-%m-%d}"
     elif layout == "seed":
         day_part = f"date={day:%Y}/{day:%m}/{day:%d}"
     else:
         raise ValueError(f"EXPORT_LAYOUT={layout!r} is not one of seed, hive")
-    head = f"{prefix}/" if prefix else ""
-    return f"{head}device_id={device_id}/{day_part}/"
+    return f"{root}{day_part}/"
 
 
 def slice_name(piece: Slice, fmt: str) -> str:

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -29,6 +29,7 @@ from dagster import (
 from dagster._core.storage.asset_check_execution_record import (
     AssetCheckExecutionRecordStatus as CheckStatus,
 )
+from dagster._core.storage.asset_check_execution_record import AssetCheckPartitionInfo
 
 from export_pipeline.slicing import day_start
 
@@ -109,19 +110,25 @@ def covered_through(instance: DagsterInstance, partition_key: str) -> datetime |
     return None if value is None else datetime.fromtimestamp(float(value.value), tz=UTC)  # type: ignore[arg-type]
 
 
+def latest_reconciliations(
+    instance: DagsterInstance, devices: Iterable[str], dates: Iterable[date]
+) -> Sequence[AssetCheckPartitionInfo]:
+    """The latest reconciliation of each of these device-days that has one (one query)."""
+    keys = [f"{day.isoformat()}|{device}" for day in dates for device in devices]
+    if not keys:
+        return []
+    return instance.event_log_storage.get_asset_check_partition_info(
+        [RECONCILIATION], partition_keys=keys
+    )
+
+
 def failed_reconciliations(
     instance: DagsterInstance, devices: Iterable[str], dates: Iterable[date]
 ) -> list[tuple[str, date]]:
     """Closed device-days whose latest reconciliation failed: data arrived after they were
     exported (or something removed objects), so they are exported again."""
-    keys = [f"{day.isoformat()}|{device}" for day in dates for device in devices]
-    if not keys:
-        return []
-    infos = instance.event_log_storage.get_asset_check_partition_info(
-        [RECONCILIATION], partition_keys=keys
-    )
     failed = []
-    for info in infos:
+    for info in latest_reconciliations(instance, devices, dates):
         if info.partition_key and info.latest_execution_status == CheckStatus.FAILED:
             day, device = info.partition_key.split("|", 1)
             failed.append((device, date.fromisoformat(day)))
@@ -133,15 +140,9 @@ def reconciled_counts(
 ) -> dict[tuple[str, date], dict[str, int]]:
     """InfluxDB's field counts recorded by the latest reconciliation of each device-day, where
     it passed and covered the whole day (failed ones are already being exported again)."""
-    keys = [f"{day.isoformat()}|{device}" for day in dates for device in devices]
-    if not keys:
-        return {}
-    infos = instance.event_log_storage.get_asset_check_partition_info(
-        [RECONCILIATION], partition_keys=keys
-    )
     ids = [
         info.latest_check_event_storage_id
-        for info in infos
+        for info in latest_reconciliations(instance, devices, dates)
         if info.partition_key and info.latest_execution_status == CheckStatus.SUCCEEDED
     ]
     found: dict[tuple[str, date], dict[str, int]] = {}

@@ -8,6 +8,7 @@ from export_pipeline.settings import Settings
 
 
 def build_late_data_sweep(settings: Settings) -> ScheduleDefinition:
+    """Running by default, like the sensor, so late data needs no operator."""
     return ScheduleDefinition(
         name="late_data_sweep",
         job=sweep_late_data,

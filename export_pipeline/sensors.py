@@ -112,9 +112,14 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
         free = [device_id for device_id in fleet if device_id not in busy]
         until = closed_until(now, config.interval_seconds, config.lateness_seconds)
         closed_days = [day for day in dates if day < until.date()]
+        # Every registered device, not only those seen lately: a device that came back online
+        # may upload nothing but its buffer, which discovery since LOOKBACK_HOURS misses.
+        registered = set(fleet) if config.device_ids else known | set(fleet)
         late = [
             WorkItem(device_id, DayRange(day, 0, SECONDS_PER_DAY), reexport=True)
-            for device_id, day in failed_reconciliations(instance, free, closed_days)
+            for device_id, day in failed_reconciliations(
+                instance, sorted(registered - busy), closed_days
+            )
         ]
         for item in late:
             context.log.warning(f"re-exporting {item.partition_key}: its reconciliation failed")

@@ -167,7 +167,9 @@ class _Parser:
 
     def cron(self, name: str, default: str) -> str:
         value = self.text(name, default)
-        # Dagster's own rule (five fields, no seconds), so the schedule can always be built.
+        # Dagster's own rule (five fields or an alias such as @hourly, no seconds), so the
+        # schedule can always be built; imported here to keep this module light for the tools
+        # that only need INFLUXDB_* (the simulator).
         from dagster._utils.schedules import is_valid_cron_string
 
         if not is_valid_cron_string(value):

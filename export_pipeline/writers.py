@@ -89,11 +89,16 @@ class SliceFile:
 
 
 def abandoned(
-    uploads: Iterable[Mapping[str, Any]], started_before: datetime
+    uploads: Iterable[Mapping[str, Any]], started_before: datetime, live_folders: Iterable[str]
 ) -> list[Mapping[str, Any]]:
-    """The multipart uploads started before `started_before`; younger ones may still be live
-    (another run uploading the same slice) and are left alone."""
-    return [upload for upload in uploads if upload["Initiated"] < started_before]
+    """The multipart uploads started before `started_before` outside `live_folders` (those of
+    devices a run is exporting now); the others may still be in progress."""
+    live = tuple(live_folders)
+    return [
+        upload
+        for upload in uploads
+        if upload["Initiated"] < started_before and not upload["Key"].startswith(live)
+    ]
 
 
 class StoreError(RuntimeError):
@@ -155,8 +160,11 @@ class ObjectStore:
         extra: dict[str, Any] = {"ContentType": CONTENT_TYPES[fmt]}
         self.client.upload_file(str(path), self.bucket, key, ExtraArgs=extra)
 
-    def abort_abandoned_uploads(self, prefix: str, started_before: datetime) -> list[str]:
-        """Abort the multipart uploads under `prefix` started before `started_before`.
+    def abort_abandoned_uploads(
+        self, prefix: str, started_before: datetime, live_folders: Iterable[str] = ()
+    ) -> list[str]:
+        """Abort the multipart uploads under `prefix` started before `started_before`, except
+        under `live_folders`.
 
         boto3 aborts a failing multipart upload itself, unless the connection died first (the
         S3 server or the network went away mid-upload): then the parts stay stored, and billed,
@@ -165,7 +173,7 @@ class ObjectStore:
         aborted = []
         paginator = self.client.get_paginator("list_multipart_uploads")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-            for upload in abandoned(page.get("Uploads", []), started_before):
+            for upload in abandoned(page.get("Uploads", []), started_before, live_folders):
                 self.client.abort_multipart_upload(
                     Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                 )

@@ -188,21 +188,28 @@ class TcpProxy:
         while True:
             try:
                 client, _ = listener.accept()
-                upstream = socket.create_connection(self.target)
-            except OSError:
+            except OSError:  # the listener was cut
                 return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:  # the server is down: so is this connection
+                client.close()
+                continue
             with self._lock:
                 if self._listener is not listener:  # cut meanwhile
                     client.close()
                     upstream.close()
                     return
                 self._sockets |= {client, upstream}
+            pending = [2]  # pumps still running; the second to end closes the pair
             for source, sink, counted in ((client, upstream, True), (upstream, client, False)):
                 threading.Thread(
-                    target=self._pump, args=(source, sink, counted), daemon=True
+                    target=self._pump, args=(source, sink, counted, pending), daemon=True
                 ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, counted: bool, pending: list[int]
+    ) -> None:
         try:
             while data := source.recv(1 << 16):
                 if counted:
@@ -217,6 +224,15 @@ class TcpProxy:
             sink.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        finally:
+            with self._lock:
+                pending[0] -= 1
+                last = pending[0] == 0
+                if last:
+                    self._sockets -= {source, sink}
+            if last:
+                source.close()
+                sink.close()
 
 
 POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}

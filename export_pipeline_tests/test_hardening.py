@@ -172,15 +172,15 @@ def sensor_beat_after(instance: DagsterInstance, moment: float) -> bool:
 
 
 class LiveDevice:
-    """Three minutes of 1 Hz telemetry around now (the last minute still to come) for a daemon
-    running on the real clock, in 10 s slices."""
+    """1 Hz telemetry around now for a daemon running on the real clock, in 10 s slices: two
+    minutes of history and one still to come, and more on request."""
 
     def __init__(self, stack: Stack, instance: DagsterInstance) -> None:
         self.stack, self.instance, self.device = stack, instance, new_device()
-        now = int(time.time()) // 10 * 10
-        self.start, self.end = (datetime.fromtimestamp(now + s, UTC) for s in (-120, 60))
-        self.days = sorted({self.start.date(), self.end.date()})
-        stack.write(every_10s(self.device, self.start, self.end, step=1))
+        now = datetime.fromtimestamp(int(time.time()) // 10 * 10, UTC)
+        self.start = self.end = now - timedelta(minutes=2)
+        self.rows = 0
+        self.write(self.start, now + timedelta(minutes=1))
         self.env = {
             "DEVICE_IDS": self.device,
             "EXPORT_INTERVAL_SECONDS": "10",
@@ -189,6 +189,15 @@ class LiveDevice:
             "EXPORT_STALE_RUN_SECONDS": "20",
         }
 
+    def write(self, start: datetime, end: datetime) -> None:
+        self.stack.write(every_10s(self.device, start, end, step=1))
+        self.rows += int((end - start).total_seconds())
+        self.end = max(self.end, end)
+
+    @property
+    def days(self) -> list[date]:
+        return sorted({self.start.date(), self.end.date()})
+
     def through(self) -> datetime | None:
         return checkpoints(self.instance, [self.device], self.days).get(self.device)
 
@@ -196,7 +205,7 @@ class LiveDevice:
         wait_until(lambda: (self.through() or self.start) >= self.end, what, 240)
 
     def assert_reconciled(self) -> None:
-        assert assert_reconciled(self.stack, self.device, self.days) == 180
+        assert assert_reconciled(self.stack, self.device, self.days) == self.rows
 
 
 def test_sigterm_stops_the_daemon_and_a_restarted_one_exports_every_row_once(
@@ -209,7 +218,9 @@ def test_sigterm_stops_the_daemon_and_a_restarted_one_exports_every_row_once(
     finally:
         assert stop_daemon(daemon) in (0, -signal.SIGTERM)
     stopped_at = live.through()
-    assert stopped_at is not None and stopped_at < live.end, "nothing was left for the restart"
+    assert stopped_at is not None
+    if stopped_at >= live.end:  # a slow machine: the first daemon got everything
+        live.write(stopped_at, stopped_at + timedelta(seconds=30))  # work for the restart
 
     daemon = daemons.start(**live.env)
     try:

@@ -331,9 +331,10 @@ def some_exported(fleet: Fleet, devices: list[str]) -> bool:
 
 
 def some_uploaded_but_not_recorded(fleet: Fleet, devices: list[str]) -> bool:
-    """A device has objects in S3 and no checkpoint yet: its uploads are under way."""
-    done = checkpoints(fleet.instance, devices, [DAY])
+    """A device has objects in S3 and no checkpoint yet: its uploads are under way. (S3 is
+    listed first: a checkpoint recorded after the listing would otherwise pass for none.)"""
     listing = fleet.stack.s3.list_objects_v2(Bucket=fleet.stack.bucket).get("Contents", [])
+    done = checkpoints(fleet.instance, devices, [DAY])
     folders = {item["Key"].split("/")[1] for item in listing}
     return any(f"device_id={device}" in folders for device in set(devices) - set(done))
 
