@@ -30,7 +30,7 @@ from export_pipeline.ledger import (
     checkpoints,
     covered_through,
 )
-from export_pipeline.partitions import device_days, devices
+from export_pipeline.partitions import device_days, registered_devices
 from export_pipeline.planning import first_due
 from export_pipeline.reconciliation import LateData, Reconciliation, reconcile
 from export_pipeline.resources import (
@@ -168,8 +168,7 @@ def telemetry_export_freshness(
     context: AssetCheckExecutionContext, export: ExportResource, clock: ClockResource
 ) -> AssetCheckResult:
     settings, now = export.settings(), clock.now()
-    assert devices.name is not None
-    fleet = list(settings.device_ids) or context.instance.get_dynamic_partitions(devices.name)
+    fleet = registered_devices(context.instance, settings)
     dates = checkpoint_dates(now, first_due(now, settings), settings.start_date)
     evaluation = freshness_evaluation(
         checkpoints(context.instance, fleet, dates), list(fleet), now, settings

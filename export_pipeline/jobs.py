@@ -32,7 +32,7 @@ from export_pipeline.ledger import (
     checkpoint_dates,
     reconciled_counts,
 )
-from export_pipeline.partitions import devices
+from export_pipeline.partitions import devices, registered_devices
 from export_pipeline.planning import WorkItem, first_due
 from export_pipeline.reconciliation import Reconciliation, late_data, reconcile
 from export_pipeline.resources import (
@@ -299,8 +299,7 @@ def find_late_data(
     points were added after the export.
     """
     settings, now, instance = export.settings(), clock.now(), context.instance
-    assert devices.name is not None
-    fleet = list(settings.device_ids) or instance.get_dynamic_partitions(devices.name)
+    fleet = registered_devices(instance, settings)
     until = closed_until(now, settings.interval_seconds, settings.lateness_seconds)
     window = checkpoint_dates(now, first_due(now, settings), settings.start_date)
     reconciled = reconciled_counts(instance, fleet, [day for day in window if day < until.date()])

@@ -3,12 +3,13 @@
 import os
 
 from dagster import (
+    DagsterInstance,
     DailyPartitionsDefinition,
     DynamicPartitionsDefinition,
     MultiPartitionsDefinition,
 )
 
-from export_pipeline.settings import parse_start_date
+from export_pipeline.settings import ExportSettings, parse_start_date
 
 devices = DynamicPartitionsDefinition(name="devices")
 
@@ -18,3 +19,9 @@ dates = DailyPartitionsDefinition(
 )
 
 device_days = MultiPartitionsDefinition({"date": dates, "device": devices})
+
+
+def registered_devices(instance: DagsterInstance, settings: ExportSettings) -> list[str]:
+    """The fleet the checks and the sweep look at: DEVICE_IDS, or every registered device."""
+    assert devices.name is not None
+    return list(settings.device_ids) or list(instance.get_dynamic_partitions(devices.name))

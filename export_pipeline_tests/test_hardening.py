@@ -201,6 +201,9 @@ class LiveDevice:
     def through(self) -> datetime | None:
         return checkpoints(self.instance, [self.device], self.days).get(self.device)
 
+    def wait_until_first_export(self) -> None:
+        wait_until(lambda: self.through() is not None, "the daemon's first export", 180)
+
     def wait_until_exported(self, what: str) -> None:
         wait_until(lambda: (self.through() or self.start) >= self.end, what, 240)
 
@@ -214,7 +217,7 @@ def test_sigterm_stops_the_daemon_and_a_restarted_one_exports_every_row_once(
     live = LiveDevice(stack, instance)
     daemon = daemons.start(**live.env)
     try:
-        wait_until(lambda: live.through() is not None, "the daemon's first export", 180)
+        live.wait_until_first_export()
     finally:
         assert stop_daemon(daemon) in (0, -signal.SIGTERM)
     stopped_at = live.through()
@@ -248,14 +251,7 @@ def test_s3_unreachable_for_two_ticks_then_every_row_is_exported_once(
     stack.write(every_10s(device, T0 - timedelta(minutes=5), T0 + timedelta(minutes=3)))
     fleet = Fleet(stack, instance, DEVICE_IDS=device, EXPORT_RETRIES="1")
     fleet.tick_and_run(T0 + timedelta(seconds=30))
-    before = checkpoints(instance, [device], [T0.date()])
-
-    s3_link.cut()
-    for second in (90, 150):  # two ticks while S3 is unreachable: the runs fail, nothing moves
-        assert fleet.run(fleet.tick(T0 + timedelta(seconds=second))) == [False]
-        assert checkpoints(instance, [device], [T0.date()]) == before
-    s3_link.restore()
-    result = fleet.tick_and_run(T0 + timedelta(seconds=210))
+    result = fleet.outage_of_two_ticks(device, s3_link.cut, s3_link.restore)
     assert work_of(result) == [(device, "2026-02-07", 43_200, 43_380)]
     assert assert_reconciled(stack, device, [T0.date()]) == 48
 
@@ -294,7 +290,7 @@ def test_the_daemon_recovers_from_a_postgresql_restart_by_itself(
     live = LiveDevice(stack, instance)
     daemon = daemons.start(**live.env)
     try:
-        wait_until(lambda: live.through() is not None, "the daemon's first export", 180)
+        live.wait_until_first_export()
         restart_postgres()  # every connection is cut, a run's included
         restarted = time.time()
         # This test process shares one instance with runs executed in-process, which pooled its

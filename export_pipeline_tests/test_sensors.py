@@ -105,6 +105,19 @@ class Fleet:
         assert all(self.run(result, now))
         return result
 
+    def outage_of_two_ticks(
+        self, device: str, down: Callable[[], None], up: Callable[[], None]
+    ) -> SensorResult:
+        """A service down from 12:01 to 12:03: the two ticks meanwhile request runs that fail,
+        and the device's checkpoint stays; the tick after it comes back is returned."""
+        before = checkpoints(self.instance, [device], [DAY])
+        down()
+        for second in (90, 150):
+            assert self.run(self.tick(T0 + timedelta(seconds=second))) == [False]
+            assert checkpoints(self.instance, [device], [DAY]) == before
+        up()
+        return self.tick_and_run(T0 + timedelta(seconds=210))
+
     def sweep(self, now: datetime) -> bool:
         """One run of the late-data sweep, as its schedule launches it (at `now`)."""
         resources = {**self.resources, "clock": ClockResource(frozen_at=now.isoformat())}
@@ -314,14 +327,7 @@ def test_influxdb_down_for_two_ticks_then_every_row_is_exported_once(
     stack.write(every_10s(device, T0 - timedelta(minutes=2), T0 + timedelta(minutes=3)))
     fleet = Fleet(stack, instance, DEVICE_IDS=device)
     fleet.tick_and_run(T0 + timedelta(seconds=30))
-    before = checkpoints(instance, [device], [DAY])
-
-    private_influx.stop()
-    for second in (90, 150):  # two ticks while InfluxDB is down: the runs fail, nothing moves
-        assert fleet.run(fleet.tick(T0 + timedelta(seconds=second))) == [False]
-        assert checkpoints(instance, [device], [DAY]) == before
-    private_influx.start()
-    result = fleet.tick_and_run(T0 + timedelta(seconds=210))
+    result = fleet.outage_of_two_ticks(device, private_influx.stop, private_influx.start)
     assert work_of(result) == [(device, "2026-02-07", 43_200, 43_380)]
     assert assert_reconciled(stack, device, [DAY]) == 30
 
