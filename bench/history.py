@@ -13,7 +13,7 @@ import io
 import os
 import statistics
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg2
@@ -25,13 +25,14 @@ from dagster import (
     build_sensor_context,
 )
 
-from export_pipeline.ledger import COVERED_THROUGH, EXPORTED_THROUGH, TELEMETRY_EXPORT
+from export_pipeline.metadata import COVERED_THROUGH, EXPORTED_THROUGH, TELEMETRY_EXPORT
+from export_pipeline.partitions import DeviceDay
 from export_pipeline.resources import ClockResource, build_resources
 from export_pipeline.sensors import build_continuous_export
 from export_pipeline.settings import Settings
 from export_pipeline_tests.services import POSTGRES
 
-TEMPLATE_PARTITION = "2000-01-01|template-device"
+TEMPLATE_PARTITION = DeviceDay("template-device", date(2000, 1, 1)).key
 TEMPLATE_TIME = 946_684_800.0  # 2000-01-01T00:00:00Z
 
 
@@ -77,7 +78,7 @@ def load_history(
                 stamp = moment.strftime("%Y-%m-%d %H:%M:%S")
                 last = tick == ticks - 1
                 for device in devices:
-                    partition = f"{day.isoformat()}|{device}"
+                    partition = DeviceDay(device, day).key
                     body = (
                         template.replace(TEMPLATE_PARTITION, partition).replace(
                             str(TEMPLATE_TIME), str(moment.timestamp())

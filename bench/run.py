@@ -34,11 +34,12 @@ import requests
 import yaml
 
 from bench.load import load
-from export_pipeline.export import export_device_day
 from export_pipeline.influx import InfluxSource, device_query
 from export_pipeline.jobs import COUNT_TIMEOUT_SECONDS
 from export_pipeline.schema import DICTIONARY_COLUMNS
 from export_pipeline.settings import Settings
+from export_pipeline.slices import export_slices
+from export_pipeline.slicing import DayRange
 from export_pipeline.writers import ObjectStore
 from export_pipeline_tests.services import (
     POSTGRES,
@@ -126,7 +127,12 @@ def best_of(runs: int, action: Callable[[], Any]) -> float:
 
 def raw_download(bench: Bench, device: str) -> int:
     """The baseline: InfluxDB's chunked CSV answer for the device-day, read and thrown away."""
-    query = device_query("telemetry", device, MIDNIGHT_NS, MIDNIGHT_NS + 86_400 * NS)
+    query = device_query(
+        measurement="telemetry",
+        device_id=device,
+        start_ns=MIDNIGHT_NS,
+        end_ns=MIDNIGHT_NS + 86_400 * NS,
+    )
     params = {
         "db": bench.database,
         "q": query,
@@ -147,13 +153,13 @@ def raw_download(bench: Bench, device: str) -> int:
 def export(bench: Bench, device: str, **env: str) -> int:
     settings = bench.settings(**env)
     with InfluxSource(settings.influx) as source:
-        report = export_device_day(
+        report = export_slices(
             source,
             ObjectStore(bench.s3, bench.bucket),
-            settings.s3.prefix,
-            device,
-            DAY,
-            settings.export,
+            prefix=settings.s3.prefix,
+            device_id=device,
+            piece=DayRange.whole(DAY),
+            settings=settings.export,
         )
     return report.rows
 
@@ -206,7 +212,7 @@ def peak_rss_mib(bench: Bench, device: str) -> float:
     subprocess.run(
         [dagster, "job", "execute", "-m", "export_pipeline.definitions", "-j", "register_devices"],
         env={**os.environ, **bench.env(DEVICE_IDS=device)},
-        cwd=REPO,
+        cwd=bench.root,
         check=True,
         capture_output=True,
     )
@@ -223,7 +229,7 @@ def peak_rss_mib(bench: Bench, device: str) -> float:
     ]
     answer = subprocess.run(
         [sys.executable, "-c", PEAK_RSS, *command],
-        cwd=REPO,
+        cwd=bench.root,
         env={**os.environ, **bench.env()},
         check=True,
         capture_output=True,
@@ -264,7 +270,7 @@ def run_cli_job(bench: Bench, run_config: dict[str, Any], env: dict[str, str]) -
             str(config),
         ],
         env={**os.environ, **env},
-        cwd=REPO,
+        cwd=bench.root,
         check=True,
         capture_output=True,
     )
@@ -275,7 +281,6 @@ def p2(bench: Bench, results: dict[str, Any], fleets: list[int]) -> None:
     """Amortised wall time per device-slice: one batched run per tick against a run per device."""
     from export_pipeline.jobs import run_config_for
     from export_pipeline.planning import WorkItem
-    from export_pipeline.slicing import DayRange
 
     env = bench.env(EXPORT_INTERVAL_SECONDS="60")
     minute = 12 * 60
@@ -285,8 +290,9 @@ def p2(bench: Bench, results: dict[str, Any], fleets: list[int]) -> None:
         load(bench.influx.url, bench.database, devices, start, 60, NS)
         piece = DayRange(DAY, minute * 60, minute * 60 + 60)
         work = [WorkItem(device, piece) for device in devices]
-        batched = run_cli_job(bench, run_config_for(work), env)
-        per_device = run_cli_job(bench, run_config_for(work[:1]), env)
+        resume = dict.fromkeys(devices, piece.start_time)
+        batched = run_cli_job(bench, run_config_for(work, resume), env)
+        per_device = run_cli_job(bench, run_config_for(work[:1], resume), env)
         results[f"P2 {n} devices"] = {
             "ms_per_device_slice_batched": round(1000 * batched / n, 1),
             "ms_per_device_slice_run_per_device": round(1000 * per_device, 1),
@@ -306,7 +312,10 @@ def p7(bench: Bench, results: dict[str, Any], devices: int, points: int) -> None
     settings = bench.settings()
     with InfluxSource(settings.influx) as source:
         sweep_day = partial(
-            source.field_counts, start, start + 86_400 * NS, COUNT_TIMEOUT_SECONDS
+            source.field_counts,
+            start_ns=start,
+            end_ns=start + 86_400 * NS,
+            timeout_seconds=COUNT_TIMEOUT_SECONDS,
         )  # as `find_late_data` counts a day
         counted = best_of(2, sweep_day)
         counts = sweep_day()
@@ -314,7 +323,7 @@ def p7(bench: Bench, results: dict[str, Any], devices: int, points: int) -> None
 
         def read_every_device_day() -> None:
             for device in fleet:
-                for _ in source.read(device, start, start + 86_400 * NS):
+                for _ in source.read(device, start_ns=start, end_ns=start + 86_400 * NS):
                     pass
 
         read = best_of(1, read_every_device_day)

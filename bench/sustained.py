@@ -54,7 +54,7 @@ def sustained(bench: Bench, devices: int, minutes: float, interval: int) -> dict
             "--create-database",
         ],
         env=env,
-        cwd=REPO,
+        cwd=bench.root,
         stdout=(logs / "simulate.log").open("wb"),
         stderr=subprocess.STDOUT,
     )
@@ -66,7 +66,7 @@ def sustained(bench: Bench, devices: int, minutes: float, interval: int) -> dict
             "export_pipeline.definitions",
         ],
         env=env,
-        cwd=REPO,
+        cwd=bench.root,
         stdout=(logs / "daemon.log").open("wb"),
         stderr=subprocess.STDOUT,
     )

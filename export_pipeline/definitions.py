@@ -4,9 +4,10 @@ import logging
 
 from dagster import Definitions, in_process_executor
 
-from export_pipeline.assets import telemetry_export
-from export_pipeline.checks import telemetry_export_freshness, telemetry_export_reconciliation
+from export_pipeline.assets import build_telemetry_export
+from export_pipeline.checks import build_freshness_check
 from export_pipeline.jobs import export_due_slices, register_devices, sweep_late_data
+from export_pipeline.partitions import device_days
 from export_pipeline.resources import build_resources
 from export_pipeline.schedules import build_late_data_sweep
 from export_pipeline.sensors import build_continuous_export
@@ -17,9 +18,11 @@ settings = Settings.from_env()
 # (dagster.yaml forwards them into Dagster's run logs).
 logging.getLogger("export_pipeline").setLevel(settings.log_level)
 
+telemetry_export = build_telemetry_export(device_days(settings.export))
+
 defs = Definitions(
     assets=[telemetry_export],
-    asset_checks=[telemetry_export_reconciliation, telemetry_export_freshness],
+    asset_checks=[build_freshness_check(telemetry_export)],
     jobs=[register_devices, export_due_slices, sweep_late_data],
     sensors=[build_continuous_export(settings)],
     schedules=[build_late_data_sweep(settings)],

@@ -1,43 +1,30 @@
-"""Export one device-day (or a range of its slices) from InfluxDB into its S3 folder.
+"""The one export routine: a device's ranges of UTC days, from InfluxDB into a dataset in S3.
 
-The folder is made equal to InfluxDB's content for the range: every slice with rows is written
-under its fixed key, and our objects of slices that no longer have rows are deleted. Rerunning
-therefore rewrites the same keys and never duplicates a row. Stale objects are deleted only after
-every upload succeeded, so a failed run loses nothing that was exported before.
+Every caller (the `telemetry_export` asset, the continuous job, later datasets) exports through
+`export_device`, which owns the rules they share: ranges in time order, transient failures
+retried, the checkpoint carried only over contiguous coverage, and every day that an export
+closes reconciled against InfluxDB. Callers differ only in how they pick ranges and how they
+record the outcome. How a range becomes objects is the dataset's business (`slices.py`).
 """
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Generator, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from itertools import pairwise
-from pathlib import Path
 from queue import Empty, Full, Queue
 from typing import Protocol
 
-import numpy as np
 import pyarrow as pa
 
-from export_pipeline.layout import device_folder, slice_key, slice_offset_of, validate_device_id
+from export_pipeline.reconciliation import Reconciliation
 from export_pipeline.retries import with_retries
-from export_pipeline.schema import to_export
-from export_pipeline.settings import ExportSettings
-from export_pipeline.slicing import (
-    NS_PER_SECOND,
-    SECONDS_PER_DAY,
-    DayRange,
-    Slice,
-    check_interval,
-    day_bounds_ns,
-    slice_offsets,
-)
-from export_pipeline.writers import ObjectStore, SliceFile
+from export_pipeline.slicing import SECONDS_PER_DAY, DayRange
+
+OnRetry = Callable[[BaseException, float], None]
 
 
 class EmptyReadRefused(RuntimeError):
@@ -48,19 +35,13 @@ class Stopped(Exception):
     """The export was asked to stop (SIGTERM) and did, at a slice boundary."""
 
 
-UPLOAD_THREADS = 8
-MAX_FILES_IN_FLIGHT = 16  # bounds the temporary disk an export holds while uploads catch up
-
-
-class Source(Protocol):
-    def read(
-        self, device_id: str, start_ns: int, end_ns: int, batch_rows: int = ...
-    ) -> Iterator[pa.RecordBatch]: ...
+class ReconciliationFailed(RuntimeError):
+    """A closed day could not be reconciled (not: it was reconciled and did not match)."""
 
 
 @dataclass
 class ExportReport:
-    """What one export did; becomes the materialization's metadata."""
+    """What one export of a range did; becomes the materialization's metadata."""
 
     device_id: str
     day: date
@@ -75,120 +56,139 @@ class ExportReport:
     write_seconds: float = 0.0
 
 
-def split_by_slice(
-    times_ns: pa.Array, day: date, interval_seconds: int
-) -> Iterator[tuple[int, int, int]]:
-    """Cut time-sorted timestamps into runs of one slice: (slice offset, first row, row count)."""
-    offsets = slice_offsets(times_ns, day, interval_seconds).to_numpy()
-    steps = np.diff(offsets)
-    if np.any(steps < 0):
-        raise ValueError("InfluxDB returned points out of time order; cannot slice them safely")
-    bounds = [0, *(np.flatnonzero(steps) + 1).tolist(), len(offsets)]
-    for start, end in pairwise(bounds):
-        if end > start:
-            yield int(offsets[start]), start, end - start
+class Dataset(Protocol):
+    """A dataset in S3 fed from InfluxDB: how a range is written, how a closed day is checked."""
+
+    def export(
+        self, device_id: str, piece: DayRange, stop: threading.Event | None = None
+    ) -> ExportReport: ...
+
+    def reconcile(self, device_id: str, day: date) -> Reconciliation: ...
 
 
-def export_device_day(
-    source: Source,
-    store: ObjectStore,
-    prefix: str,
-    device_id: str,
-    day: date,
-    settings: ExportSettings,
-    start_offset: int = 0,
-    end_offset: int = SECONDS_PER_DAY,
-    stop: threading.Event | None = None,
-) -> ExportReport:
-    """Export the slices of `day` in `[start_offset, end_offset)` seconds after midnight UTC.
+@dataclass(frozen=True)
+class Exported:
+    """A range complete in S3, and the device's checkpoint once it is."""
 
-    Setting `stop` ends the export at the next slice boundary with `Stopped`: the objects already
-    uploaded are complete, and nothing is deleted.
+    piece: DayRange
+    report: ExportReport
+    exported_through: datetime | None
+
+
+@dataclass
+class DeviceOutcome:
+    """What one device's share of a run achieved."""
+
+    device_id: str
+    exported: list[Exported] = field(default_factory=list)
+    reconciliations: list[Reconciliation] = field(default_factory=list)
+    errors: list[Exception] = field(default_factory=list)
+
+
+def carried_checkpoint(
+    checkpoint: datetime | None, piece: DayRange, first_due: datetime
+) -> datetime | None:
+    """The device's checkpoint (`exported_through`) once `piece` is complete in S3.
+
+    It advances only over contiguous coverage: a range exported beyond a gap must not make the
+    sensor skip the gap, and an older range never moves it back. A device without a checkpoint
+    gets one only from a range covering `first_due`, where the sensor would start it.
     """
-    validate_device_id(device_id)
-    interval = settings.interval_seconds
-    check_interval(interval)
-    if start_offset % interval or end_offset % interval or not 0 <= start_offset <= end_offset:
-        raise ValueError(f"[{start_offset}, {end_offset}) is not a range of whole slices")
-    folder = device_folder(prefix, device_id, day, settings.layout)
-    report = ExportReport(device_id, day, store.uri(folder))
-    if start_offset == end_offset:
-        return report
-    existing = store.list_keys(folder)
+    if checkpoint is None:
+        return piece.end_time if piece.start_time <= first_due <= piece.end_time else None
+    if checkpoint >= piece.start_time:
+        return max(checkpoint, piece.end_time)
+    return checkpoint
 
-    day_ns, _ = day_bounds_ns(day)
-    start_ns = day_ns + start_offset * NS_PER_SECOND
-    end_ns = day_ns + min(end_offset, SECONDS_PER_DAY) * NS_PER_SECOND
-    written: set[str] = set()
-    started = time.perf_counter()
-    with (
-        tempfile.TemporaryDirectory(prefix="export-") as workdir,
-        ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="upload") as pool,
-    ):
-        in_flight: deque[Future[None]] = deque()
-        current: tuple[str, SliceFile] | None = None
 
-        def finish() -> None:
-            nonlocal current
-            if current is None:
-                return
-            key, slice_file = current
-            current = None
-            report.bytes_written += slice_file.close()
+def export_device(
+    dataset: Dataset,
+    device_id: str,
+    chains: Sequence[Sequence[DayRange]],
+    *,
+    checkpoint: datetime | None,
+    first_due: datetime,
+    retries: int,
+    on_retry: OnRetry | None = None,
+    stop: threading.Event | None = None,
+) -> DeviceOutcome:
+    """Export each chain of ranges in time order, then reconcile every day an export closed.
+
+    A chain stops at its first range that keeps failing (after `retries` retries of transient
+    errors), so the checkpoint never passes a gap; the other chains go on. Nothing here raises:
+    errors are collected in the outcome, so one device never holds back the others. Setting
+    `stop` ends the export at the next slice boundary.
+    """
+    outcome = DeviceOutcome(device_id)
+    for chain in chains:
+        for piece in sorted(chain):
             if stop is not None and stop.is_set():
-                raise Stopped(f"stopped before uploading {key}")
-            while len(in_flight) >= MAX_FILES_IN_FLIGHT:
-                in_flight.popleft().result()
-            in_flight.append(pool.submit(_upload, store, slice_file, key))
-            written.add(key)
+                outcome.errors.append(Stopped("stopped before starting"))
+                return outcome
 
-        reading = prefetched(source.read(device_id, start_ns, end_ns, settings.batch_size))
-        batches = _timed(reading, report)
+            def attempt(piece: DayRange = piece) -> ExportReport:
+                return dataset.export(device_id, piece, stop)
+
+            try:
+                report = with_retries(attempt, retries, on_retry)
+            except Exception as error:
+                outcome.errors.append(error)
+                break
+            checkpoint = carried_checkpoint(checkpoint, piece, first_due)
+            outcome.exported.append(Exported(piece, report, checkpoint))
+    for exported in outcome.exported:
+        if exported.piece.end != SECONDS_PER_DAY:
+            continue
+
+        def check(day: date = exported.piece.day) -> Reconciliation:
+            return dataset.reconcile(device_id, day)
+
         try:
-            for raw in batches:
-                rows = to_export(raw, device_id)
-                for offset, first, count in split_by_slice(raw.column("time"), day, interval):
-                    piece = Slice(day, offset, interval)
-                    key = slice_key(prefix, device_id, piece, settings.layout, settings.format)
-                    if current is None or current[0] != key:
-                        if key in written:
-                            raise ValueError("InfluxDB returned points out of time order")
-                        finish()
-                        path = Path(workdir) / f"{offset:05d}.{settings.format}"
-                        current = (key, SliceFile(path, settings.format, settings.batch_size))
-                    current[1].write(rows.slice(first, count))
-                report.rows += rows.num_rows
-                if rows.num_rows:
-                    stamps = rows.column("timestamp")
-                    report.first_timestamp = report.first_timestamp or stamps[0].as_py()
-                    report.last_timestamp = stamps[-1].as_py()
-            finish()
-        except BaseException:
-            if current is not None:
-                current[1].abandon()
-            raise
-        finally:
-            reading.close()  # stops and joins the reader thread, whatever happened
-        for future in in_flight:
-            future.result()
-    # Everything that is not waiting on InfluxDB: converting, encoding and uploading.
-    report.write_seconds = time.perf_counter() - started - report.read_seconds
+            outcome.reconciliations.append(with_retries(check, retries, on_retry))
+        except Exception as error:
+            failed = ReconciliationFailed(f"reconciling {exported.piece.day}: {error}")
+            failed.__cause__ = error
+            outcome.errors.append(failed)
+    return outcome
 
-    report.files_written = sorted(store.uri(key) for key in written)
-    stale = _stale_keys(existing, folder, written, start_offset, end_offset)
-    if stale and not written:
-        # InfluxDB's CSV answer turns some query errors (and a dropped database or an expired
-        # retention period) into an empty body; emptying a folder on that word alone could
-        # destroy the only remaining copy.
-        raise EmptyReadRefused(
-            f"InfluxDB returned no rows for {device_id} on {day} in [{start_offset}, "
-            f"{end_offset}) s, but {report.folder_uri} holds {len(stale)} objects there; "
-            "nothing was deleted. If the points were removed from InfluxDB on purpose, delete "
-            "the objects by hand."
-        )
-    store.delete(stale)
-    report.files_deleted = [store.uri(key) for key in stale]
-    return report
+
+ExportOne = Callable[[str, threading.Event], DeviceOutcome]
+
+
+def export_devices(
+    device_ids: Sequence[str],
+    export_one: ExportOne,
+    *,
+    concurrency: int,
+    heartbeat_seconds: float,
+    on_outcome: Callable[[DeviceOutcome], None],
+    on_heartbeat: Callable[[int], None],
+) -> None:
+    """Export devices `concurrency` at a time; outcomes are handed to `on_outcome` on the
+    calling thread as devices finish (Dagster's run context is not thread-safe), and
+    `on_heartbeat(devices done)` is called whenever none finished for `heartbeat_seconds`.
+
+    An interrupt (SIGTERM reaches a run as one) stops queued devices from starting and running
+    ones at their next slice boundary, so nothing partial becomes visible; then it is re-raised.
+    """
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(concurrency, thread_name_prefix="device")
+    pending: dict[Future[DeviceOutcome], str] = {
+        pool.submit(export_one, device_id, stop): device_id for device_id in device_ids
+    }
+    try:
+        while pending:
+            finished, _ = wait(pending, timeout=heartbeat_seconds, return_when=FIRST_COMPLETED)
+            if not finished:
+                on_heartbeat(len(device_ids) - len(pending))
+            for future in finished:
+                del pending[future]
+                on_outcome(future.result())
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def prefetched(
@@ -248,7 +248,7 @@ def prefetched(
         reader.join()
 
 
-def _timed(batches: Iterator[pa.RecordBatch], report: ExportReport) -> Iterator[pa.RecordBatch]:
+def timed(batches: Iterator[pa.RecordBatch], report: ExportReport) -> Iterator[pa.RecordBatch]:
     """Yield `batches`, adding the time spent waiting on the source to `report.read_seconds`."""
     while True:
         started = time.perf_counter()
@@ -257,54 +257,3 @@ def _timed(batches: Iterator[pa.RecordBatch], report: ExportReport) -> Iterator[
         if batch is None:
             return
         yield batch
-
-
-def _upload(store: ObjectStore, slice_file: SliceFile, key: str) -> None:
-    try:
-        store.upload(slice_file.path, key, slice_file.fmt)
-    finally:
-        slice_file.path.unlink(missing_ok=True)
-
-
-def _stale_keys(
-    existing: dict[str, int], folder: str, written: set[str], start_offset: int, end_offset: int
-) -> list[str]:
-    """Our objects in the exported range that this export did not write (either format)."""
-    stale = []
-    for key in existing:
-        offset = slice_offset_of(key[len(folder) :])
-        if offset is not None and start_offset <= offset < end_offset and key not in written:
-            stale.append(key)
-    return sorted(stale)
-
-
-def export_device_ranges(
-    source: Source,
-    store: ObjectStore,
-    prefix: str,
-    device_id: str,
-    ranges: list[DayRange],
-    settings: ExportSettings,
-    on_retry: Callable[[BaseException, float], None] | None = None,
-    stop: threading.Event | None = None,
-) -> tuple[list[tuple[DayRange, ExportReport]], Exception | None]:
-    """Export a device's ranges in time order, stopping at the first that keeps failing.
-
-    Returns the ranges done (each complete in S3) and the error that stopped the rest, so the
-    device's checkpoint can advance over exactly the slices that were exported.
-    """
-    done: list[tuple[DayRange, ExportReport]] = []
-    for piece in sorted(ranges):
-
-        def attempt(piece: DayRange = piece) -> ExportReport:
-            return export_device_day(
-                source, store, prefix, device_id, piece.day, settings, piece.start, piece.end, stop
-            )
-
-        if stop is not None and stop.is_set():
-            return done, Stopped("stopped before starting")
-        try:
-            done.append((piece, with_retries(attempt, settings.retries, on_retry)))
-        except Exception as error:
-            return done, error
-    return done, None

@@ -21,19 +21,17 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
-import boto3
 import psycopg2
 import requests
 import uvicorn
-from botocore.config import Config
 from dagster import DagsterInstance
-from dotenv import load_dotenv
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from export_pipeline.settings import Settings, SettingsError
+from export_pipeline.resources import ExportBucketResource
+from export_pipeline.settings import Settings, SettingsError, load_env_file
 
 log = logging.getLogger("export_pipeline.health")
 
@@ -87,12 +85,8 @@ def build_checks(settings: Settings) -> dict[str, Check]:
         finally:
             connection.close()
 
-    # Made once: boto3's default session is not safe to build clients from concurrently.
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=settings.s3.endpoint_url,
-        region_name=settings.s3.region,
-        config=Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1}),
+    s3 = ExportBucketResource.from_settings(settings.s3).client(
+        connections=4, timeout_seconds=timeout, attempts=1
     )
 
     def s3_bucket() -> None:
@@ -188,7 +182,7 @@ async def _in_thread(function: Callable[[], dict[str, bool]]) -> dict[str, bool]
 
 
 def main() -> int:
-    load_dotenv()
+    load_env_file()
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
     level = level if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO"
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -43,7 +43,7 @@ def quote_identifier(name: str) -> str:
     return f'"{escaped}"'
 
 
-def device_query(measurement: str, device_id: str, start_ns: int, end_ns: int) -> str:
+def device_query(*, measurement: str, device_id: str, start_ns: int, end_ns: int) -> str:
     """One device's points in `[start_ns, end_ns)`, tags and fields as columns, oldest first."""
     columns = [f"{quote_identifier(tag)}::tag" for tag in TAG_COLUMNS]
     columns += [f"{quote_identifier(name)}::field" for name in FIELD_COLUMNS]
@@ -54,7 +54,7 @@ def device_query(measurement: str, device_id: str, start_ns: int, end_ns: int) -
     )
 
 
-def counts_query(measurement: str, start_ns: int, end_ns: int) -> str:
+def counts_query(measurement: str, *, start_ns: int, end_ns: int) -> str:
     """Every device's non-null count of each exported field in `[start_ns, end_ns)`."""
     columns = [f"count({quote_identifier(n)}) AS {quote_identifier(n)}" for n in FIELD_COLUMNS]
     return (
@@ -83,6 +83,14 @@ class _ChunkStream(io.RawIOBase):
         buffer[:size] = self._pending[:size]
         self._pending = self._pending[size:]
         return size
+
+
+class Source(Protocol):
+    """What an export reads from: one device's points in `[start_ns, end_ns)`, by time."""
+
+    def read(
+        self, device_id: str, *, start_ns: int, end_ns: int, batch_rows: int = ...
+    ) -> Iterator[pa.RecordBatch]: ...
 
 
 class InfluxSource:
@@ -196,12 +204,12 @@ class InfluxSource:
         )
 
     def field_counts(
-        self, start_ns: int, end_ns: int, timeout_seconds: float | None = None
+        self, *, start_ns: int, end_ns: int, timeout_seconds: float | None = None
     ) -> dict[str, dict[str, int]]:
         """Each device's count of values per exported field in `[start_ns, end_ns)`: one
         aggregate query for the whole fleet, a fingerprint that grows with every late point.
         It scans every point of the range, so it may be given longer than other queries."""
-        query = counts_query(self.settings.measurement, start_ns, end_ns)
+        query = counts_query(self.settings.measurement, start_ns=start_ns, end_ns=end_ns)
         answer = self._get({"q": query}, "application/json", timeout=timeout_seconds).json()
         result = (answer.get("results") or [{}])[0]
         if result.get("error"):
@@ -216,13 +224,18 @@ class InfluxSource:
         return counts
 
     def read(
-        self, device_id: str, start_ns: int, end_ns: int, batch_rows: int = 50_000
+        self, device_id: str, *, start_ns: int, end_ns: int, batch_rows: int = 50_000
     ) -> Iterator[pa.RecordBatch]:
         """Stream the device's points in `[start_ns, end_ns)`, sorted by time.
 
         Memory stays bounded by roughly `batch_rows` rows whatever the size of the range.
         """
-        query = device_query(self.settings.measurement, device_id, start_ns, end_ns)
+        query = device_query(
+            measurement=self.settings.measurement,
+            device_id=device_id,
+            start_ns=start_ns,
+            end_ns=end_ns,
+        )
         params = {"q": query, "epoch": "ns", "chunked": "true", "chunk_size": "10000"}
         response = self._get(params, "application/csv", stream=True)
         try:

@@ -3,58 +3,43 @@ batched run the continuous_export sensor requests, and `sweep_late_data`, which 
 device-days that changed in InfluxDB after they were reconciled."""
 
 import threading
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from typing import Any
 
 from dagster import (
-    AssetMaterialization,
     Config,
-    DagsterInstance,
     Failure,
     OpExecutionContext,
     in_process_executor,
     job,
     op,
 )
+from pydantic import Field
 
-from export_pipeline.assets import report_metadata
-from export_pipeline.checks import late_data_evaluation, reconciliation_evaluation
-from export_pipeline.export import UPLOAD_THREADS, ExportReport, export_device_ranges
-from export_pipeline.layout import DeviceIdError, device_root, devices_root, validate_device_id
-from export_pipeline.ledger import (
-    CONTINUOUS_JOB,
-    TELEMETRY_EXPORT,
-    busy_devices,
-    checkpoint_dates,
-    reconciled_counts,
+from export_pipeline.export import DeviceOutcome, export_device, export_devices
+from export_pipeline.internals import pool_storage_connections
+from export_pipeline.layout import device_root, devices_root
+from export_pipeline.ledger import checkpoint_dates, reconciled_counts
+from export_pipeline.metadata import (
+    late_data_evaluation,
+    materialization,
+    reconciliation_evaluation,
 )
-from export_pipeline.partitions import devices, registered_devices
-from export_pipeline.planning import WorkItem, first_due
-from export_pipeline.reconciliation import Reconciliation, late_data, reconcile
+from export_pipeline.partitions import DEVICES, registered_devices
+from export_pipeline.planning import WorkItem, admit, closed_days, first_due
+from export_pipeline.reconciliation import late_data
 from export_pipeline.resources import (
     ClockResource,
     ExportBucketResource,
     ExportResource,
     InfluxDBResource,
+    slices_of,
 )
 from export_pipeline.retries import with_retries
-from export_pipeline.settings import ExportSettings
-from export_pipeline.slicing import SECONDS_PER_DAY, DayRange, closed_until, day_bounds_ns
-
-
-def refused_ids(device_ids: list[str]) -> list[str]:
-    """The reason for each id that cannot be a partition key and S3 path segment."""
-    reasons = []
-    for device_id in device_ids:
-        try:
-            validate_device_id(device_id)
-        except DeviceIdError as error:
-            reasons.append(str(error))
-    return reasons
+from export_pipeline.runs import CONTINUOUS_JOB, busy_devices, is_dead, runs_in_flight
+from export_pipeline.slicing import DayRange, day_bounds_ns
 
 
 @op
@@ -62,13 +47,12 @@ def add_devices(context: OpExecutionContext, export: ExportResource) -> list[str
     """Registers every id in DEVICE_IDS, or none of them if any is unsafe."""
     if not export.device_ids:
         raise Failure("DEVICE_IDS is empty: set it to the device ids to export, comma-separated")
-    refused = refused_ids(export.device_ids)
+    _, refused = admit(export.device_ids)
     if refused:
         raise Failure("DEVICE_IDS has unsafe ids, none were registered: " + "; ".join(refused))
-    assert devices.name is not None
-    known = set(context.instance.get_dynamic_partitions(devices.name))
+    known = set(context.instance.get_dynamic_partitions(DEVICES))
     new = [device_id for device_id in export.device_ids if device_id not in known]
-    context.instance.add_dynamic_partitions(devices.name, new)
+    context.instance.add_dynamic_partitions(DEVICES, new)
     context.log.info(f"registered {len(new)} new devices: {', '.join(new) or '(none)'}")
     return new
 
@@ -88,9 +72,12 @@ class WorkItemConfig(Config):
 
 class ExportSlicesConfig(Config):
     work: list[WorkItemConfig]
+    # Each device's checkpoint (epoch seconds) when the sensor planned the run, or where it
+    # starts a device never exported: what a range must join to carry the checkpoint on.
+    checkpoints: dict[str, float] = Field(default_factory=dict)
 
 
-def run_config_for(items: list[WorkItem]) -> dict[str, Any]:
+def run_config_for(items: list[WorkItem], resume_from: Mapping[str, datetime]) -> dict[str, Any]:
     """The run config of an export_due_slices run over `items`."""
     work = [
         WorkItemConfig(
@@ -102,31 +89,10 @@ def run_config_for(items: list[WorkItem]) -> dict[str, Any]:
         )
         for item in items
     ]
-    return {"ops": {"export_slices": {"config": ExportSlicesConfig(work=work).model_dump()}}}
-
-
-def pool_storage_connections(instance: DagsterInstance) -> None:
-    """Hold pooled PostgreSQL connections for this run's event writes.
-
-    Dagster's PostgreSQL storage opens a new connection per statement (NullPool); measured here,
-    a materialization event then costs ~12 ms, and ~3.3 ms over the pooled engine the webserver
-    uses. A run that records one materialization per device pays that 1,000 times a tick. The
-    pool lives as long as the run's process; a PostgreSQL restart during a run fails the run,
-    and the next tick exports what it left.
-    """
-    for storage in (instance.event_log_storage, instance.run_storage):
-        optimize = getattr(storage, "optimize_for_webserver", None)
-        if optimize is not None:
-            optimize(statement_timeout=0, pool_recycle=3600, max_overflow=4)
-
-
-@dataclass
-class DeviceOutcome:
-    """What one device's share of a run achieved."""
-
-    done: list[tuple[DayRange, ExportReport]]
-    errors: list[str]
-    reconciliations: list[Reconciliation]
+    devices = {item.device_id for item in items}
+    checkpoints = {d: moment.timestamp() for d, moment in resume_from.items() if d in devices}
+    config = ExportSlicesConfig(work=work, checkpoints=checkpoints)
+    return {"ops": {"export_slices": {"config": config.model_dump()}}}
 
 
 @op
@@ -140,114 +106,72 @@ def export_slices(
 ) -> None:
     """Exports the due slices of many devices, several devices at a time.
 
-    Each device's ranges go in time order and stop at its first lasting failure; a materialization
-    (with `exported_through`) is recorded only for ranges complete in S3, and a device-day that
-    closes is reconciled. A failing device does not hold back the others; the run fails at the
-    end, naming it. While devices are in progress the run logs a heartbeat, so the sensor can tell
-    a slow run from a dead one.
+    Each device's due ranges go in time order, then each whole-day re-export on its own (see
+    `export.export_device`). A materialization (with `exported_through`) is recorded for every
+    range complete in S3, and a reconciliation for every day that closed. A failing device does
+    not hold back the others; the run fails at the end, naming it. While devices are in progress
+    the run logs a heartbeat, so the sensor can tell a slow run from a dead one.
     """
     pool_storage_connections(context.instance)
     settings = export.settings()
-    by_device: dict[str, list[tuple[DayRange, bool]]] = {}
+    due: dict[str, list[DayRange]] = {}
+    again: dict[str, list[DayRange]] = {}
     for item in config.work:
         piece = DayRange(date.fromisoformat(item.date), item.start, item.end)
-        by_device.setdefault(item.device_id, []).append((piece, item.reexport))
-    store = s3.store(connections=settings.concurrency * UPLOAD_THREADS)
-    with influxdb.source(connections=settings.concurrency) as source:
-        with_retries(source.check, settings.retries)
-        with_retries(store.check, settings.retries)
+        (again if item.reexport else due).setdefault(item.device_id, []).append(piece)
+        due.setdefault(item.device_id, [])
+    failures: list[str] = []
 
-        def on_retry(error: BaseException, delay: float) -> None:
-            context.log.warning(f"retrying in {delay:.1f} s after a transient error: {error}")
+    def on_retry(error: BaseException, delay: float) -> None:
+        context.log.warning(f"retrying in {delay:.1f} s after a transient error: {error}")
 
-        def export_device(
-            device_id: str, work: list[tuple[DayRange, bool]], stop: threading.Event
-        ) -> DeviceOutcome:
-            """The due ranges in order (stopping at the first lasting failure, so the checkpoint
-            never passes a gap), then each re-export on its own, then the reconciliation of every
-            day that closed. No failure here stops the other devices."""
-            outcome = DeviceOutcome([], [], [])
-            due = [piece for piece, again in work if not again]
-            chains = [due] + [[piece] for piece, again in work if again]
-            for chain in chains:
-                done, error = export_device_ranges(
-                    source, store, s3.prefix, device_id, chain, settings, on_retry, stop
-                )
-                outcome.done += done
-                if error is not None:
-                    outcome.errors.append(str(error))
-            for piece, _ in outcome.done:
-                if piece.end != SECONDS_PER_DAY:
-                    continue
+    def record(outcome: DeviceOutcome) -> None:
+        for exported in outcome.exported:
+            context.log_event(materialization(exported, clock.now()))
+        for result in outcome.reconciliations:
+            # log_event records check evaluations too; its type hint is narrower.
+            context.log_event(reconciliation_evaluation(result))  # type: ignore[arg-type]
+        for error in outcome.errors:
+            context.log.error(f"{outcome.device_id}: {error}")
+            failures.append(f"{outcome.device_id}: {error}")
 
-                def check(day: date = piece.day) -> Reconciliation:
-                    return reconcile(
-                        source, store, s3.prefix, device_id, day, settings.layout, SECONDS_PER_DAY
-                    )
+    with slices_of(influxdb, s3, settings, settings.concurrency) as slices:
 
-                try:
-                    outcome.reconciliations.append(with_retries(check, settings.retries))
-                except Exception as error:
-                    outcome.errors.append(f"reconciling {piece.day}: {error}")
-            return outcome
+        def export_one(device_id: str, stop: threading.Event) -> DeviceOutcome:
+            planned = config.checkpoints.get(device_id)
+            # A run queued before checkpoints were passed: its due ranges start at it.
+            starts = [piece.start_time for piece in due[device_id]]
+            checkpoint = (
+                datetime.fromtimestamp(planned, UTC)
+                if planned is not None
+                else min(starts, default=None)
+            )
+            return export_device(
+                slices,
+                device_id,
+                [due[device_id], *([piece] for piece in again.get(device_id, []))],
+                checkpoint=checkpoint,
+                first_due=checkpoint or clock.now(),
+                retries=settings.retries,
+                on_retry=on_retry,
+                stop=stop,
+            )
 
-        failures = run_devices_in_parallel(context, by_device, export_device, settings, clock)
+        export_devices(
+            list(due),
+            export_one,
+            concurrency=settings.concurrency,
+            heartbeat_seconds=max(5.0, settings.stale_run_after / 4),
+            on_outcome=record,
+            on_heartbeat=lambda done: context.log.info(
+                f"exporting: {done} of {len(due)} devices done"
+            ),
+        )
     if failures:
         raise Failure(
-            f"{len(failures)} of {len(by_device)} devices failed; their remaining slices are "
+            f"{len(failures)} errors in {len(due)} devices; their remaining slices are "
             "requested again on the next tick: " + "; ".join(failures[:20])
         )
-
-
-def run_devices_in_parallel(
-    context: OpExecutionContext,
-    by_device: dict[str, list[tuple[DayRange, bool]]],
-    export_device: Callable[[str, list[tuple[DayRange, bool]], threading.Event], DeviceOutcome],
-    settings: ExportSettings,
-    clock: ClockResource,
-) -> list[str]:
-    """Export devices on a thread pool, recording events from this (the run's) thread."""
-    heartbeat = max(5.0, settings.stale_run_after / 4)
-    failures: list[str] = []
-    stop = threading.Event()
-    pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="device")
-    pending = {
-        pool.submit(export_device, device_id, ranges, stop): device_id
-        for device_id, ranges in by_device.items()
-    }
-    try:
-        while pending:
-            finished, _ = wait(pending, timeout=heartbeat, return_when=FIRST_COMPLETED)
-            if not finished:
-                context.log.info(
-                    f"exporting: {len(by_device) - len(pending)} of {len(by_device)} devices done"
-                )
-            for future in finished:
-                device_id = pending.pop(future)
-                outcome = future.result()
-                for piece, report in outcome.done:
-                    context.log_event(
-                        AssetMaterialization(
-                            asset_key=TELEMETRY_EXPORT,
-                            partition=f"{piece.day.isoformat()}|{device_id}",
-                            metadata=report_metadata(report, piece, piece.end_time, clock.now()),
-                        )
-                    )
-                for result in outcome.reconciliations:
-                    # log_event records check evaluations too; its type hint is narrower.
-                    context.log_event(reconciliation_evaluation(result))  # type: ignore[arg-type]
-                for problem in outcome.errors:
-                    context.log.error(f"{device_id}: {problem}")
-                    failures.append(f"{device_id}: {problem}")
-    except BaseException:
-        # SIGTERM reaches the run as an interrupt here: queued devices never start and running
-        # ones stop at their next slice boundary, so nothing partial becomes visible; the next
-        # tick exports what is left.
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-    return failures
 
 
 @job(name=CONTINUOUS_JOB, executor_def=in_process_executor)
@@ -263,12 +187,11 @@ def abort_abandoned_uploads(
     that are older than EXPORT_STALE_RUN_SECONDS: uploads cut off with their connection."""
     settings = export.settings()
     stale = timedelta(seconds=settings.stale_run_after)
-    busy, _ = busy_devices(context.instance, stale)
-    live = [device_root(s3.prefix, device_id) for device_id in sorted(busy)]
+    wall = datetime.now(UTC)
+    live = [run for run in runs_in_flight(context.instance) if not is_dead(run, wall, stale)]
+    busy = [device_root(s3.prefix, device_id=device_id) for device_id in sorted(busy_devices(live))]
     aborted = with_retries(
-        lambda: s3.store().abort_abandoned_uploads(
-            devices_root(s3.prefix), datetime.now(UTC) - stale, live
-        ),
+        lambda: s3.store().abort_abandoned_uploads(devices_root(s3.prefix), wall - stale, busy),
         settings.retries,
     )
     for key in aborted:
@@ -300,19 +223,25 @@ def find_late_data(
     """
     settings, now, instance = export.settings(), clock.now(), context.instance
     fleet = registered_devices(instance, settings)
-    until = closed_until(now, settings.interval_seconds, settings.lateness_seconds)
-    window = checkpoint_dates(now, first_due(now, settings), settings.start_date)
-    reconciled = reconciled_counts(instance, fleet, [day for day in window if day < until.date()])
+    window = checkpoint_dates(
+        now, first_due=first_due(now, settings), start_date=settings.start_date
+    )
+    reconciled = reconciled_counts(instance, fleet, closed_days(window, now, settings))
     days = sorted({day for _, day in reconciled})
     counts_by_day: dict[date, dict[str, dict[str, int]]] = {}
     with influxdb.source() as source:
         for day in days:
             start_ns, end_ns = day_bounds_ns(day)
-            count = partial(source.field_counts, start_ns, end_ns, COUNT_TIMEOUT_SECONDS)
+            count = partial(
+                source.field_counts,
+                start_ns=start_ns,
+                end_ns=end_ns,
+                timeout_seconds=COUNT_TIMEOUT_SECONDS,
+            )
             counts_by_day[day] = with_retries(count, settings.retries)
     changed = late_data(reconciled, counts_by_day)
     for late in changed:
-        context.log.warning(f"{late.day}|{late.device_id}: {late.description}; re-exporting")
+        context.log.warning(f"{late.day} {late.device_id}: {late.description}; re-exporting")
         # log_event records check evaluations too; its type hint is narrower.
         context.log_event(late_data_evaluation(late))  # type: ignore[arg-type]
     context.log.info(

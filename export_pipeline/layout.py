@@ -55,15 +55,15 @@ def devices_root(prefix: str) -> str:
     return f"{prefix}/device_id=" if prefix else "device_id="
 
 
-def device_root(prefix: str, device_id: str) -> str:
+def device_root(prefix: str, *, device_id: str) -> str:
     """The folder holding all of one device's days, with a trailing slash."""
     validate_device_id(device_id)
     return f"{devices_root(prefix)}{device_id}/"
 
 
-def device_folder(prefix: str, device_id: str, day: date, layout: str) -> str:
+def device_folder(prefix: str, *, device_id: str, day: date, layout: str) -> str:
     """The folder of one device-day, with a trailing slash; one Dagster partition."""
-    root = device_root(prefix, device_id)
+    root = device_root(prefix, device_id=device_id)
     if layout == "hive":
         day_part = f"date={day:%Y-%m-%d}"
     elif layout == "seed":
@@ -80,8 +80,9 @@ def slice_name(piece: Slice, fmt: str) -> str:
     return f"export_{hours:02d}{rest // 60:02d}{rest % 60:02d}.{fmt}"
 
 
-def slice_key(prefix: str, device_id: str, piece: Slice, layout: str, fmt: str) -> str:
-    return device_folder(prefix, device_id, piece.day, layout) + slice_name(piece, fmt)
+def slice_key(prefix: str, *, device_id: str, piece: Slice, layout: str, fmt: str) -> str:
+    folder = device_folder(prefix, device_id=device_id, day=piece.day, layout=layout)
+    return folder + slice_name(piece, fmt)
 
 
 def slice_offset_of(name: str) -> int | None:

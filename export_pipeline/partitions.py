@@ -1,27 +1,64 @@
-"""Devices x UTC dates: one partition is one device-day, one S3 folder."""
+"""Devices x UTC dates: one partition is one device-day, one S3 folder.
 
-import os
+Partition keys are made and read here only, with Dagster's `MultiPartitionKey`, so no other
+module depends on how Dagster spells a key (`2026-02-07|device-001`: dimensions by name).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date
+from typing import NamedTuple
 
 from dagster import (
     DagsterInstance,
     DailyPartitionsDefinition,
     DynamicPartitionsDefinition,
+    MultiPartitionKey,
     MultiPartitionsDefinition,
 )
 
-from export_pipeline.settings import ExportSettings, parse_start_date
+from export_pipeline.settings import ExportSettings
 
-devices = DynamicPartitionsDefinition(name="devices")
+DEVICES = "devices"
+devices = DynamicPartitionsDefinition(name=DEVICES)
 
-# end_offset=1 makes today a partition too, so the open day can be exported as it fills.
-dates = DailyPartitionsDefinition(
-    start_date=parse_start_date(os.environ).isoformat(), timezone="UTC", end_offset=1
-)
 
-device_days = MultiPartitionsDefinition({"date": dates, "device": devices})
+def device_days(settings: ExportSettings) -> MultiPartitionsDefinition:
+    """UTC dates from EXPORT_START_DATE to today (end_offset=1: the open day is a partition too,
+    so it can be exported as it fills) x the registered devices."""
+    dates = DailyPartitionsDefinition(
+        start_date=settings.start_date.isoformat(), timezone="UTC", end_offset=1
+    )
+    return MultiPartitionsDefinition({"date": dates, "device": devices})
+
+
+# Reading a key needs only the dimensions' names, not the date range.
+_KEYS = device_days(ExportSettings())
+
+
+class DeviceDay(NamedTuple):
+    """One partition: a device's UTC day."""
+
+    device_id: str
+    day: date
+
+    @property
+    def key(self) -> MultiPartitionKey:
+        return MultiPartitionKey({"date": self.day.isoformat(), "device": self.device_id})
+
+    @classmethod
+    def of(cls, partition_key: str) -> DeviceDay:
+        keys = _KEYS.get_partition_key_from_str(partition_key).keys_by_dimension
+        return cls(keys["device"], date.fromisoformat(keys["date"]))
+
+
+def partition_keys(device_ids: Iterable[str], days: Iterable[date]) -> list[str]:
+    """The keys of every device-day of these devices and days."""
+    day_list = list(days)
+    return [DeviceDay(device_id, day).key for device_id in device_ids for day in day_list]
 
 
 def registered_devices(instance: DagsterInstance, settings: ExportSettings) -> list[str]:
     """The fleet the checks and the sweep look at: DEVICE_IDS, or every registered device."""
-    assert devices.name is not None
-    return list(settings.device_ids) or list(instance.get_dynamic_partitions(devices.name))
+    return list(settings.device_ids) or list(instance.get_dynamic_partitions(DEVICES))

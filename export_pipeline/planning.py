@@ -1,4 +1,6 @@
-"""What a continuous-export tick should export: pure functions of devices, checkpoints and now.
+"""What a continuous-export tick should do: pure functions of now, the settings, a snapshot of the
+ledger and the runs in flight. The sensor (`sensors.py`) only reads that snapshot and acts on the
+plan.
 
 A device's checkpoint (`exported_through`) is the end of the last slice whose objects are complete
 in S3. Everything from there to the last slice closed for EXPORT_LATENESS_SECONDS is due, cut at
@@ -7,12 +9,25 @@ UTC midnights so each piece belongs to one device-day partition.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 
+from dagster import AssetCheckEvaluation
+
+from export_pipeline.layout import DeviceIdError, validate_device_id
+from export_pipeline.metadata import freshness_evaluation
+from export_pipeline.partitions import DeviceDay
 from export_pipeline.settings import ExportSettings
-from export_pipeline.slicing import DayRange, align_down, closed_until, day_ranges, day_start
+from export_pipeline.slicing import (
+    SECONDS_PER_DAY,
+    DayRange,
+    align_down,
+    closed_until,
+    day_ranges,
+    day_start,
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -23,7 +38,14 @@ class WorkItem:
 
     @property
     def partition_key(self) -> str:
-        return f"{self.range.day.isoformat()}|{self.device_id}"
+        return DeviceDay(self.device_id, self.range.day).key
+
+
+def due_until(now: datetime, settings: ExportSettings) -> datetime:
+    """The end of the last slice closed for EXPORT_LATENESS_SECONDS: what is due is before it."""
+    return closed_until(
+        now, interval_seconds=settings.interval_seconds, lateness_seconds=settings.lateness_seconds
+    )
 
 
 def first_due(now: datetime, settings: ExportSettings) -> datetime:
@@ -32,24 +54,30 @@ def first_due(now: datetime, settings: ExportSettings) -> datetime:
     return max(lookback, day_start(settings.start_date))
 
 
+def resume_point(
+    checkpoint: datetime | None, *, now: datetime, settings: ExportSettings
+) -> datetime:
+    """Where a device's due slices start: its checkpoint's slice, or `first_due`.
+
+    Aligned down: after a change of EXPORT_INTERVAL_SECONDS, the slice holding the old checkpoint
+    is exported again in the new size (its old objects are deleted as stale).
+    """
+    if checkpoint is None:
+        return first_due(now, settings)
+    return align_down(checkpoint, settings.interval_seconds)
+
+
 def due_work(
     devices: Iterable[str],
     checkpoints: Mapping[str, datetime],
     now: datetime,
     settings: ExportSettings,
 ) -> list[WorkItem]:
-    until = closed_until(now, settings.interval_seconds, settings.lateness_seconds)
+    until = due_until(now, settings)
     items: list[WorkItem] = []
     for device_id in devices:
-        checkpoint = checkpoints.get(device_id)
-        # Aligned down: after a change of EXPORT_INTERVAL_SECONDS, the slice holding the old
-        # checkpoint is exported again in the new size (its old objects are deleted as stale).
-        start = (
-            align_down(checkpoint, settings.interval_seconds)
-            if checkpoint
-            else first_due(now, settings)
-        )
-        items.extend(WorkItem(device_id, piece) for piece in day_ranges(start, until))
+        start = resume_point(checkpoints.get(device_id), now=now, settings=settings)
+        items.extend(WorkItem(device_id, piece) for piece in day_ranges(start=start, end=until))
     return items
 
 
@@ -72,3 +100,126 @@ def with_reexports(work: list[WorkItem], failed: list[WorkItem]) -> list[WorkIte
     whole = {(item.device_id, item.range.day) for item in failed}
     kept = [item for item in work if (item.device_id, item.range.day) not in whole]
     return kept + failed
+
+
+def admit(candidates: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The candidate ids that are safe partition keys and S3 path segments, and a reason for
+    each one skipped."""
+    fleet, skipped = [], []
+    for device_id in candidates:
+        try:
+            fleet.append(validate_device_id(device_id))
+        except DeviceIdError as error:
+            skipped.append(f"skipped: {error}")
+    return fleet, skipped
+
+
+def registered(fleet: Iterable[str], known: Iterable[str], settings: ExportSettings) -> set[str]:
+    """Whose closed days are re-exported when their reconciliation fails: DEVICE_IDS, or every
+    registered device, not only those seen lately (a device that came back online may upload
+    nothing but its buffer, which discovery since LOOKBACK_HOURS misses)."""
+    return set(fleet) if settings.device_ids else set(known) | set(fleet)
+
+
+def closed_part(day: date, now: datetime, settings: ExportSettings) -> DayRange:
+    """The slices of `day` closed for the lateness allowance by `now` (all of a past day)."""
+    until = due_until(now, settings)
+    closed = int((until - day_start(day)).total_seconds())
+    return DayRange(day, 0, max(0, min(SECONDS_PER_DAY, closed)))
+
+
+def closed_days(dates: Iterable[date], now: datetime, settings: ExportSettings) -> list[date]:
+    until = due_until(now, settings)
+    return [day for day in dates if day < until.date()]
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """What the sensor remembers between ticks: every checkpoint it has read (so a device silent
+    for longer than the searched window still resumes exactly), and the newest storage id it read
+    (so a tick reads only what was stored since)."""
+
+    checkpoints: Mapping[str, datetime] = field(default_factory=dict)
+    storage_id: int | None = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> Cursor:
+        state = json.loads(text) if text else {}
+        values = state.get("checkpoints", {})
+        return cls(
+            {device: datetime.fromtimestamp(seconds, tz=UTC) for device, seconds in values.items()},
+            state.get("storage_id"),
+        )
+
+    def dump(self) -> str:
+        checkpoints = {device: moment.timestamp() for device, moment in self.checkpoints.items()}
+        state = {"checkpoints": checkpoints, "storage_id": self.storage_id}
+        return json.dumps(state, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the sensor read this tick."""
+
+    fleet: Sequence[str]  # admitted ids of DEVICE_IDS, or of the devices InfluxDB lists
+    known: frozenset[str]  # registered `devices` partitions
+    remembered: Cursor  # the previous tick's cursor
+    found: Mapping[str, datetime]  # checkpoints read from materializations stored since
+    searched_since: date  # the first date whose partitions were searched for checkpoints
+    newest_storage_id: int | None
+    failed: Sequence[DeviceDay]  # closed device-days whose latest reconciliation failed
+    busy: frozenset[str]  # devices held by runs in flight
+
+
+@dataclass(frozen=True)
+class TickPlan:
+    new_devices: list[str]
+    runs: list[list[WorkItem]]
+    resume_from: dict[str, datetime]  # each requested device's checkpoint, or its first slice
+    until: datetime
+    cursor: Cursor
+    freshness: AssetCheckEvaluation
+    warnings: list[str]
+    summary: str
+
+
+def plan_tick(now: datetime, settings: ExportSettings, snapshot: Snapshot) -> TickPlan:
+    """Which devices are new, which slices and whole days to export in which runs, and what to
+    remember and report."""
+    fleet, busy = list(snapshot.fleet), snapshot.busy
+    new = [device_id for device_id in fleet if device_id not in snapshot.known]
+    done = dict(snapshot.remembered.checkpoints)
+    for device_id, through in snapshot.found.items():
+        done[device_id] = max(through, done.get(device_id, through))
+    newest = max(snapshot.newest_storage_id or 0, snapshot.remembered.storage_id or 0) or None
+
+    warnings = [
+        f"{device_id}: no checkpoint (never exported, or not since {snapshot.searched_since}); "
+        "exporting from LOOKBACK_HOURS ago; materialize earlier device-days to fill in"
+        for device_id in sorted(set(fleet) & snapshot.known - set(done))
+    ]
+    late = [
+        WorkItem(device_day.device_id, DayRange.whole(device_day.day), reexport=True)
+        for device_day in snapshot.failed
+        if device_day.device_id not in busy
+    ]
+    warnings += [f"re-exporting {item.partition_key}: its reconciliation failed" for item in late]
+    free = [device_id for device_id in fleet if device_id not in busy]
+    work = with_reexports(due_work(free, done, now, settings), late)
+    runs = batches(work, settings.devices_per_run)
+    until = due_until(now, settings)
+    return TickPlan(
+        new_devices=new,
+        runs=runs,
+        resume_from={
+            item.device_id: done.get(item.device_id) or first_due(now, settings) for item in work
+        },
+        until=until,
+        cursor=Cursor(done, newest),
+        freshness=freshness_evaluation(done, fleet, now, settings),
+        warnings=warnings,
+        summary=(
+            f"{len(fleet)} devices ({len(new)} new, {len(busy)} busy): {len(work)} device-day "
+            f"ranges due through {until.isoformat()} in {len(runs)} runs"
+        ),
+    )

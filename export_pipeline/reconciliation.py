@@ -10,6 +10,7 @@ aggregate query per day for the whole fleet, instead of reading every device-day
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -17,10 +18,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from export_pipeline.export import Source
-from export_pipeline.layout import device_folder, slice_offset_of
+from export_pipeline.influx import Source
 from export_pipeline.schema import FIELD_COLUMNS, SCHEMA
-from export_pipeline.slicing import NS_PER_SECOND, day_bounds_ns
+from export_pipeline.slicing import SECONDS_PER_DAY, day_bounds_ns
 from export_pipeline.writers import CSV_SCHEMA, ObjectStore
 
 FOOTER_PROBE = 64 * 1024
@@ -72,28 +72,18 @@ def csv_rows_and_header(store: ObjectStore, key: str) -> tuple[int, list[str]]:
 
 
 def reconcile(
-    source: Source,
-    store: ObjectStore,
-    prefix: str,
-    device_id: str,
-    day: date,
-    layout: str,
-    through_offset: int,
+    source: Source, store: ObjectStore, *, device_id: str, day: date, keys: Iterable[str]
 ) -> Reconciliation:
-    """Compare `[midnight, midnight + through_offset)` of the device-day in InfluxDB and S3."""
-    result = Reconciliation(device_id, day, through_offset)
-    start_ns, _ = day_bounds_ns(day)
-    end_ns = start_ns + through_offset * NS_PER_SECOND
-    for batch in source.read(device_id, start_ns, end_ns):
+    """Compare the device's whole day in InfluxDB with the rows in the dataset's objects `keys`
+    (the device-day's objects of one dataset, as it names them)."""
+    result = Reconciliation(device_id, day, SECONDS_PER_DAY)
+    start_ns, end_ns = day_bounds_ns(day)
+    for batch in source.read(device_id, start_ns=start_ns, end_ns=end_ns):
         result.source_rows += batch.num_rows
         for name in FIELD_COLUMNS:
             column = batch.column(name)
             result.field_counts[name] += len(column) - column.null_count
-    folder = device_folder(prefix, device_id, day, layout)
-    for key in sorted(store.list_keys(folder)):
-        offset = slice_offset_of(key[len(folder) :])
-        if offset is None or offset >= through_offset:
-            continue
+    for key in sorted(keys):
         result.files += 1
         if key.endswith(".parquet"):
             metadata = parquet_footer(store, key)

@@ -1,29 +1,57 @@
-"""Dagster resources: thin, typed handles on InfluxDB, the S3 bucket and the export settings.
+"""Dagster resources: typed handles on InfluxDB, the S3 bucket and the export settings.
 
-Built from `Settings` in one place (`build_resources`); secrets go in as `EnvVar`s, so the UI and
-run config show the variable's name, never its value.
+Each resource is made from its part of `Settings` (`from_settings`) and gives it back
+(`settings()`), field for field: the settings dataclasses hold every default and every rule, the
+resources none, so a value set in the environment always reaches the code that uses it (a test
+round-trips every field). Secrets go in as `EnvVar`s, so the UI and run config show the
+variable's name, never its value.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, fields
 from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
+from botocore import UNSIGNED
 from botocore.config import Config
 from dagster import ConfigurableResource, EnvVar
 from dagster_aws.s3 import S3Resource
-from pydantic import Field
 
 from export_pipeline.influx import InfluxSource
+from export_pipeline.retries import with_retries
 from export_pipeline.settings import (
     ExportFormat,
     ExportSettings,
     InfluxSettings,
     Layout,
+    S3Settings,
     Settings,
 )
+from export_pipeline.slices import UPLOAD_THREADS, Slices
 from export_pipeline.writers import ObjectStore
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+T = TypeVar("T")
+
+
+def _fields_of(settings: Any, **converted: Any) -> dict[str, Any]:
+    """A resource's fields from a settings dataclass of the same names."""
+    return {**asdict(settings), **converted}
+
+
+def _settings_of(resource: ConfigurableResource, kind: type[T], **converted: Any) -> T:
+    """The settings dataclass `kind` from the resource's fields of the same names."""
+    names = [field.name for field in fields(kind)]  # type: ignore[arg-type]
+    values = {
+        name: converted[name] if name in converted else getattr(resource, name) for name in names
+    }
+    return kind(**values)
 
 
 class InfluxDBResource(ConfigurableResource):
@@ -31,70 +59,114 @@ class InfluxDBResource(ConfigurableResource):
 
     url: str
     bucket: str
-    measurement: str = "telemetry"
-    org: str = ""
-    username: str = ""
-    token: str = ""
-    password: str = ""
-    timeout_seconds: float = 30.0
+    measurement: str
+    org: str
+    username: str
+    token: str
+    password: str
+    timeout_seconds: float
+
+    @classmethod
+    def from_settings(cls, influx: InfluxSettings) -> InfluxDBResource:
+        return cls(
+            **_fields_of(
+                influx,
+                token=EnvVar("INFLUXDB_TOKEN") if influx.token else "",
+                password=EnvVar("INFLUXDB_PASSWORD") if influx.password else "",
+            )
+        )
+
+    def settings(self) -> InfluxSettings:
+        return _settings_of(self, InfluxSettings)
 
     def source(self, connections: int = 10) -> InfluxSource:
-        return InfluxSource(
-            InfluxSettings(
-                url=self.url,
-                bucket=self.bucket,
-                measurement=self.measurement,
-                org=self.org,
-                username=self.username,
-                token=self.token,
-                password=self.password,
-                timeout_seconds=self.timeout_seconds,
-            ),
-            connections,
-        )
+        return InfluxSource(self.settings(), connections)
 
 
 class ExportBucketResource(S3Resource):
-    """The bucket and prefix exports are written under, on AWS S3, MinIO or any S3 endpoint."""
+    """The bucket and prefix exports are written under, on AWS S3, MinIO or any S3 endpoint.
+
+    Every field of dagster-aws's `S3Resource` is honoured (profile, explicit keys, TLS
+    verification, unsigned requests); left unset, boto3's default credential chain applies.
+    """
 
     bucket: str
-    prefix: str = "telemetry"
+    prefix: str
 
-    def store(self, connections: int = 10) -> ObjectStore:
+    @classmethod
+    def from_settings(cls, s3: S3Settings) -> ExportBucketResource:
+        return cls(
+            bucket=s3.bucket,
+            prefix=s3.prefix,
+            region_name=s3.region,
+            endpoint_url=s3.endpoint_url,
+        )
+
+    def settings(self) -> S3Settings:
+        return _settings_of(self, S3Settings, region=self.region_name)
+
+    def client(
+        self, *, connections: int = 10, timeout_seconds: float | None = None, attempts: int = 0
+    ) -> S3Client:
         """A client with a connection pool as large as the uploads that share it."""
-        client = boto3.client(
+        config = Config(
+            max_pool_connections=connections,
+            retries={"max_attempts": attempts or self.max_attempts, "mode": "standard"},
+            connect_timeout=timeout_seconds or 60,
+            read_timeout=timeout_seconds or 60,
+        )
+        if self.use_unsigned_session:
+            config = config.merge(Config(signature_version=UNSIGNED))
+        # A session of its own: boto3's default session is not safe to share between threads.
+        session = boto3.session.Session(profile_name=self.profile_name)
+        return session.client(
             "s3",
             region_name=self.region_name,
             endpoint_url=self.endpoint_url,
-            config=Config(
-                max_pool_connections=connections,
-                retries={"max_attempts": self.max_attempts, "mode": "standard"},
-            ),
+            use_ssl=self.use_ssl,
+            verify=self.verify,
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key,
+            aws_session_token=self.aws_session_token,
+            config=config,
         )
-        return ObjectStore(client, self.bucket)
+
+    def store(self, connections: int = 10) -> ObjectStore:
+        return ObjectStore(self.client(connections=connections), self.bucket)
 
 
 class ExportResource(ConfigurableResource):
-    """How device-days are cut and encoded."""
+    """How device-days are cut, encoded and scheduled (EXPORT_*, DEVICE_IDS, LOOKBACK_HOURS)."""
 
-    interval_seconds: int = 300
-    batch_size: int = 50_000
-    format: ExportFormat = "parquet"
-    layout: Layout = "seed"
-    device_ids: list[str] = Field(default_factory=list)
-    lookback_hours: int = 24
-    start_date: str = "2026-01-01"
-    lateness_seconds: int = 30
-    devices_per_run: int = 1_000
-    concurrency: int = 8
-    retries: int = 4
-    stale_run_seconds: int = 0
+    interval_seconds: int
+    batch_size: int
+    format: ExportFormat
+    layout: Layout
+    start_date: str
+    device_ids: list[str]
+    lookback_hours: int
+    lateness_seconds: int
+    devices_per_run: int
+    concurrency: int
+    retries: int
+    stale_run_seconds: int
+    sweep_cron: str
 
     def settings(self) -> ExportSettings:
-        values = self.model_dump()
-        values["device_ids"] = tuple(self.device_ids)
-        values["start_date"] = date.fromisoformat(self.start_date)
-        return ExportSettings(**values)
+        return _settings_of(
+            self,
+            ExportSettings,
+            device_ids=tuple(self.device_ids),
+            start_date=date.fromisoformat(self.start_date),
+        )
+
+    @classmethod
+    def from_settings(cls, export: ExportSettings) -> ExportResource:
+        dates_and_lists = {
+            "device_ids": list(export.device_ids),
+            "start_date": export.start_date.isoformat(),
+        }
+        return cls(**_fields_of(export, **dates_and_lists))
 
 
 class ClockResource(ConfigurableResource):
@@ -109,30 +181,25 @@ class ClockResource(ConfigurableResource):
 
 
 def build_resources(settings: Settings) -> dict[str, ConfigurableResource]:
-    influx, s3, export = settings.influx, settings.s3, settings.export
     return {
-        "influxdb": InfluxDBResource(
-            url=influx.url,
-            bucket=influx.bucket,
-            measurement=influx.measurement,
-            org=influx.org,
-            username=influx.username,
-            token=EnvVar("INFLUXDB_TOKEN") if influx.token else "",
-            password=EnvVar("INFLUXDB_PASSWORD") if influx.password else "",
-            timeout_seconds=influx.timeout_seconds,
-        ),
-        "s3": ExportBucketResource(
-            bucket=s3.bucket,
-            prefix=s3.prefix,
-            region_name=s3.region,
-            endpoint_url=s3.endpoint_url,
-        ),
-        "export": ExportResource(
-            **{
-                **asdict(export),
-                "device_ids": list(export.device_ids),
-                "start_date": export.start_date.isoformat(),
-            }
-        ),
+        "influxdb": InfluxDBResource.from_settings(settings.influx),
+        "s3": ExportBucketResource.from_settings(settings.s3),
+        "export": ExportResource.from_settings(settings.export),
         "clock": ClockResource(),
     }
+
+
+@contextmanager
+def slices_of(
+    influxdb: InfluxDBResource,
+    s3: ExportBucketResource,
+    settings: ExportSettings,
+    devices_at_once: int = 1,
+) -> Iterator[Slices]:
+    """The slice dataset on these resources, once InfluxDB and the bucket have answered (with
+    retries): a wrong INFLUXDB_BUCKET or S3_BUCKET fails here, by name, before any export."""
+    store = s3.store(connections=devices_at_once * UPLOAD_THREADS)
+    with influxdb.source(connections=devices_at_once) as source:
+        with_retries(source.check, settings.retries)
+        with_retries(store.check, settings.retries)
+        yield Slices(source, store, s3.prefix, settings)

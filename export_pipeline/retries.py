@@ -42,7 +42,7 @@ def is_transient(error: BaseException | None) -> bool:
     return False
 
 
-def backoff_delays(attempts: int, base: float = 0.5, cap: float = 10.0) -> list[float]:
+def backoff_delays(attempts: int, *, base: float = 0.5, cap: float = 10.0) -> list[float]:
     """Full-jitter delays before each retry: uniform in [0, min(cap, base * 2^n)]."""
     return [random.uniform(0, min(cap, base * 2**n)) for n in range(attempts)]
 

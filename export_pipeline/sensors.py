@@ -1,12 +1,8 @@
-"""`continuous_export`: decides every export. Each tick registers devices, reads every device's
-checkpoint from Dagster's storage, and requests batched runs for the slices that are due, and
-for closed device-days whose reconciliation failed (at day close, or by the late-data sweep).
+"""`continuous_export`: decides every export. Each tick reads a snapshot (the fleet, the ledger,
+the runs in flight), reaps dead runs, and acts on the plan `planning.plan_tick` makes of it:
+new devices registered, batched runs for the slices that are due and for closed device-days whose
+reconciliation failed, the freshness check reported, the cursor kept."""
 
-The sensor's cursor remembers the checkpoints it has read, so a device silent for longer than the
-searched window (a week, or the lookback) still resumes exactly where it stopped.
-"""
-
-import json
 from datetime import UTC, datetime, timedelta
 
 from dagster import (
@@ -18,57 +14,27 @@ from dagster import (
     sensor,
 )
 
-from export_pipeline.checks import freshness_evaluation
 from export_pipeline.jobs import export_due_slices, run_config_for
-from export_pipeline.layout import DeviceIdError, validate_device_id
-from export_pipeline.ledger import (
-    busy_devices,
-    checkpoint_dates,
-    checkpoints_since,
-    failed_reconciliations,
+from export_pipeline.ledger import checkpoint_dates, checkpoints_since, failed_reconciliations
+from export_pipeline.partitions import DEVICES, devices
+from export_pipeline.planning import (
+    Cursor,
+    Snapshot,
+    admit,
+    closed_days,
+    first_due,
+    plan_tick,
+    registered,
 )
-from export_pipeline.partitions import devices
-from export_pipeline.planning import WorkItem, batches, due_work, first_due, with_reexports
 from export_pipeline.resources import ClockResource, ExportResource, InfluxDBResource
-from export_pipeline.settings import ExportSettings, Settings
-from export_pipeline.slicing import NS_PER_SECOND, SECONDS_PER_DAY, DayRange, closed_until
+from export_pipeline.runs import busy_devices, is_dead, reap_dead_runs, runs_in_flight
+from export_pipeline.settings import Settings
+from export_pipeline.slicing import NS_PER_SECOND
 
-
-def fleet_of(
-    context: SensorEvaluationContext,
-    influxdb: InfluxDBResource,
-    config: ExportSettings,
-    known: set[str],
-    now: datetime,
-) -> list[str]:
-    """DEVICE_IDS, or every device InfluxDB has seen lately; unsafe ids are skipped, logged."""
-    candidates = list(config.device_ids)
-    if not candidates:
-        since = int(first_due(now, config).timestamp()) * NS_PER_SECOND
-        try:
-            with influxdb.source() as source:
-                candidates = source.device_ids(since)
-        except Exception as error:
-            context.log.warning(f"device discovery failed, using known devices: {error}")
-            candidates = sorted(known)
-    fleet = []
-    for device_id in candidates:
-        try:
-            fleet.append(validate_device_id(device_id))
-        except DeviceIdError as error:
-            context.log.warning(f"skipped: {error}")
-    return fleet
-
-
+# Ticks after the first read only the materializations stored since the previous one, less this
+# many storage ids (events may commit out of id order); over 30 days of history for 1,000
+# devices, a full search took 2.8 s.
 RESCAN_EVENTS = 50_000
-
-
-def remembered(cursor: str | None) -> tuple[dict[str, datetime], int | None]:
-    """The checkpoints and the newest storage id an earlier tick read."""
-    state = json.loads(cursor) if cursor else {}
-    values = state.get("checkpoints", {})
-    done = {device: datetime.fromtimestamp(seconds, tz=UTC) for device, seconds in values.items()}
-    return done, state.get("storage_id")
 
 
 def build_continuous_export(settings: Settings) -> SensorDefinition:
@@ -85,66 +51,68 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
         clock: ClockResource,
     ) -> SensorResult:
         config, now, instance = export.settings(), clock.now(), context.instance
-        assert devices.name is not None
-        known = set(instance.get_dynamic_partitions(devices.name))
-        fleet = fleet_of(context, influxdb, config, known, now)
-        new = [device_id for device_id in fleet if device_id not in known]
+        known = frozenset(instance.get_dynamic_partitions(DEVICES))
+        candidates = list(config.device_ids)
+        if not candidates:
+            since = int(first_due(now, config).timestamp()) * NS_PER_SECOND
+            try:
+                with influxdb.source() as source:
+                    candidates = source.device_ids(since)
+            except Exception as error:
+                context.log.warning(f"device discovery failed, using known devices: {error}")
+                candidates = sorted(known)
+        fleet, skipped = admit(candidates)
 
-        busy, dead = busy_devices(instance, timedelta(seconds=config.stale_run_after))
-        for run_id in dead:
-            context.log.warning(f"run {run_id} presumed dead and marked failed")
-        done, seen = remembered(context.cursor)
-        # A first tick (or a reset cursor) searches the whole window. Later ones read only the
-        # materializations stored since (less a margin, for events committed out of id order):
-        # over 30 days of history for 1,000 devices, a full search took 2.8 s.
-        dates = checkpoint_dates(now, first_due(now, config), config.start_date)
-        after = None if seen is None else max(0, seen - RESCAN_EVENTS)
-        found, newest = checkpoints_since(instance, fleet, dates, after)
-        newest = max(newest or 0, seen or 0) or None
-        for device_id, through in found.items():
-            done[device_id] = max(through, done.get(device_id, through))
-        for device_id in sorted(set(fleet) & known - set(done)):
-            context.log.warning(
-                f"{device_id}: no checkpoint (never exported, or not since {dates[0]}); "
-                "exporting from LOOKBACK_HOURS ago; materialize earlier device-days to fill in"
-            )
+        stale = timedelta(seconds=config.stale_run_after)
+        runs, wall = runs_in_flight(instance), datetime.now(UTC)
+        dead = [run for run in runs if is_dead(run, wall, stale)]
+        reap_dead_runs(instance, dead, stale)
+        for run in dead:
+            context.log.warning(f"run {run.run.run_id} presumed dead and marked failed")
 
-        free = [device_id for device_id in fleet if device_id not in busy]
-        until = closed_until(now, config.interval_seconds, config.lateness_seconds)
-        closed_days = [day for day in dates if day < until.date()]
-        # Every registered device, not only those seen lately: a device that came back online
-        # may upload nothing but its buffer, which discovery since LOOKBACK_HOURS misses.
-        registered = set(fleet) if config.device_ids else known | set(fleet)
-        late = [
-            WorkItem(device_id, DayRange(day, 0, SECONDS_PER_DAY), reexport=True)
-            for device_id, day in failed_reconciliations(
-                instance, sorted(registered - busy), closed_days
-            )
-        ]
-        for item in late:
-            context.log.warning(f"re-exporting {item.partition_key}: its reconciliation failed")
-        work = with_reexports(due_work(free, done, now, config), late)
-        instance.report_runless_asset_event(freshness_evaluation(done, fleet, now, config))
-        requests = [
-            RunRequest(
-                run_key=f"{until.isoformat()}-batch-{index}",
-                run_config=run_config_for(batch),
-                tags={"export/through": until.isoformat()},
-            )
-            for index, batch in enumerate(batches(work, config.devices_per_run))
-        ]
-        context.log.info(
-            f"{len(fleet)} devices ({len(new)} new, {len(busy)} busy): {len(work)} device-day "
-            f"ranges due through {until.isoformat()} in {len(requests)} runs"
+        remembered = Cursor.parse(context.cursor)
+        dates = checkpoint_dates(
+            now, first_due=first_due(now, config), start_date=config.start_date
         )
-        cursor = {
-            "checkpoints": {device: moment.timestamp() for device, moment in done.items()},
-            "storage_id": newest,
-        }
+        after = (
+            None if remembered.storage_id is None else max(0, remembered.storage_id - RESCAN_EVENTS)
+        )
+        found, newest = checkpoints_since(instance, fleet, dates, after)
+        failed = failed_reconciliations(
+            instance, sorted(registered(fleet, known, config)), closed_days(dates, now, config)
+        )
+        plan = plan_tick(
+            now,
+            config,
+            Snapshot(
+                fleet=fleet,
+                known=known,
+                remembered=remembered,
+                found=found,
+                searched_since=dates[0],
+                newest_storage_id=newest,
+                failed=failed,
+                busy=frozenset(busy_devices(run for run in runs if run not in dead)),
+            ),
+        )
+
+        for warning in skipped + plan.warnings:
+            context.log.warning(warning)
+        instance.report_runless_asset_event(plan.freshness)
+        context.log.info(plan.summary)
         return SensorResult(
-            run_requests=requests,
-            dynamic_partitions_requests=[devices.build_add_request(new)] if new else [],
-            cursor=json.dumps(cursor, separators=(",", ":")),
+            run_requests=[
+                RunRequest(
+                    run_key=f"{plan.until.isoformat()}-batch-{index}",
+                    run_config=run_config_for(batch, plan.resume_from),
+                    tags={"export/through": plan.until.isoformat()},
+                )
+                for index, batch in enumerate(plan.runs)
+            ],
+            dynamic_partitions_requests=(
+                [devices.build_add_request(plan.new_devices)] if plan.new_devices else []
+            ),
+            cursor=plan.cursor.dump(),
         )
 
     return continuous_export

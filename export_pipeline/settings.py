@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Literal, cast
+from pathlib import Path
+from typing import Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 ExportFormat = Literal["parquet", "csv"]
@@ -20,6 +21,7 @@ Layout = Literal["seed", "hive"]
 FORMATS: tuple[ExportFormat, ...] = ("parquet", "csv")
 LAYOUTS: tuple[Layout, ...] = ("seed", "hive")
 SECONDS_PER_DAY = 86_400
+T = TypeVar("T")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -94,12 +96,16 @@ class Settings:
         return _Parser(os.environ if env is None else env).settings()
 
 
-def parse_start_date(env: Mapping[str, str]) -> date:
-    """EXPORT_START_DATE alone: the partitions need it when the code location is imported."""
-    parser = _Parser(env)
-    start = parser.start_date()
-    parser.finish()
-    return start
+def load_env_file() -> None:
+    """Read a `.env` in the working directory into the environment; variables already set win.
+
+    Only the working directory's, as the Dagster CLI reads it (which lets it win): python-dotenv's
+    default search walks up from the calling module's folder, and would find a checkout's `.env`
+    wherever the process was started.
+    """
+    from dotenv import load_dotenv
+
+    load_dotenv(Path.cwd() / ".env")
 
 
 def parse_influx(env: Mapping[str, str]) -> InfluxSettings:
@@ -120,14 +126,20 @@ class _Parser:
     def text(self, name: str, default: str = "") -> str:
         return self.env.get(name, "").strip() or default
 
-    def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+    def converted(self, name: str, convert: Callable[[str], T], what: str) -> T | None:
+        """The variable converted, or None when it is unset or not `what` (noted)."""
         raw = self.text(name)
         if not raw:
-            return default
+            return None
         try:
-            value = int(raw)
+            return convert(raw)
         except ValueError:
-            self.problems.append(f"{name}={raw!r} is not a whole number")
+            self.problems.append(f"{name}={raw!r} is not {what}")
+            return None
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        value = self.converted(name, int, "a whole number")
+        if value is None:
             return default
         if value < minimum or (maximum is not None and value > maximum):
             upper = f" and at most {maximum}" if maximum is not None else ""
@@ -135,16 +147,11 @@ class _Parser:
         return value
 
     def number(self, name: str, default: float) -> float:
-        raw = self.text(name)
-        if not raw:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            self.problems.append(f"{name}={raw!r} is not a number")
+        value = self.converted(name, float, "a number")
+        if value is None:
             return default
         if not value > 0:
-            self.problems.append(f"{name}={raw} must be a positive number of seconds")
+            self.problems.append(f"{name}={self.text(name)} must be a positive number of seconds")
         return value
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -170,9 +177,9 @@ class _Parser:
         # Dagster's own rule (five fields or an alias such as @hourly, no seconds), so the
         # schedule can always be built; imported here to keep this module light for the tools
         # that only need INFLUXDB_* (the simulator).
-        from dagster._utils.schedules import is_valid_cron_string
+        from export_pipeline.internals import is_valid_cron
 
-        if not is_valid_cron_string(value):
+        if not is_valid_cron(value):
             self.problems.append(
                 f"{name}={value!r} is not a five-field cron expression such as '20 * * * *'"
             )
@@ -257,14 +264,8 @@ class _Parser:
         return value
 
     def start_date(self) -> date:
-        raw = self.text("EXPORT_START_DATE")
-        if not raw:
-            return ExportSettings.start_date
-        try:
-            return date.fromisoformat(raw)
-        except ValueError:
-            self.problems.append(f"EXPORT_START_DATE={raw!r} is not a date like 2026-01-01")
-            return ExportSettings.start_date
+        value = self.converted("EXPORT_START_DATE", date.fromisoformat, "a date like 2026-01-01")
+        return value or ExportSettings.start_date
 
     def bucket(self) -> str:
         value = self.required("S3_BUCKET", "name the bucket the exports are written to")

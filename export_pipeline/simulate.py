@@ -19,9 +19,8 @@ import time
 from dataclasses import dataclass
 
 import requests
-from dotenv import load_dotenv
 
-from export_pipeline.settings import InfluxSettings, SettingsError, parse_influx
+from export_pipeline.settings import InfluxSettings, SettingsError, load_env_file, parse_influx
 
 NS = 1_000_000_000
 
@@ -101,7 +100,7 @@ class Writer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    load_dotenv()
+    load_env_file()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=5)
     parser.add_argument("--hours", type=float, default=0, help="history to write first")

@@ -76,6 +76,14 @@ class DayRange:
     start: int
     end: int
 
+    @classmethod
+    def whole(cls, day: date) -> DayRange:
+        return cls(day, 0, SECONDS_PER_DAY)
+
+    @property
+    def start_time(self) -> datetime:
+        return day_start(self.day) + timedelta(seconds=self.start)
+
     @property
     def end_time(self) -> datetime:
         return day_start(self.day) + timedelta(seconds=self.end)
@@ -87,13 +95,13 @@ def align_down(moment: datetime, interval_seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds - seconds % interval_seconds, tz=UTC)
 
 
-def closed_until(now: datetime, interval_seconds: int, lateness_seconds: int) -> datetime:
+def closed_until(now: datetime, *, interval_seconds: int, lateness_seconds: int) -> datetime:
     """End of the last slice that closed at least `lateness_seconds` ago: everything before it is
     final, so exporting it now gives the same files as exporting it later."""
     return align_down(now - timedelta(seconds=lateness_seconds), interval_seconds)
 
 
-def day_ranges(start: datetime, end: datetime) -> list[DayRange]:
+def day_ranges(*, start: datetime, end: datetime) -> list[DayRange]:
     """`[start, end)` cut at UTC midnights, so slices crossing a day land in their own date."""
     ranges = []
     cursor = start

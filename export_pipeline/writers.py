@@ -148,7 +148,7 @@ class ObjectStore:
         answer = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=-{size}")
         return answer["Body"].read()
 
-    def upload(self, path: Path, key: str, fmt: str) -> None:
+    def upload(self, path: Path, *, key: str, fmt: str) -> None:
         """One PutObject for a file under the multipart threshold (most slices: the transfer
         manager's per-file set-up cost more than the upload), a multipart upload above it,
         which boto3 aborts on failure. Either way the object appears whole or not at all."""

@@ -31,14 +31,17 @@ def influx_rows(stack: Stack, device_id: str, day: date) -> list[Row]:
     """The device-day's points in InfluxDB, as the export's columns."""
     start_ns, end_ns = day_bounds_ns(day)
     with InfluxSource(stack.settings().influx) as source:
-        read = source.read(device_id, start_ns, end_ns)
+        read = source.read(device_id, start_ns=start_ns, end_ns=end_ns)
         batches = [to_export(batch, device_id) for batch in read]
     return _ordered(pa.Table.from_batches(batches, schema=SCHEMA).to_pylist())
 
 
 def s3_rows(stack: Stack, device_id: str, day: date) -> list[Row]:
     """Every row of every object in the device-day's folder."""
-    client, folder = stack.s3, device_folder(stack.prefix, device_id, day, "seed")
+    client, folder = (
+        stack.s3,
+        device_folder(stack.prefix, device_id=device_id, day=day, layout="seed"),
+    )
     tables = []
     for page in client.get_paginator("list_objects_v2").paginate(
         Bucket=stack.bucket, Prefix=folder

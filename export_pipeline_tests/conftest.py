@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterInstance
 
-from export_pipeline.settings import Settings
+from export_pipeline.assets import build_telemetry_export
+from export_pipeline.partitions import device_days
+from export_pipeline.settings import ExportSettings, Settings
 from export_pipeline_tests.services import (
     POSTGRES,
     InfluxServer,
@@ -29,8 +32,14 @@ from export_pipeline_tests.services import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+# Where the tests start Dagster's CLI, daemons and the health service: an empty folder. The Dagster
+# CLI loads a `.env` from its working directory over the environment it is given, so started in
+# the checkout it would export with the demo's settings (scripts/run writes .env there).
+CLI_CWD = Path(tempfile.mkdtemp(prefix="export-pipeline-cli-"))
 # One database per test session, so concurrent sessions on one machine never share storage.
 TEST_DATABASE = f"export_pipeline_test_{os.getpid()}"
+# The asset as the code location builds it (the default EXPORT_START_DATE, 2026-01-01).
+telemetry_export = build_telemetry_export(device_days(ExportSettings()))
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-key-id",
     "AWS_SECRET_ACCESS_KEY": "testing-secret",

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, materialize
 
-from export_pipeline.assets import telemetry_export
 from export_pipeline.jobs import register_devices
 from export_pipeline.resources import build_resources
-from export_pipeline_tests.conftest import REPO, Stack
+from export_pipeline_tests.conftest import CLI_CWD, Stack, telemetry_export
 from export_pipeline_tests.services import free_port, point
 from export_pipeline_tests.test_export import at
 
@@ -99,14 +98,14 @@ def test_register_devices_refuses_unsafe_ids_and_registers_none(
 
 
 def dagster_cli(
-    args: list[str], env: dict[str, str], home: Path
+    args: list[str], env: dict[str, str], home: Path, cwd: Path = CLI_CWD
 ) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **env, "DAGSTER_HOME": str(home)}
     dagster = str(Path(sys.executable).with_name("dagster"))
     return subprocess.run(
         [dagster, *args, "-m", "export_pipeline.definitions"],
         env=full_env,
-        cwd=REPO,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
@@ -159,3 +158,32 @@ def test_the_cli_refuses_bad_configuration_naming_the_setting(
     )
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
+
+
+def test_the_cli_takes_a_dotenv_from_its_working_directory_so_tests_start_it_elsewhere(
+    stack: Stack, dagster_home: Path, tmp_path: Path
+) -> None:
+    """Dagster's CLI loads `.env` from its working directory over the environment it is given,
+    so started in a checkout where `scripts/run` wrote one, a test or a benchmark would export
+    with the demo's settings. They start it in an empty folder instead."""
+    device = new_device()
+    stack.write([point(at(12), device, {"voltage": 1.0})])
+    env = stack.env(DEVICE_IDS=device, EXPORT_RETRIES="0")
+    assert (
+        dagster_cli(["job", "execute", "-j", "register_devices"], env, dagster_home).returncode == 0
+    )
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / ".env").write_text("S3_BUCKET=the-demos-bucket\n")
+    materialize = ["asset", "materialize", "--select", "telemetry_export"]
+    materialize += ["--partition", f"2026-02-07|{device}"]
+
+    misled = dagster_cli(materialize, env, dagster_home, cwd=checkout)
+    assert misled.returncode != 0
+    assert "S3_BUCKET='the-demos-bucket' does not exist" in misled.stdout + misled.stderr
+    assert not (CLI_CWD / ".env").exists()
+    exported = dagster_cli(materialize, env, dagster_home)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert list(stack.objects()) == [
+        f"telemetry/device_id={device}/date=2026/02/07/export_120000.parquet"
+    ]

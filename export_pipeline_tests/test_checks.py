@@ -5,15 +5,13 @@ from datetime import UTC, datetime, timedelta
 from dagster import AssetCheckKey, DagsterInstance, materialize
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
-from export_pipeline.assets import telemetry_export
-from export_pipeline.checks import telemetry_export_reconciliation
 from export_pipeline.influx import InfluxSource
 from export_pipeline.jobs import export_due_slices
-from export_pipeline.ledger import RECONCILIATION, TELEMETRY_EXPORT
-from export_pipeline.reconciliation import reconcile
+from export_pipeline.metadata import RECONCILIATION, TELEMETRY_EXPORT
 from export_pipeline.resources import ClockResource
+from export_pipeline.slices import Slices
 from export_pipeline.writers import ObjectStore
-from export_pipeline_tests.conftest import Stack
+from export_pipeline_tests.conftest import Stack, telemetry_export
 from export_pipeline_tests.services import point
 from export_pipeline_tests.test_sensors import DAY, T0, Fleet, every_10s, new_device, ns, work_of
 
@@ -63,7 +61,7 @@ def test_the_reconciliation_check_reports_a_missing_object(
     instance.add_dynamic_partitions("devices", [device])
     resources = {**fleet.resources, "clock": ClockResource(frozen_at="2026-02-09T00:00:00+00:00")}
     partition = f"2026-02-07|{device}"
-    assets = [telemetry_export, telemetry_export_reconciliation]
+    assets = [telemetry_export]  # with its reconciliation check
     assert materialize(assets, partition_key=partition, resources=resources, instance=instance)
     status, _ = latest_check(instance, RECONCILIATION, partition)
     assert status == AssetCheckExecutionRecordStatus.SUCCEEDED
@@ -73,9 +71,8 @@ def test_the_reconciliation_check_reports_a_missing_object(
     # A check-only run of a partitioned check is not supported by Dagster 1.13 (preview), so the
     # reconciliation it runs is called directly here.
     with InfluxSource(fleet.settings.influx) as source:
-        result = reconcile(
-            source, ObjectStore(stack.s3, stack.bucket), "telemetry", device, DAY, "seed", 86_400
-        )
+        store = ObjectStore(stack.s3, stack.bucket)
+        result = Slices(source, store, "telemetry", fleet.settings.export).reconcile(device, DAY)
     assert not result.passed
     assert (result.source_rows, result.exported_rows) == (60, 54)  # 12:03-12:04 is gone
     assert result.description == "InfluxDB has 60 rows, S3 54 (-6)"

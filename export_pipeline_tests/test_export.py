@@ -11,9 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from botocore.config import Config
 
-from export_pipeline.export import EmptyReadRefused, ExportReport, export_device_day, prefetched
+from export_pipeline.export import EmptyReadRefused, ExportReport, prefetched
 from export_pipeline.influx import InfluxError, InfluxSource
 from export_pipeline.schema import DICTIONARY_COLUMNS, SCHEMA, SOURCE_SCHEMA
+from export_pipeline.slices import export_slices
+from export_pipeline.slicing import DayRange
 from export_pipeline.writers import ObjectStore, StoreError
 from export_pipeline_tests.conftest import Stack
 from export_pipeline_tests.services import free_port, point
@@ -30,13 +32,13 @@ def at(hours: int, minutes: int = 0, seconds: int = 0, ns: int = 0) -> int:
 
 def export(stack: Stack, device_id: str = "D1", day: date = DAY, **env: str) -> ExportReport:
     settings = stack.settings(**env)
-    return export_device_day(
+    return export_slices(
         InfluxSource(settings.influx),
         ObjectStore(stack.s3, settings.s3.bucket),
-        settings.s3.prefix,
-        device_id,
-        day,
-        settings.export,
+        prefix=settings.s3.prefix,
+        device_id=device_id,
+        piece=DayRange.whole(day),
+        settings=settings.export,
     )
 
 

@@ -17,12 +17,13 @@ import pytest
 from dagster import DagsterEventType, DagsterInstance, EventRecordsFilter
 
 from export_pipeline.influx import InfluxError
-from export_pipeline.jobs import pool_storage_connections
-from export_pipeline.ledger import RECONCILIATION, checkpoints
+from export_pipeline.internals import pool_storage_connections
+from export_pipeline.ledger import checkpoints
+from export_pipeline.metadata import RECONCILIATION
 from export_pipeline.schema import SCHEMA
 from export_pipeline.writers import ObjectStore
 from export_pipeline_tests.audit import assert_reconciled
-from export_pipeline_tests.conftest import REPO, Stack
+from export_pipeline_tests.conftest import CLI_CWD, Stack
 from export_pipeline_tests.services import TcpProxy, point, restart_postgres, wait_until
 from export_pipeline_tests.test_export import FOLDER, at, export, folder_rows
 from export_pipeline_tests.test_sensors import T0, Fleet, every_10s, new_device, ns, work_of
@@ -52,7 +53,7 @@ def test_an_upload_that_fails_half_way_leaves_no_object_and_no_open_multipart_up
     client.meta.events.register("before-call.s3.UploadPart", fail_the_second_part)
     store = ObjectStore(client, stack.bucket)
     with pytest.raises(Exception, match="went away"):
-        store.upload(big, FOLDER + "export_120000.parquet", "parquet")
+        store.upload(big, key=FOLDER + "export_120000.parquet", fmt="parquet")
     assert stack.objects() == {}
     assert client.list_multipart_uploads(Bucket=stack.bucket).get("Uploads", []) == []
 
@@ -138,7 +139,7 @@ class Daemons:
         daemon = subprocess.Popen(
             [binary, "run", "-m", "export_pipeline.definitions"],
             env=environment,
-            cwd=REPO,
+            cwd=CLI_CWD,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -266,14 +267,14 @@ def test_a_multipart_upload_cut_off_by_the_network_leaves_no_object_and_is_abort
     direct = Stack(stack.influx, s3_link.target_url, stack.database, stack.bucket).s3
     s3_link.cut_after(12 * 1024 * 1024)  # the link dies during the second part
     with pytest.raises(Exception):  # noqa: B017 (whichever error boto3 ends with)
-        store.upload(big, key, "parquet")
+        store.upload(big, key=key, fmt="parquet")
     # boto3 could not reach S3 to abort: the first part is stored under an open upload.
     assert "Contents" not in direct.list_objects_v2(Bucket=stack.bucket)
     assert [u["Key"] for u in direct.list_multipart_uploads(Bucket=stack.bucket)["Uploads"]] == [
         key
     ]
     s3_link.restore()
-    store.upload(big, key, "parquet")  # the slice is exported again, whole
+    store.upload(big, key=key, fmt="parquet")  # the slice is exported again, whole
     assert direct.get_object(Bucket=stack.bucket, Key=key)["Body"].read() == big.read_bytes()
 
     # moto reports every upload as started in 2010, so age is not exercised here (unit-tested

@@ -16,7 +16,7 @@ import requests
 from dagster import DagsterInstance
 from dagster._daemon.types import DaemonHeartbeat
 
-from export_pipeline_tests.conftest import REPO, Stack
+from export_pipeline_tests.conftest import CLI_CWD, Stack
 from export_pipeline_tests.services import free_port, wait_until
 
 Service = Callable[..., tuple[str, Path]]
@@ -49,7 +49,7 @@ def health_service(
             process = subprocess.Popen(
                 [sys.executable, "-m", "export_pipeline.health"],
                 env=env,
-                cwd=REPO,
+                cwd=CLI_CWD,
                 stdout=out,
                 stderr=out,
             )

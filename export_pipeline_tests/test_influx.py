@@ -24,7 +24,11 @@ def source_for(stack: Stack) -> InfluxSource:
 
 
 def read_all(source: InfluxSource, device_id: str, batch_rows: int = 50_000) -> pa.Table:
-    batches = list(source.read(device_id, T0 - 86_400 * NS, T0 + 86_400 * NS, batch_rows))
+    batches = list(
+        source.read(
+            device_id, start_ns=T0 - 86_400 * NS, end_ns=T0 + 86_400 * NS, batch_rows=batch_rows
+        )
+    )
     return pa.Table.from_batches(batches, schema=SOURCE_SCHEMA)
 
 
@@ -52,13 +56,15 @@ def test_a_device_without_points_reads_as_no_batches(stack: Stack) -> None:
 
 def test_the_time_range_is_half_open(stack: Stack) -> None:
     stack.write([point(T0 + i * NS, "D1", {"voltage": float(i)}) for i in range(3)])
-    rows = list(source_for(stack).read("D1", T0, T0 + 2 * NS))
+    rows = list(source_for(stack).read("D1", start_ns=T0, end_ns=T0 + 2 * NS))
     assert pa.Table.from_batches(rows).column("voltage").to_pylist() == [0.0, 1.0]
 
 
 def test_large_reads_stream_in_many_batches_in_time_order(stack: Stack) -> None:
     stack.write([point(T0 + i * NS, "D1", {"voltage": float(i)}) for i in range(20_000)])
-    batches = list(source_for(stack).read("D1", T0, T0 + 86_400 * NS, batch_rows=1_000))
+    batches = list(
+        source_for(stack).read("D1", start_ns=T0, end_ns=T0 + 86_400 * NS, batch_rows=1_000)
+    )
     assert len(batches) > 5
     times = pa.Table.from_batches(batches).column("time").to_pylist()
     assert times == sorted(times) and len(times) == 20_000
@@ -92,7 +98,7 @@ def test_a_hostile_device_id_cannot_change_the_query(stack: Stack, hostile: str)
 
 def test_quoted_strings_escape_quotes_backslashes_and_newlines() -> None:
     assert quote_string("a'b\\c\nd") == "'a\\'b\\\\c\\nd'"
-    query = device_query('tele"metry', "x'", 0, 10)
+    query = device_query(measurement='tele"metry', device_id="x'", start_ns=0, end_ns=10)
     assert '"tele\\"metry"' in query and "'x\\''" in query
 
 
@@ -119,9 +125,9 @@ def test_field_counts_are_per_device_and_field_within_the_range(stack: Stack) ->
             point(T0 + 60 * NS, "D1", {"voltage": 1.0}),  # the range's end is excluded
         ]
     )
-    counts = source_for(stack).field_counts(T0, T0 + 60 * NS)
+    counts = source_for(stack).field_counts(start_ns=T0, end_ns=T0 + 60 * NS)
     assert counts == {
         "D1": {"voltage": 1, "current": 1, "power": 1, "temperature": 0},
         "it's, D2": {"voltage": 0, "current": 0, "power": 0, "temperature": 1},
     }
-    assert source_for(stack).field_counts(T0 + 61 * NS, T0 + 120 * NS) == {}
+    assert source_for(stack).field_counts(start_ns=T0 + 61 * NS, end_ns=T0 + 120 * NS) == {}

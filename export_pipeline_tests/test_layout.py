@@ -16,16 +16,27 @@ DAY = date(2026, 2, 7)
 
 
 def test_seed_layout_splits_the_date_into_three_folders() -> None:
-    key = slice_key("exports", "D1", Slice(DAY, 12 * 3600 + 5 * 60, 300), "seed", "parquet")
+    key = slice_key(
+        "exports",
+        device_id="D1",
+        piece=Slice(DAY, 12 * 3600 + 5 * 60, 300),
+        layout="seed",
+        fmt="parquet",
+    )
     assert key == "exports/device_id=D1/date=2026/02/07/export_120500.parquet"
 
 
 def test_hive_layout_keeps_the_date_in_one_folder() -> None:
-    assert device_folder("exports", "D1", DAY, "hive") == "exports/device_id=D1/date=2026-02-07/"
+    assert (
+        device_folder("exports", device_id="D1", day=DAY, layout="hive")
+        == "exports/device_id=D1/date=2026-02-07/"
+    )
 
 
 def test_an_empty_prefix_puts_devices_at_the_bucket_root() -> None:
-    assert device_folder("", "D1", DAY, "seed") == "device_id=D1/date=2026/02/07/"
+    assert (
+        device_folder("", device_id="D1", day=DAY, layout="seed") == "device_id=D1/date=2026/02/07/"
+    )
 
 
 def test_object_names_round_trip_to_slice_offsets() -> None:
@@ -64,4 +75,6 @@ def test_unsafe_device_ids_are_refused_with_the_reason(device_id: str, reason: s
 )
 def test_other_device_ids_are_accepted_verbatim(device_id: str) -> None:
     assert validate_device_id(device_id) == device_id
-    assert f"device_id={device_id}/" in device_folder("p", device_id, DAY, "seed")
+    assert f"device_id={device_id}/" in device_folder(
+        "p", device_id=device_id, day=DAY, layout="seed"
+    )

@@ -1,7 +1,17 @@
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
-from export_pipeline.assets import carried_checkpoint
-from export_pipeline.planning import WorkItem, batches, due_work, with_reexports
+from export_pipeline.export import carried_checkpoint
+from export_pipeline.partitions import DeviceDay
+from export_pipeline.planning import (
+    Cursor,
+    Snapshot,
+    WorkItem,
+    batches,
+    due_work,
+    first_due,
+    plan_tick,
+    with_reexports,
+)
 from export_pipeline.settings import ExportSettings
 from export_pipeline.slicing import DayRange, closed_until, day_ranges
 
@@ -15,12 +25,16 @@ def utc(
 
 
 def test_a_slice_is_due_once_closed_for_the_lateness_allowance() -> None:
-    assert closed_until(utc(2026, 2, 7, 12, 1, 29), 60, 30) == utc(2026, 2, 7, 12, 0)
-    assert closed_until(utc(2026, 2, 7, 12, 1, 30), 60, 30) == utc(2026, 2, 7, 12, 1)
+    assert closed_until(
+        utc(2026, 2, 7, 12, 1, 29), interval_seconds=60, lateness_seconds=30
+    ) == utc(2026, 2, 7, 12, 0)
+    assert closed_until(
+        utc(2026, 2, 7, 12, 1, 30), interval_seconds=60, lateness_seconds=30
+    ) == utc(2026, 2, 7, 12, 1)
 
 
 def test_ranges_are_cut_at_utc_midnight() -> None:
-    assert day_ranges(utc(2026, 2, 7, 23, 58), utc(2026, 2, 8, 0, 1)) == [
+    assert day_ranges(start=utc(2026, 2, 7, 23, 58), end=utc(2026, 2, 8, 0, 1)) == [
         DayRange(date(2026, 2, 7), 86_280, 86_400),
         DayRange(date(2026, 2, 8), 0, 60),
     ]
@@ -75,15 +89,105 @@ def test_whole_day_reexports_replace_the_due_pieces_of_that_day() -> None:
 def test_a_whole_day_export_carries_the_checkpoint_only_over_contiguous_coverage() -> None:
     settings = ExportSettings(interval_seconds=60, lookback_hours=24)
     now = utc(2026, 2, 8, 10, 0)  # the sensor would start a new device at 02-07 10:00
+    start = first_due(now, settings)
     today = DayRange(date(2026, 2, 8), 0, 36_000)
     yesterday = DayRange(date(2026, 2, 7), 0, 86_400)
     older = DayRange(date(2026, 2, 1), 0, 86_400)
     # A checkpoint inside or before the day's start: it moves to the day's end, never back.
-    assert carried_checkpoint(utc(2026, 2, 8, 1), today, now, settings) == utc(2026, 2, 8, 10)
-    assert carried_checkpoint(utc(2026, 2, 8, 12), today, now, settings) == utc(2026, 2, 8, 12)
+    assert carried_checkpoint(utc(2026, 2, 8, 1), today, start) == utc(2026, 2, 8, 10)
+    assert carried_checkpoint(utc(2026, 2, 8, 12), today, start) == utc(2026, 2, 8, 12)
     # A gap before the day: the checkpoint stays where it is.
-    assert carried_checkpoint(utc(2026, 2, 6), today, now, settings) == utc(2026, 2, 6)
+    assert carried_checkpoint(utc(2026, 2, 6), today, start) == utc(2026, 2, 6)
     # No checkpoint: only a day covering the sensor's starting point may set one.
-    assert carried_checkpoint(None, yesterday, now, settings) == utc(2026, 2, 8)
-    assert carried_checkpoint(None, today, now, settings) is None
-    assert carried_checkpoint(None, older, now, settings) is None
+    assert carried_checkpoint(None, yesterday, start) == utc(2026, 2, 8)
+    assert carried_checkpoint(None, today, start) is None
+    assert carried_checkpoint(None, older, start) is None
+
+
+NOW = utc(2026, 2, 7, 12, 0, 45)  # slices through 12:00 are due (60 s slices, 30 s lateness)
+
+
+def snapshot(**changes: object) -> Snapshot:
+    values: dict[str, object] = {
+        "fleet": ["D1", "D2"],
+        "known": frozenset({"D1", "D2"}),
+        "remembered": Cursor(),
+        "found": {},
+        "searched_since": date(2026, 1, 31),
+        "newest_storage_id": None,
+        "failed": [],
+        "busy": frozenset(),
+    }
+    values.update(changes)
+    return Snapshot(**values)  # type: ignore[arg-type]
+
+
+def test_a_tick_plans_each_devices_due_slices_from_its_checkpoint() -> None:
+    plan = plan_tick(NOW, SETTINGS, snapshot(found={"D1": utc(2026, 2, 7, 11, 58)}))
+    assert plan.runs == [
+        [
+            WorkItem("D1", DayRange(date(2026, 2, 7), 43_080, 43_200)),
+            WorkItem("D2", DayRange(date(2026, 2, 7), 39_600, 43_200)),
+        ]
+    ]
+    assert plan.resume_from == {"D1": utc(2026, 2, 7, 11, 58), "D2": utc(2026, 2, 7, 11)}
+    assert plan.until == utc(2026, 2, 7, 12)
+    assert plan.warnings == [
+        "D2: no checkpoint (never exported, or not since 2026-01-31); exporting from "
+        "LOOKBACK_HOURS ago; materialize earlier device-days to fill in"
+    ]
+
+
+def test_busy_devices_get_no_work_and_new_devices_are_registered() -> None:
+    plan = plan_tick(
+        NOW,
+        SETTINGS,
+        snapshot(fleet=["D1", "D2", "D3"], busy=frozenset({"D2"}), found={"D1": NOW}),
+    )
+    assert plan.new_devices == ["D3"]
+    assert {item.device_id for run in plan.runs for item in run} == {"D3"}  # D1 is up to date
+    assert "1 new, 1 busy" in plan.summary
+
+
+def test_the_cursor_keeps_the_newest_checkpoint_and_storage_id_it_has_seen() -> None:
+    remembered = Cursor({"D1": utc(2026, 2, 7, 11, 59), "D2": utc(2026, 2, 7, 11)}, 500)
+    plan = plan_tick(
+        NOW,
+        SETTINGS,
+        snapshot(
+            remembered=remembered, found={"D1": utc(2026, 2, 7, 11, 30)}, newest_storage_id=90
+        ),
+    )
+    assert plan.cursor == Cursor({"D1": utc(2026, 2, 7, 11, 59), "D2": utc(2026, 2, 7, 11)}, 500)
+    assert Cursor.parse(plan.cursor.dump()) == plan.cursor
+
+
+def test_failed_reconciliations_become_whole_day_reexports_unless_the_device_is_busy() -> None:
+    yesterday = date(2026, 2, 6)
+    plan = plan_tick(
+        NOW,
+        SETTINGS,
+        snapshot(
+            found={"D1": utc(2026, 2, 7, 12), "D2": utc(2026, 2, 7, 12)},
+            failed=[DeviceDay("D1", yesterday), DeviceDay("D2", yesterday)],
+            busy=frozenset({"D2"}),
+        ),
+    )
+    assert plan.runs == [[WorkItem("D1", DayRange(yesterday, 0, 86_400), reexport=True)]]
+    assert "re-exporting 2026-02-06|D1: its reconciliation failed" in plan.warnings
+
+
+def test_runs_hold_at_most_devices_per_run_devices() -> None:
+    settings = ExportSettings(interval_seconds=60, lateness_seconds=30, devices_per_run=2)
+    plan = plan_tick(NOW, settings, snapshot(fleet=["A", "B", "C"], known=frozenset("ABC")))
+    assert [sorted({item.device_id for item in run}) for run in plan.runs] == [["A", "B"], ["C"]]
+
+
+def test_freshness_fails_naming_the_devices_more_than_three_intervals_behind() -> None:
+    behind = NOW - timedelta(seconds=3 * 60 + 30 + 1)
+    within = NOW - timedelta(seconds=3 * 60 + 30)
+    plan = plan_tick(NOW, SETTINGS, snapshot(found={"D1": within, "D2": behind}))
+    assert plan.freshness.passed is False
+    assert plan.freshness.metadata["behind"].value == {"D2": 211}
+    fresh = plan_tick(NOW, SETTINGS, snapshot(found={"D1": within, "D2": within}))
+    assert fresh.freshness.passed is True

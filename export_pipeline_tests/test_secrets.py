@@ -19,7 +19,7 @@ from dagster._serdes import serialize_value
 
 from export_pipeline.resources import build_resources
 from export_pipeline.settings import Settings
-from export_pipeline_tests.conftest import REPO, Stack
+from export_pipeline_tests.conftest import CLI_CWD, Stack
 from export_pipeline_tests.services import free_port, point
 from export_pipeline_tests.test_export import at
 
@@ -36,7 +36,7 @@ def cli(args: list[str], env: dict[str, str]) -> str:
     done = subprocess.run(
         [dagster, *args, "-m", "export_pipeline.definitions"],
         env={**os.environ, **env},
-        cwd=REPO,
+        cwd=CLI_CWD,
         capture_output=True,
         text=True,
         timeout=300,

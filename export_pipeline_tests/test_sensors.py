@@ -23,7 +23,6 @@ from dagster import (
     materialize,
 )
 
-from export_pipeline.assets import telemetry_export
 from export_pipeline.influx import InfluxSource
 from export_pipeline.jobs import export_due_slices, sweep_late_data
 from export_pipeline.ledger import checkpoints
@@ -31,7 +30,7 @@ from export_pipeline.resources import ClockResource, build_resources
 from export_pipeline.schema import SOURCE_SCHEMA
 from export_pipeline.sensors import build_continuous_export
 from export_pipeline_tests.audit import assert_reconciled
-from export_pipeline_tests.conftest import REPO, Stack
+from export_pipeline_tests.conftest import CLI_CWD, Stack, telemetry_export
 from export_pipeline_tests.services import InfluxServer, point
 
 T0 = datetime(2026, 2, 7, 12, 0, tzinfo=UTC)
@@ -138,7 +137,7 @@ class Fleet:
 
     def in_influx(self, device: str, start: datetime, end: datetime) -> list[int]:
         source = InfluxSource(self.settings.influx)
-        batches = list(source.read(device, ns(start), ns(end)))
+        batches = list(source.read(device, start_ns=ns(start), end_ns=ns(end)))
         return pa.Table.from_batches(batches, schema=SOURCE_SCHEMA).column("time").to_pylist()
 
 
@@ -372,7 +371,7 @@ def start_run_and_signal_it_midway(
             str(config),
         ],
         env=env,
-        cwd=REPO,
+        cwd=CLI_CWD,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -1,8 +1,10 @@
+import os
 from datetime import date
+from pathlib import Path
 
 import pytest
 
-from export_pipeline.settings import Settings, SettingsError
+from export_pipeline.settings import Settings, SettingsError, load_env_file
 
 BASE = {"S3_BUCKET": "exports"}
 
@@ -68,3 +70,18 @@ def test_secrets_never_appear_in_the_settings_repr() -> None:
     )
     assert settings.influx.token == "tok-SECRET-1"
     assert "SECRET" not in repr(settings)
+
+
+def test_a_dotenv_in_the_working_directory_fills_in_what_the_environment_does_not_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "environ", {"S3_PREFIX": "from-the-environment"})
+    (tmp_path / ".env").write_text("S3_PREFIX=from-the-file\nEXPORT_FORMAT=csv\n")
+    monkeypatch.chdir(tmp_path)
+    load_env_file()
+    assert os.environ == {"S3_PREFIX": "from-the-environment", "EXPORT_FORMAT": "csv"}
+    (tmp_path / "below").mkdir()
+    monkeypatch.chdir(tmp_path / "below")  # only the working directory's .env is read
+    monkeypatch.setattr(os, "environ", {})
+    load_env_file()
+    assert os.environ == {}

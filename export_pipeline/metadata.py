@@ -1,0 +1,174 @@
+"""What the ledger records: materialization metadata and check evaluations, built from what an
+export or a sweep found. `ledger.py` reads the same names back.
+
+- A materialization of a device-day carries `exported_through` (the device's checkpoint after
+  it: the end of the last slice whose objects are complete in S3) and `covered_through` (where
+  the exported slices of that day end), with row counts, files and timings for the UI.
+- A reconciliation evaluation carries InfluxDB's count of values per field and how much of the
+  day it checked, which the late-data sweep compares with InfluxDB later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetKey,
+    AssetMaterialization,
+    MetadataValue,
+)
+
+from export_pipeline.export import Exported
+from export_pipeline.partitions import DeviceDay
+from export_pipeline.reconciliation import LateData, Reconciliation
+from export_pipeline.settings import ExportSettings
+from export_pipeline.slicing import day_start
+
+TELEMETRY_EXPORT = AssetKey("telemetry_export")
+RECONCILIATION = AssetCheckKey(TELEMETRY_EXPORT, "reconciliation")
+FRESHNESS = AssetCheckKey(TELEMETRY_EXPORT, "freshness")
+
+EXPORTED_THROUGH = "exported_through"
+COVERED_THROUGH = "covered_through"
+FIELD_COUNTS = "influxdb_field_counts"
+CHECKED_THROUGH = "checked_through"
+FRESHNESS_INTERVALS = 3
+
+
+def materialization_metadata(exported: Exported, now: datetime) -> dict[str, Any]:
+    """The metadata of a device-day's materialization after `exported` reached S3."""
+    report, piece = exported.report, exported.piece
+
+    def stamp(value: datetime | None) -> str:
+        return value.isoformat() if value else ""
+
+    metadata: dict[str, Any] = {
+        "dagster/row_count": report.rows,
+        "dagster/uri": MetadataValue.path(report.folder_uri),
+        COVERED_THROUGH: MetadataValue.timestamp(piece.end_time),
+        "slices": f"{timedelta(seconds=piece.start)} to {timedelta(seconds=piece.end)} UTC",
+        "files_written": len(report.files_written),
+        "files_deleted": len(report.files_deleted),
+        "bytes_written": report.bytes_written,
+        "first_timestamp": stamp(report.first_timestamp),
+        "last_timestamp": stamp(report.last_timestamp),
+        "read_seconds": round(report.read_seconds, 3),
+        "write_seconds": round(report.write_seconds, 3),
+    }
+    if exported.exported_through is not None:
+        metadata[EXPORTED_THROUGH] = MetadataValue.timestamp(exported.exported_through)
+        lag = (now - exported.exported_through).total_seconds()
+        metadata["export_lag_seconds"] = round(lag, 1)
+    return metadata
+
+
+def materialization(exported: Exported, now: datetime) -> AssetMaterialization:
+    """The event a run logs for a device-day it exported outside an asset's own step."""
+    return AssetMaterialization(
+        asset_key=TELEMETRY_EXPORT,
+        partition=DeviceDay(exported.report.device_id, exported.piece.day).key,
+        metadata=materialization_metadata(exported, now),
+    )
+
+
+def reconciliation_metadata(result: Reconciliation) -> dict[str, Any]:
+    return {
+        "influxdb_rows": result.source_rows,
+        "s3_rows": result.exported_rows,
+        "difference": result.exported_rows - result.source_rows,
+        "files": result.files,
+        "schema_mismatches": MetadataValue.json(result.schema_mismatches[:20]),
+        CHECKED_THROUGH: MetadataValue.timestamp(
+            day_start(result.day) + timedelta(seconds=result.through_offset)
+        ),
+        FIELD_COUNTS: MetadataValue.json(result.field_counts),
+        "summary": result.description,
+    }
+
+
+def reconciliation_result(result: Reconciliation) -> AssetCheckResult:
+    """The reconciliation as the asset's own check result."""
+    return AssetCheckResult(
+        check_name=RECONCILIATION.name,
+        passed=result.passed,
+        metadata=reconciliation_metadata(result),
+        severity=AssetCheckSeverity.ERROR,
+    )
+
+
+def reconciliation_evaluation(result: Reconciliation) -> AssetCheckEvaluation:
+    """The reconciliation as an event a run logs for a device-day it closed."""
+    return AssetCheckEvaluation(
+        asset_key=TELEMETRY_EXPORT,
+        check_name=RECONCILIATION.name,
+        passed=result.passed,
+        metadata=reconciliation_metadata(result),
+        partition=DeviceDay(result.device_id, result.day).key,
+        severity=AssetCheckSeverity.ERROR,
+    )
+
+
+def late_data_evaluation(late: LateData) -> AssetCheckEvaluation:
+    """A failed reconciliation for a device-day that changed in InfluxDB after it was
+    reconciled: the continuous_export sensor exports the day again, which reconciles it anew."""
+    return AssetCheckEvaluation(
+        asset_key=TELEMETRY_EXPORT,
+        check_name=RECONCILIATION.name,
+        passed=False,
+        metadata={
+            "reconciled_field_counts": MetadataValue.json(late.reconciled),
+            FIELD_COUNTS: MetadataValue.json(late.now),
+            "summary": late.description,
+        },
+        partition=DeviceDay(late.device_id, late.day).key,
+        severity=AssetCheckSeverity.ERROR,
+    )
+
+
+def lagging_devices(
+    exported_through: Mapping[str, datetime],
+    fleet: Sequence[str],
+    now: datetime,
+    settings: ExportSettings,
+) -> dict[str, float]:
+    """Devices more than FRESHNESS_INTERVALS intervals (plus the lateness allowance) behind."""
+    allowed = FRESHNESS_INTERVALS * settings.interval_seconds + settings.lateness_seconds
+    lag = {}
+    for device_id in fleet:
+        through = exported_through.get(device_id)
+        seconds = (now - through).total_seconds() if through else float("inf")
+        if seconds > allowed:
+            lag[device_id] = seconds
+    return lag
+
+
+def freshness_evaluation(
+    exported_through: Mapping[str, datetime],
+    fleet: Sequence[str],
+    now: datetime,
+    settings: ExportSettings,
+) -> AssetCheckEvaluation:
+    """`freshness`: passes when no device of `fleet` is more than three intervals behind."""
+    behind = lagging_devices(exported_through, fleet, now, settings)
+    lags = [(now - exported_through[d]).total_seconds() for d in fleet if d in exported_through]
+    worst = sorted(behind.items(), key=lambda item: -item[1])[:20]
+    return AssetCheckEvaluation(
+        asset_key=TELEMETRY_EXPORT,
+        check_name=FRESHNESS.name,
+        passed=not behind,
+        metadata={
+            "devices": len(fleet),
+            "devices_behind": len(behind),
+            "max_export_lag_seconds": max(lags, default=0.0),
+            "behind": MetadataValue.json(
+                {d: (None if s == float("inf") else round(s)) for d, s in worst}
+            ),
+        },
+        severity=AssetCheckSeverity.WARN,
+    )
