@@ -129,7 +129,16 @@ def point(
 
 
 class MotoServer(LocalServer):
-    """moto's S3 server: a real HTTP S3 endpoint."""
+    """moto's S3 server: a real HTTP S3 endpoint.
+
+    `env` is added to the server's environment: `INITIAL_NO_AUTH_ACTION_COUNT=n` makes it serve
+    its first n S3 or IAM requests unchecked, then authenticate every request and authorise it
+    against the caller's IAM policies.
+    """
+
+    def __init__(self, root: Path, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(root)
+        self.env = dict(env or {})
 
     def start(self) -> None:
         log = (self.root / "moto.log").open("ab")
@@ -137,8 +146,13 @@ class MotoServer(LocalServer):
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=log,
             stderr=log,
+            env={**os.environ, **self.env},
         )
-        wait_until(lambda: requests.get(self.url, timeout=1).status_code < 500, "moto_server")
+        # moto's own API is not an S3 or IAM action, so this wait uses none of the unchecked ones.
+        wait_until(
+            lambda: requests.get(f"{self.url}/moto-api/", timeout=1).status_code == 200,
+            "moto_server",
+        )
 
 
 class TcpProxy:

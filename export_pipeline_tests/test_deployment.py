@@ -7,7 +7,6 @@ something that exists.
 
 import importlib.util
 import re
-from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,21 @@ import yaml
 from dagster import DagsterInstance
 from dagster._core.definitions.run_request import InstigatorType
 from dagster._core.scheduler.instigation import TickStatus
-from dotenv import dotenv_values
 
 from export_pipeline.settings import Settings
+from export_pipeline_tests.compose import COMPOSE, ENV_EXAMPLE, compose_strings, variables_used
 from export_pipeline_tests.conftest import REPO
 
-COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
-ENV_EXAMPLE = dotenv_values(REPO / ".env.example")
-PIPELINE_SERVICES = {"code-server", "webserver", "daemon", "health", "simulator"}
+PIPELINE_SERVICES = {
+    "code-server",
+    "webserver",
+    "webserver-operator",
+    "daemon",
+    "health",
+    "simulator",
+}
+# Every variable the stack interpolates, in any form (${NAME}, ${NAME:-default}, ...).
+COMPOSE_VARIABLES = set().union(*(variables_used(text) for text in compose_strings(COMPOSE)))
 
 
 class RecordingEnv(dict[str, str]):
@@ -43,17 +49,6 @@ class RecordingEnv(dict[str, str]):
         return super().__getitem__(key)
 
 
-def compose_strings(node: object) -> Iterator[str]:
-    if isinstance(node, dict):
-        for value in node.values():
-            yield from compose_strings(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from compose_strings(value)
-    elif isinstance(node, str):
-        yield node
-
-
 def test_every_setting_the_code_reads_is_in_env_example() -> None:
     env = RecordingEnv({k: v or "" for k, v in ENV_EXAMPLE.items()})
     Settings.from_env(env)
@@ -66,24 +61,20 @@ def test_every_setting_the_code_reads_is_in_env_example() -> None:
 def test_env_example_holds_only_settings_something_reads() -> None:
     env = RecordingEnv({k: v or "" for k, v in ENV_EXAMPLE.items()})
     Settings.from_env(env)
-    compose_text = (REPO / "docker-compose.yml").read_text()
     unread = {
         name
         for name in ENV_EXAMPLE
         if name not in env.read
         and f"{{env: {name}}}" not in (REPO / "dagster.yaml").read_text()
-        and f"${{{name}}}" not in compose_text
+        and name not in COMPOSE_VARIABLES
         and not name.startswith("AWS_")  # read by boto3's default credential chain
     }
     assert unread == set()
 
 
 def test_every_variable_the_stack_uses_is_defined_in_env_example() -> None:
-    used = set()
-    for text in compose_strings(COMPOSE):
-        used |= set(re.findall(r"(?<!\$)\$\{([A-Z_]+)\}", text))
-    assert used
-    assert used - set(ENV_EXAMPLE) == set()
+    assert {"INFLUXDB_TOKEN", "PORT", "PUBLISH_ADDRESS"} <= COMPOSE_VARIABLES
+    assert COMPOSE_VARIABLES - set(ENV_EXAMPLE) == set()
 
 
 def test_the_stack_has_every_service_of_the_deployment() -> None:
@@ -115,11 +106,12 @@ def test_the_webserver_reaches_the_code_server_on_the_port_it_serves() -> None:
     assert str(grpc["port"]) == command[command.index("-p") + 1]
 
 
-def test_the_health_service_publishes_port_and_the_webserver_3000() -> None:
+def test_the_health_service_publishes_port_and_the_read_only_webserver_3000_on_this_host() -> None:
     services = COMPOSE["services"]
-    assert services["health"]["ports"] == ["${PORT}:${PORT}"]
+    assert services["health"]["ports"] == ["${PUBLISH_ADDRESS:-127.0.0.1}:${PORT}:${PORT}"]
     assert ENV_EXAMPLE["PORT"] == "8080"
-    assert services["webserver"]["ports"] == ["3000:3000"]
+    assert services["webserver"]["ports"] == ["${PUBLISH_ADDRESS:-127.0.0.1}:3000:3000"]
+    assert ENV_EXAMPLE["PUBLISH_ADDRESS"] == "127.0.0.1"
     assert "/health" in " ".join(services["health"]["healthcheck"]["test"])
 
 

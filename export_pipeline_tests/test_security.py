@@ -1,0 +1,468 @@
+"""The deployment keeps Dagster's UI (which has no login) on the host unless told otherwise, and
+the README's credentials are least privilege.
+
+The README's S3 policy is proven two ways: the exporter's own code does all its S3 work with
+only that policy, against a moto server that enforces IAM; and the S3 calls it made, mapped to
+the IAM actions AWS authorises them with, are exactly the actions the policy grants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import psycopg2
+import pytest
+from botocore.exceptions import ClientError
+from botocore.model import OperationModel
+from dagster import DagsterInstance
+from dagster_webserver.cli import cli as webserver_cli
+
+from export_pipeline.export import ExportReport, export_device_day
+from export_pipeline.influx import InfluxSource
+from export_pipeline.layout import device_folder, devices_root
+from export_pipeline.reconciliation import Reconciliation, reconcile
+from export_pipeline.settings import Settings
+from export_pipeline.slicing import SECONDS_PER_DAY
+from export_pipeline.writers import MULTIPART_THRESHOLD, ObjectStore
+from export_pipeline_tests.compose import (
+    COMPOSE,
+    ENV_EXAMPLE,
+    Env,
+    is_loopback,
+    published_addresses,
+)
+from export_pipeline_tests.conftest import REPO
+from export_pipeline_tests.services import (
+    POSTGRES,
+    InfluxServer,
+    MotoServer,
+    ensure_postgres,
+    point,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+SERVICES: dict[str, Any] = COMPOSE["services"]
+WIDENED = {**ENV_EXAMPLE, "PUBLISH_ADDRESS": "0.0.0.0"}
+# A .env copied from .env.example, and one copied before PUBLISH_ADDRESS existed.
+DEFAULT_ENVS: dict[str, Env] = {
+    "env-example": ENV_EXAMPLE,
+    "env-without-publish-address": {k: v for k, v in ENV_EXAMPLE.items() if k != "PUBLISH_ADDRESS"},
+}
+
+
+@pytest.mark.parametrize(
+    ("port", "env", "address"),
+    [
+        ("3000", {}, ""),  # a random host port, on every interface
+        ("3000:3000", {}, ""),
+        (3000, {}, ""),
+        ("0.0.0.0:3000:3000", {}, "0.0.0.0"),
+        ("127.0.0.1:3000:3000", {}, "127.0.0.1"),
+        ("127.0.0.1::3000", {}, "127.0.0.1"),
+        ("[::1]:3000:3000/tcp", {}, "::1"),
+        ("${ADDRESS:-0.0.0.0}:3000:3000", {}, "0.0.0.0"),
+        ("${ADDRESS:-127.0.0.1}:3000:3000", {"ADDRESS": ""}, "127.0.0.1"),
+        ("${ADDRESS-127.0.0.1}:3000:3000", {"ADDRESS": ""}, ""),  # set, though empty
+        ("${ADDRESS}:3000:3000", {"ADDRESS": "10.0.0.5"}, "10.0.0.5"),
+        ({"target": 3000, "published": 3000}, {}, ""),
+        ({"target": 3000, "published": 3000, "host_ip": "${ADDRESS:-127.0.0.1}"}, {}, "127.0.0.1"),
+    ],
+)
+def test_a_published_port_is_read_as_compose_reads_it(port: object, env: Env, address: str) -> None:
+    assert published_addresses({"ports": [port]}, env) == [address]
+
+
+def reachable_from_other_machines(env: Env) -> dict[str, list[str]]:
+    """Each service's published addresses that are not loopback ("" is every interface)."""
+    found = {}
+    for name, service in SERVICES.items():
+        wide = [
+            address for address in published_addresses(service, env) if not is_loopback(address)
+        ]
+        if wide:
+            found[name] = wide
+    return found
+
+
+@pytest.mark.parametrize("env", DEFAULT_ENVS.values(), ids=DEFAULT_ENVS.keys())
+def test_no_service_publishes_a_port_beyond_this_host_by_default(env: Env) -> None:
+    # Every service, whatever its profile: `--profile operator` and `--profile inspect` too.
+    assert reachable_from_other_machines(env) == {}
+    assert [name for name, s in SERVICES.items() if s.get("network_mode") == "host"] == []
+
+
+def test_publish_address_opens_the_read_only_ui_and_the_health_service_and_nothing_else() -> None:
+    assert reachable_from_other_machines(WIDENED) == {
+        "webserver": ["0.0.0.0"],
+        "health": ["0.0.0.0"],
+    }
+
+
+def test_postgresql_and_the_code_server_are_never_published() -> None:
+    publishing = {name for name, service in SERVICES.items() if service.get("ports")}
+    assert publishing == {"webserver", "webserver-operator", "health", "inspect"}
+    forwarded = " ".join(SERVICES["inspect"]["command"])
+    assert "postgres" not in forwarded and "code-server" not in forwarded
+    assert SERVICES["inspect"]["profiles"] == ["inspect"]
+
+
+def test_everyone_gets_the_read_only_ui_and_operators_the_full_one_on_this_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(REPO)  # the commands name the workspace file relative to it
+
+    def read_only(service: str) -> bool:
+        command = SERVICES[service]["command"]
+        assert command[0] == "dagster-webserver"
+        return bool(webserver_cli.make_context(command[0], command[1:]).params["read_only"])
+
+    assert read_only("webserver")
+    assert "profiles" not in SERVICES["webserver"]
+    assert not read_only("webserver-operator")
+    assert SERVICES["webserver-operator"]["profiles"] == ["operator"]
+    assert published_addresses(SERVICES["webserver-operator"], WIDENED) == ["127.0.0.1"]
+
+
+# The README's credentials. -------------------------------------------------------------------
+
+README = (REPO / "README.md").read_text()
+
+
+def readme_block(language: str) -> str:
+    """The one ```language block of README.md's Security section."""
+    section = README.split("\n## Security\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(rf"^```{language}\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 1, f"the Security section should hold one {language} block"
+    return str(blocks[0])
+
+
+def as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else value
+
+
+POLICY: dict[str, Any] = json.loads(readme_block("json"))
+STATEMENTS: list[dict[str, Any]] = POLICY["Statement"]
+BUCKET = str(ENV_EXAMPLE["S3_BUCKET"])
+# S3_DAILY_PREFIX's default until the daily dataset puts it in .env.example.
+PREFIXES = [str(ENV_EXAMPLE["S3_PREFIX"]), ENV_EXAMPLE.get("S3_DAILY_PREFIX") or "telemetry_daily"]
+
+# The IAM action AWS authorises each S3 call of the project with (the Service Authorization
+# Reference for Amazon S3). A call missing here is a call the README policy was not checked for.
+IAM_ACTION = {
+    "HeadBucket": "s3:ListBucket",
+    "ListObjectsV2": "s3:ListBucket",
+    "GetObject": "s3:GetObject",
+    "PutObject": "s3:PutObject",
+    "CreateMultipartUpload": "s3:PutObject",
+    "UploadPart": "s3:PutObject",
+    "CompleteMultipartUpload": "s3:PutObject",
+    "ListMultipartUploads": "s3:ListBucketMultipartUploads",
+    "AbortMultipartUpload": "s3:AbortMultipartUpload",
+    "DeleteObjects": "s3:DeleteObject",  # checked for each key
+}
+
+
+def as_moto_enforces_it(policy: dict[str, Any]) -> dict[str, Any]:
+    """`policy` with moto's departures from AWS made up for, so moto lets through what AWS would.
+
+    moto 5.2 (moto/s3/responses.py) authorises
+    - HeadBucket as "s3:HeadBucket" (ACTION_MAP["BUCKET"]["HEAD"]), an action IAM does not have:
+      AWS asks for s3:ListBucket. Granted wherever s3:ListBucket is.
+    - DeleteObjects as s3:DeleteObject on the bucket's ARN (`_bucket_response_post`), answering
+      AccessDenied for every key otherwise: AWS checks each key's ARN. Granted on the buckets
+      whose keys s3:DeleteObject is granted on, so under moto a batch delete reaches any key of
+      the bucket; that deletes are held to the prefixes is shown with single-key DeleteObject.
+    What moto does not evaluate at all for S3 is a Condition: its evaluator gets no request
+    context (iam/access_control.py `check_action_permitted`), finds no value for any key and so
+    lets every condition pass. The README policy has none (see the test below).
+    """
+    added = []
+    for statement in policy["Statement"]:
+        actions, resources = as_list(statement["Action"]), as_list(statement["Resource"])
+        if "s3:ListBucket" in actions:
+            added.append({"Effect": "Allow", "Action": "s3:HeadBucket", "Resource": resources})
+        if "s3:DeleteObject" in actions:
+            buckets = sorted({resource.split("/", 1)[0] for resource in resources})
+            added.append({"Effect": "Allow", "Action": "s3:DeleteObject", "Resource": buckets})
+    return {**policy, "Statement": [*policy["Statement"], *added]}
+
+
+def test_the_readme_s3_policy_names_the_exports_bucket_and_the_two_dataset_prefixes_only() -> None:
+    resources = {resource for s in STATEMENTS for resource in as_list(s["Resource"])}
+    assert resources == {f"arn:aws:s3:::{BUCKET}"} | {
+        f"arn:aws:s3:::{BUCKET}/{prefix}/*" for prefix in PREFIXES
+    }
+    # Only plain grants: a Condition would go unchecked by moto (and an s3:prefix one would
+    # refuse HeadBucket, which asks for s3:ListBucket without a prefix).
+    assert all(set(s) <= {"Sid", "Effect", "Action", "Resource"} for s in STATEMENTS)
+    assert {s["Effect"] for s in STATEMENTS} == {"Allow"}
+
+
+def iam_client(url: str, key: Mapping[str, str]) -> Any:
+    return boto3.client(
+        "iam",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id=key["AccessKeyId"],
+        aws_secret_access_key=key["SecretAccessKey"],
+    )
+
+
+@dataclass(frozen=True)
+class IamS3:
+    """A moto S3 server of its own that checks every request against the caller's IAM policies;
+    the admin is allowed everything, the exporter holds the README's policy alone."""
+
+    url: str
+    admin_key: Mapping[str, str]
+    exporter_key: Mapping[str, str]
+
+    def s3(self, key: Mapping[str, str]) -> S3Client:
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=key["AccessKeyId"],
+            aws_secret_access_key=key["SecretAccessKey"],
+        )
+
+    @property
+    def admin(self) -> S3Client:
+        return self.s3(self.admin_key)
+
+    @property
+    def exporter(self) -> S3Client:
+        return self.s3(self.exporter_key)
+
+
+OTHER_BUCKET = "someone-elses-bucket"
+ALLOW_ALL = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+}
+
+
+@pytest.fixture(scope="module")
+def iam_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IamS3]:
+    # moto serves its first INITIAL_NO_AUTH_ACTION_COUNT S3 and IAM requests unchecked (its
+    # `/moto-api/` start-up probe is not one of them), then authenticates and authorises each.
+    # The three unchecked ones make an admin; everything after is signed.
+    server = MotoServer(
+        tmp_path_factory.mktemp("moto-iam"), env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    )
+    server.start()
+    try:
+        unchecked = iam_client(server.url, {"AccessKeyId": "any", "SecretAccessKey": "any"})
+        unchecked.create_user(UserName="admin")
+        unchecked.put_user_policy(
+            UserName="admin", PolicyName="everything", PolicyDocument=json.dumps(ALLOW_ALL)
+        )
+        admin_key = unchecked.create_access_key(UserName="admin")["AccessKey"]
+        iam = iam_client(server.url, admin_key)
+        iam.create_user(UserName="export-pipeline")
+        iam.put_user_policy(
+            UserName="export-pipeline",
+            PolicyName="readme",
+            PolicyDocument=json.dumps(as_moto_enforces_it(POLICY)),
+        )
+        exporter_key = iam.create_access_key(UserName="export-pipeline")["AccessKey"]
+        s3 = IamS3(server.url, admin_key, exporter_key)
+        for bucket in (BUCKET, OTHER_BUCKET):
+            s3.admin.create_bucket(Bucket=bucket)
+        s3.admin.put_object(Bucket=OTHER_BUCKET, Key="secret.txt", Body=b"not yours")
+        with pytest.raises(ClientError, match="InvalidAccessKeyId"):  # it does check
+            s3.s3({"AccessKeyId": "nobody", "SecretAccessKey": "x"}).list_buckets()
+        yield s3
+    finally:
+        server.stop()
+
+
+DAY = date(2026, 2, 7)
+DEVICE = "D1"
+
+
+@dataclass
+class ExporterRun:
+    """What the exporter did in `exercise_every_s3_operation`."""
+
+    reports: list[ExportReport] = field(default_factory=list)
+    reconciliations: list[Reconciliation] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    keys_left: list[str] = field(default_factory=list)
+
+
+def exercise_every_s3_operation(
+    store: ObjectStore, admin: S3Client, influx: InfluxServer, workdir: Path
+) -> ExporterRun:
+    """Every kind of S3 call the project makes, through its own code (ObjectStore is its only
+    S3 client; the health check's HeadBucket is the one call made elsewhere): the bucket check;
+    then per prefix a device-day exported and reconciled (Parquet, then CSV, whose
+    reconciliation reads whole objects), an object above the multipart threshold uploaded and
+    deleted, and an upload abandoned in a device folder (started by `admin`) aborted by the
+    sweep's routine."""
+    run = ExporterRun()
+    database = f"t{uuid.uuid4().hex[:12]}"
+    influx.create_database(database)
+    midnight = int(datetime(2026, 2, 7, tzinfo=UTC).timestamp()) * 10**9
+    influx.write(
+        database,
+        [point(midnight + hour * 3600 * 10**9, DEVICE, {"voltage": 230.0}) for hour in (1, 2, 3)],
+    )
+    big = workdir / "slice.parquet"
+    big.write_bytes(os.urandom(MULTIPART_THRESHOLD + 1024 * 1024))
+
+    store.check()
+    for prefix, fmt in zip(PREFIXES, ("parquet", "csv"), strict=True):
+        settings = Settings.from_env(
+            {
+                "INFLUXDB_URL": influx.url,
+                "INFLUXDB_BUCKET": database,
+                "S3_BUCKET": store.bucket,
+                "S3_PREFIX": prefix,
+                "EXPORT_INTERVAL_SECONDS": "300",
+                "EXPORT_FORMAT": fmt,
+            }
+        )
+        layout = settings.export.layout
+        with InfluxSource(settings.influx) as source:
+            report = export_device_day(source, store, prefix, DEVICE, DAY, settings.export)
+            run.reports.append(report)
+            run.reconciliations.append(
+                reconcile(source, store, prefix, DEVICE, DAY, layout, SECONDS_PER_DAY)
+            )
+        next_day = device_folder(prefix, DEVICE, DAY + timedelta(days=1), layout)
+        store.upload(big, f"{next_day}export_000000.parquet", "parquet")
+        store.delete([f"{next_day}export_000000.parquet"])
+        abandoned = f"{device_folder(prefix, 'D2', DAY, layout)}export_000000.parquet"
+        admin.create_multipart_upload(Bucket=store.bucket, Key=abandoned)
+        later = datetime.now(UTC) + timedelta(minutes=1)
+        run.aborted += store.abort_abandoned_uploads(devices_root(prefix), later)
+    listing = admin.list_objects_v2(Bucket=store.bucket).get("Contents", [])
+    run.keys_left = sorted(item["Key"] for item in listing)
+    return run
+
+
+def test_the_exporter_does_all_its_s3_work_with_only_the_readme_policy(
+    iam_s3: IamS3, influx_server: InfluxServer, tmp_path: Path
+) -> None:
+    store = ObjectStore(iam_s3.exporter, BUCKET)
+    run = exercise_every_s3_operation(store, iam_s3.admin, influx_server, tmp_path)
+
+    assert [report.rows for report in run.reports] == [3, 3]
+    assert [check.passed for check in run.reconciliations] == [True, True]
+    assert run.aborted == [
+        f"{prefix}/device_id=D2/date=2026/02/07/export_000000.parquet" for prefix in PREFIXES
+    ]
+    written = sorted(
+        uri.removeprefix(f"s3://{BUCKET}/")
+        for report in run.reports
+        for uri in report.files_written
+    )
+    assert len(written) == 6
+    assert run.keys_left == written  # the multipart objects were deleted
+
+
+def test_the_readme_policy_grants_exactly_the_iam_actions_the_exporter_needs(
+    s3_server: MotoServer, influx_server: InfluxServer, tmp_path: Path
+) -> None:
+    # Recorded on the tests' open S3 server, so this holds whatever moto enforces.
+    client = boto3.client("s3", endpoint_url=s3_server.url, region_name="us-east-1")
+    admin = boto3.client("s3", endpoint_url=s3_server.url, region_name="us-east-1")  # unrecorded
+    operations: set[str] = set()
+
+    def record(model: OperationModel, **_: Any) -> None:
+        operations.add(model.name)
+
+    client.meta.events.register("before-call.s3.*", record)
+    bucket = f"t{uuid.uuid4().hex[:12]}"
+    admin.create_bucket(Bucket=bucket)
+    exercise_every_s3_operation(ObjectStore(client, bucket), admin, influx_server, tmp_path)
+
+    # Every kind of S3 call the project makes was made, and no other.
+    assert operations == set(IAM_ACTION)
+    needed = {IAM_ACTION[operation] for operation in operations}
+    granted = {action for s in STATEMENTS for action in as_list(s["Action"])}
+    assert needed - granted == set(), "missing from the README policy"
+    assert granted - needed == set(), "granted by the README policy but never needed"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s3: s3.put_object(Bucket=BUCKET, Key="elsewhere/x.parquet", Body=b"x"),
+        lambda s3: s3.put_object(Bucket=BUCKET, Key="telemetry_archive/x.parquet", Body=b"x"),
+        lambda s3: s3.get_object(Bucket=OTHER_BUCKET, Key="secret.txt"),
+        lambda s3: s3.list_objects_v2(Bucket=OTHER_BUCKET),
+        lambda s3: s3.delete_object(Bucket=BUCKET, Key="elsewhere/x.parquet"),
+        lambda s3: s3.delete_bucket(Bucket=BUCKET),
+        lambda s3: s3.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps(ALLOW_ALL)),
+        lambda s3: s3.create_bucket(Bucket="a-bucket-of-its-own"),
+    ],
+    ids=[
+        "PutObject-outside-the-prefixes",
+        "PutObject-under-a-prefix-that-only-starts-alike",
+        "GetObject-in-another-bucket",
+        "ListObjectsV2-of-another-bucket",
+        "DeleteObject-outside-the-prefixes",
+        "DeleteBucket",
+        "PutBucketPolicy",
+        "CreateBucket",
+    ],
+)
+def test_the_readme_policy_refuses_what_the_exporter_never_does(
+    iam_s3: IamS3, call: Callable[[Any], object]
+) -> None:
+    with pytest.raises(ClientError) as refused:
+        call(iam_s3.exporter)
+    assert refused.value.response["Error"]["Code"] == "AccessDenied"
+
+
+def test_the_readme_postgresql_role_can_create_and_use_dagsters_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ensure_postgres()
+    name = f"export_pipeline_role_{os.getpid()}"
+    statements = readme_block("sql").replace("export_pipeline", name).split(";")
+    _as_postgres(*[s.strip() for s in statements if s.strip()])
+    try:
+        (tmp_path / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+        monkeypatch.setenv("CHECKPOINT_DB_HOST", str(POSTGRES["host"]))
+        monkeypatch.setenv("CHECKPOINT_DB_PORT", str(POSTGRES["port"]))
+        monkeypatch.setenv("CHECKPOINT_DB_NAME", name)
+        monkeypatch.setenv("CHECKPOINT_DB_USER", name)
+        monkeypatch.setenv("CHECKPOINT_DB_PASSWORD", "change-me")
+        with DagsterInstance.from_config(str(tmp_path)) as instance:  # creates Dagster's tables
+            instance.add_dynamic_partitions("devices", [DEVICE])
+            assert instance.get_dynamic_partitions("devices") == [DEVICE]
+        rights = _as_postgres(
+            f"SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = '{name}'"
+        )
+        assert rights == [(False, False, False)]
+    finally:
+        _as_postgres(
+            f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'DROP ROLE IF EXISTS "{name}"'
+        )
+
+
+def _as_postgres(*statements: str) -> list[tuple[Any, ...]]:
+    """Run `statements` as the administrator; the rows of the last."""
+    connection = psycopg2.connect(dbname="postgres", **POSTGRES)
+    connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
+    try:
+        with connection.cursor() as cursor:
+            for statement in statements:
+                cursor.execute(statement)
+            return cursor.fetchall() if cursor.description else []
+    finally:
+        connection.close()
