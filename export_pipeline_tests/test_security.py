@@ -26,12 +26,13 @@ from botocore.model import OperationModel
 from dagster import DagsterInstance
 from dagster_webserver.cli import cli as webserver_cli
 
-from export_pipeline.export import ExportReport, export_device_day
+from export_pipeline.export import ExportReport
 from export_pipeline.influx import InfluxSource
 from export_pipeline.layout import device_folder, devices_root
-from export_pipeline.reconciliation import Reconciliation, reconcile
+from export_pipeline.reconciliation import Reconciliation
 from export_pipeline.settings import Settings
-from export_pipeline.slicing import SECONDS_PER_DAY
+from export_pipeline.slices import Slices
+from export_pipeline.slicing import DayRange
 from export_pipeline.writers import MULTIPART_THRESHOLD, ObjectStore
 from export_pipeline_tests.compose import (
     COMPOSE,
@@ -336,15 +337,16 @@ def exercise_every_s3_operation(
         )
         layout = settings.export.layout
         with InfluxSource(settings.influx) as source:
-            report = export_device_day(source, store, prefix, DEVICE, DAY, settings.export)
-            run.reports.append(report)
-            run.reconciliations.append(
-                reconcile(source, store, prefix, DEVICE, DAY, layout, SECONDS_PER_DAY)
-            )
-        next_day = device_folder(prefix, DEVICE, DAY + timedelta(days=1), layout)
-        store.upload(big, f"{next_day}export_000000.parquet", "parquet")
+            dataset = Slices(source, store, prefix, settings.export)
+            run.reports.append(dataset.export(DEVICE, DayRange.whole(DAY)))
+            run.reconciliations.append(dataset.reconcile(DEVICE, DAY))
+        next_day = device_folder(
+            prefix, device_id=DEVICE, day=DAY + timedelta(days=1), layout=layout
+        )
+        store.upload(big, key=f"{next_day}export_000000.parquet", fmt="parquet")
         store.delete([f"{next_day}export_000000.parquet"])
-        abandoned = f"{device_folder(prefix, 'D2', DAY, layout)}export_000000.parquet"
+        folder = device_folder(prefix, device_id="D2", day=DAY, layout=layout)
+        abandoned = f"{folder}export_000000.parquet"
         admin.create_multipart_upload(Bucket=store.bucket, Key=abandoned)
         later = datetime.now(UTC) + timedelta(minutes=1)
         run.aborted += store.abort_abandoned_uploads(devices_root(prefix), later)
