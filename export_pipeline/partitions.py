@@ -6,6 +6,7 @@ module depends on how Dagster spells a key (`2026-02-07|device-001`: dimensions 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from datetime import date
 from typing import NamedTuple
@@ -45,12 +46,19 @@ class DeviceDay(NamedTuple):
 
     @property
     def key(self) -> MultiPartitionKey:
-        return MultiPartitionKey({"date": self.day.isoformat(), "device": self.device_id})
+        return _key(self.device_id, self.day)
 
     @classmethod
     def of(cls, partition_key: str) -> DeviceDay:
         keys = _KEYS.get_partition_key_from_str(partition_key).keys_by_dimension
         return cls(keys["device"], date.fromisoformat(keys["date"]))
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _key(device_id: str, day: date) -> MultiPartitionKey:
+    """Cached: a sensor tick names every recent device-day of the fleet, and building a
+    MultiPartitionKey costs ~10 µs (0.2 s a tick at 1,000 devices)."""
+    return MultiPartitionKey({"date": day.isoformat(), "device": device_id})
 
 
 def partition_keys(device_ids: Iterable[str], days: Iterable[date]) -> list[str]:
