@@ -187,7 +187,15 @@ def influx_rows(influx: InfluxSettings, device_id: str, day: date) -> list[Row]:
     """The device-day's points in InfluxDB, as the rows the README says S3 must hold."""
     start_ns = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()) * 10**9
     end_ns = start_ns + SECONDS_PER_DAY * 10**9
-    return [expected_row(p, device_id) for p in influx_points(influx, device_id, start_ns, end_ns)]
+    points = influx_points(influx, device_id, start_ns, end_ns)
+    # A point none of whose four fields is set (only fields that are not exported) carries
+    # nothing to export: no row. The README is silent; InfluxDB returns no row for it when asked
+    # for the four fields, and the exporter and the late-data sweep's counts agree.
+    return [
+        expected_row(point, device_id)
+        for point in points
+        if any(point.get(name) is not None for name in FIELDS)
+    ]
 
 
 # --- S3: the README's Layout and the two formats ---------------------------------------------
