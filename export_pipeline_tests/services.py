@@ -323,6 +323,35 @@ class PostgresServer(LocalServer):
                 ) from error
             for path in (self.root, self.sockets):
                 os.chown(path, owner.pw_uid, owner.pw_gid)
+
+    def _as_owner(self, command: list[str], run: bool = False) -> subprocess.Popen[bytes]:
+        if os.geteuid() == 0:
+            command = [
+                "setpriv",
+                f"--reuid={self.OS_USER}",
+                f"--regid={self.OS_USER}",
+                "--init-groups",
+                *command,
+            ]
+        with (self.root / "postgres.log").open("ab") as log:  # the child keeps its own copy
+            process = subprocess.Popen(command, stdout=log, stderr=log, cwd=self.root)
+        if run and process.wait(timeout=120) != 0:
+            raise RuntimeError(f"{command} failed:\n{self.log_tail()}")
+        return process
+
+    def log_tail(self) -> str:
+        return (self.root / "postgres.log").read_text(errors="replace")[-3000:]
+
+    @property
+    def connection(self) -> dict[str, Any]:
+        """psycopg2.connect keywords for the server's `postgres` database."""
+        return {"host": "127.0.0.1", "port": self.port, "user": "postgres", "dbname": "postgres"}
+
+    def answers(self) -> bool:
+        psycopg2.connect(connect_timeout=2, **self.connection).close()
+        return True
+
+    def _initdb(self) -> None:
         self._as_owner(
             [
                 _postgres_binary("initdb"),
@@ -341,34 +370,10 @@ class PostgresServer(LocalServer):
             run=True,
         )
 
-    def _as_owner(self, command: list[str], run: bool = False) -> subprocess.Popen[bytes]:
-        if os.geteuid() == 0:
-            command = [
-                "setpriv",
-                f"--reuid={self.OS_USER}",
-                f"--regid={self.OS_USER}",
-                "--init-groups",
-                *command,
-            ]
-        log = (self.root / "postgres.log").open("ab")
-        process = subprocess.Popen(command, stdout=log, stderr=log, cwd=self.root)
-        if run and process.wait(timeout=120) != 0:
-            raise RuntimeError(f"{command} failed:\n{self.log_tail()}")
-        return process
-
-    def log_tail(self) -> str:
-        return (self.root / "postgres.log").read_text(errors="replace")[-3000:]
-
-    @property
-    def connection(self) -> dict[str, Any]:
-        """psycopg2.connect keywords for the server's `postgres` database."""
-        return {"host": "127.0.0.1", "port": self.port, "user": "postgres", "dbname": "postgres"}
-
-    def answers(self) -> bool:
-        psycopg2.connect(connect_timeout=2, **self.connection).close()
-        return True
-
     def start(self) -> None:
+        """Start the server (creating its cluster the first time) and wait until it answers."""
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
         self.process = self._as_owner(
             [
                 _postgres_binary("postgres"),
