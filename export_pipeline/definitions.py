@@ -4,9 +4,19 @@ import logging
 
 from dagster import Definitions, in_process_executor
 
-from export_pipeline.assets import build_telemetry_export
+from export_pipeline.assets import (
+    build_telemetry_daily,
+    build_telemetry_export,
+    influxdb_telemetry,
+)
 from export_pipeline.checks import build_freshness_check
-from export_pipeline.jobs import export_due_slices, register_devices, sweep_late_data
+from export_pipeline.io_managers import with_io_managers
+from export_pipeline.jobs import (
+    export_day_files,
+    export_due_slices,
+    register_devices,
+    sweep_late_data,
+)
 from export_pipeline.partitions import device_days
 from export_pipeline.resources import build_resources
 from export_pipeline.schedules import build_late_data_sweep
@@ -18,15 +28,20 @@ settings = Settings.from_env()
 # (dagster.yaml forwards them into Dagster's run logs).
 logging.getLogger("export_pipeline").setLevel(settings.log_level)
 
-telemetry_export = build_telemetry_export(device_days(settings.export))
+partitions = device_days(settings.export)
+telemetry_export = build_telemetry_export(partitions, settings.export)
 
 defs = Definitions(
-    assets=[telemetry_export],
+    assets=[
+        influxdb_telemetry,
+        telemetry_export,
+        build_telemetry_daily(partitions, settings.export),
+    ],
     asset_checks=[build_freshness_check(telemetry_export)],
-    jobs=[register_devices, export_due_slices, sweep_late_data],
+    jobs=[register_devices, export_due_slices, export_day_files, sweep_late_data],
     sensors=[build_continuous_export(settings)],
     schedules=[build_late_data_sweep(settings)],
-    resources=build_resources(settings),
+    resources=with_io_managers(build_resources(settings)),
     # Every step runs in the run's own process: a second (step) process would cost ~200 MB and
     # seconds of start-up for no parallelism the export needs (it has its own thread pools).
     executor=in_process_executor,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from queue import Empty, Full, Queue
@@ -54,6 +54,14 @@ class ExportReport:
     last_timestamp: datetime | None = None
     read_seconds: float = 0.0
     write_seconds: float = 0.0
+
+    def add(self, rows: pa.RecordBatch) -> None:
+        """Count a batch of exported rows in."""
+        self.rows += rows.num_rows
+        if rows.num_rows:
+            stamps = rows.column("timestamp")
+            self.first_timestamp = self.first_timestamp or stamps[0].as_py()
+            self.last_timestamp = stamps[-1].as_py()
 
 
 class Dataset(Protocol):
@@ -152,35 +160,55 @@ def export_device(
     return outcome
 
 
-ExportOne = Callable[[str, threading.Event], DeviceOutcome]
+@dataclass(frozen=True)
+class DeviceWork:
+    """A device's share of a run: chains of ranges (see `export_device`) and its checkpoint."""
+
+    chains: Sequence[Sequence[DayRange]]
+    checkpoint: datetime | None = None
 
 
-def export_devices(
-    device_ids: Sequence[str],
-    export_one: ExportOne,
+def export_fleet(
+    dataset: Dataset,
+    work: Mapping[str, DeviceWork],
     *,
+    first_due: datetime,
+    retries: int,
     concurrency: int,
     heartbeat_seconds: float,
     on_outcome: Callable[[DeviceOutcome], None],
     on_heartbeat: Callable[[int], None],
+    on_retry: OnRetry | None = None,
 ) -> None:
-    """Export devices `concurrency` at a time; outcomes are handed to `on_outcome` on the
-    calling thread as devices finish (Dagster's run context is not thread-safe), and
-    `on_heartbeat(devices done)` is called whenever none finished for `heartbeat_seconds`.
+    """Export each device's work, `concurrency` devices at a time. Outcomes are handed to
+    `on_outcome` on the calling thread as devices finish (Dagster's run context is not
+    thread-safe); `on_heartbeat(devices done)` is called whenever none finished for
+    `heartbeat_seconds`.
 
     An interrupt (SIGTERM reaches a run as one) stops queued devices from starting and running
     ones at their next slice boundary, so nothing partial becomes visible; then it is re-raised.
     """
     stop = threading.Event()
+
+    def export_one(device_id: str) -> DeviceOutcome:
+        return export_device(
+            dataset,
+            device_id,
+            work[device_id].chains,
+            checkpoint=work[device_id].checkpoint,
+            first_due=first_due,
+            retries=retries,
+            on_retry=on_retry,
+            stop=stop,
+        )
+
     pool = ThreadPoolExecutor(concurrency, thread_name_prefix="device")
-    pending: dict[Future[DeviceOutcome], str] = {
-        pool.submit(export_one, device_id, stop): device_id for device_id in device_ids
-    }
+    pending = {pool.submit(export_one, device_id): device_id for device_id in sorted(work)}
     try:
         while pending:
             finished, _ = wait(pending, timeout=heartbeat_seconds, return_when=FIRST_COMPLETED)
             if not finished:
-                on_heartbeat(len(device_ids) - len(pending))
+                on_heartbeat(len(work) - len(pending))
             for future in finished:
                 del pending[future]
                 on_outcome(future.result())

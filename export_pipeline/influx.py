@@ -54,12 +54,16 @@ def device_query(*, measurement: str, device_id: str, start_ns: int, end_ns: int
     )
 
 
-def counts_query(measurement: str, *, start_ns: int, end_ns: int) -> str:
-    """Every device's non-null count of each exported field in `[start_ns, end_ns)`."""
+def counts_query(
+    measurement: str, *, start_ns: int, end_ns: int, device_id: str | None = None
+) -> str:
+    """Every device's (or one device's) non-null count of each exported field in
+    `[start_ns, end_ns)`."""
     columns = [f"count({quote_identifier(n)}) AS {quote_identifier(n)}" for n in FIELD_COLUMNS]
+    device = "" if device_id is None else f'"device_id"::tag = {quote_string(device_id)} AND '
     return (
         f"SELECT {', '.join(columns)} FROM {quote_identifier(measurement)} "
-        f'WHERE time >= {int(start_ns)} AND time < {int(end_ns)} GROUP BY "device_id"'
+        f'WHERE {device}time >= {int(start_ns)} AND time < {int(end_ns)} GROUP BY "device_id"'
     )
 
 
@@ -91,6 +95,19 @@ class Source(Protocol):
     def read(
         self, device_id: str, *, start_ns: int, end_ns: int, batch_rows: int = ...
     ) -> Iterator[pa.RecordBatch]: ...
+
+
+class CountingSource(Source, Protocol):
+    """A source that can also count the values of each field, without reading them."""
+
+    def field_counts(
+        self,
+        *,
+        start_ns: int,
+        end_ns: int,
+        device_id: str | None = None,
+        timeout_seconds: float | None = None,
+    ) -> dict[str, dict[str, int]]: ...
 
 
 class InfluxSource:
@@ -204,12 +221,20 @@ class InfluxSource:
         )
 
     def field_counts(
-        self, *, start_ns: int, end_ns: int, timeout_seconds: float | None = None
+        self,
+        *,
+        start_ns: int,
+        end_ns: int,
+        device_id: str | None = None,
+        timeout_seconds: float | None = None,
     ) -> dict[str, dict[str, int]]:
         """Each device's count of values per exported field in `[start_ns, end_ns)`: one
-        aggregate query for the whole fleet, a fingerprint that grows with every late point.
-        It scans every point of the range, so it may be given longer than other queries."""
-        query = counts_query(self.settings.measurement, start_ns=start_ns, end_ns=end_ns)
+        aggregate query for the whole fleet (or one device), a fingerprint that grows with every
+        late point. It scans every point of the range, so it may be given longer than other
+        queries."""
+        query = counts_query(
+            self.settings.measurement, start_ns=start_ns, end_ns=end_ns, device_id=device_id
+        )
         answer = self._get({"q": query}, "application/json", timeout=timeout_seconds).json()
         result = (answer.get("results") or [{}])[0]
         if result.get("error"):

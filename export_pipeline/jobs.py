@@ -1,16 +1,23 @@
-"""Jobs: `register_devices` (DEVICE_IDS → `devices` partitions), `export_due_slices`, the
-batched run the continuous_export sensor requests, and `sweep_late_data`, which finds closed
-device-days that changed in InfluxDB after they were reconciled."""
+"""Jobs: `register_devices` (DEVICE_IDS → `devices` partitions); the batched runs the
+continuous_export sensor requests, `export_due_slices` (slices as they close) and
+`export_day_files` (a file per device-day once it has closed); and `sweep_late_data`, the
+hourly maintenance: closed days that changed in InfluxDB, uploads cut off half-way, and slices
+past EXPORT_SLICE_RETENTION_DAYS."""
 
-import threading
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from dagster import (
+    AssetCheckKey,
+    AssetKey,
+    AssetMaterialization,
     Config,
     Failure,
+    MetadataValue,
     OpExecutionContext,
     in_process_executor,
     job,
@@ -18,27 +25,60 @@ from dagster import (
 )
 from pydantic import Field
 
-from export_pipeline.export import DeviceOutcome, export_device, export_devices
+from export_pipeline.daily import DayFiles
+from export_pipeline.export import Dataset, DeviceOutcome, DeviceWork, export_fleet
 from export_pipeline.internals import pool_storage_connections
-from export_pipeline.layout import device_root, devices_root
-from export_pipeline.ledger import checkpoint_dates, reconciled_counts
+from export_pipeline.layout import (
+    day_file_key,
+    device_folder,
+    device_root,
+    devices_root,
+    slice_offset_of,
+)
+from export_pipeline.ledger import (
+    checkpoint_dates,
+    latest_checks,
+    latest_metadata,
+    reconciled_counts,
+)
 from export_pipeline.metadata import (
+    DAILY_RECONCILIATION,
+    RECONCILIATION,
+    SLICES_REMOVED,
+    TELEMETRY_DAILY,
+    TELEMETRY_EXPORT,
     late_data_evaluation,
     materialization,
     reconciliation_evaluation,
 )
-from export_pipeline.partitions import DEVICES, registered_devices
-from export_pipeline.planning import WorkItem, admit, closed_days, first_due
+from export_pipeline.partitions import DEVICES, DeviceDay, registered_devices
+from export_pipeline.planning import (
+    WorkItem,
+    admit,
+    closed_days,
+    first_due,
+    slices_kept_from,
+)
 from export_pipeline.reconciliation import late_data
 from export_pipeline.resources import (
     ClockResource,
     ExportBucketResource,
     ExportResource,
     InfluxDBResource,
+    day_files_of,
     slices_of,
 )
 from export_pipeline.retries import with_retries
-from export_pipeline.runs import CONTINUOUS_JOB, busy_devices, is_dead, runs_in_flight
+from export_pipeline.runs import (
+    CONTINUOUS_JOB,
+    DAILY,
+    DAILY_JOB,
+    SLICES,
+    busy_devices,
+    is_dead,
+    runs_in_flight,
+)
+from export_pipeline.settings import ExportSettings
 from export_pipeline.slicing import DayRange, day_bounds_ns
 
 
@@ -65,20 +105,22 @@ def register_devices() -> None:
 class WorkItemConfig(Config):
     device_id: str
     date: str
-    start: int
-    end: int
+    start: int = 0
+    end: int = 86_400
     reexport: bool = False  # a closed day exported again because its reconciliation failed
 
 
-class ExportSlicesConfig(Config):
+class ExportWorkConfig(Config):
     work: list[WorkItemConfig]
     # Each device's checkpoint (epoch seconds) when the sensor planned the run, or where it
     # starts a device never exported: what a range must join to carry the checkpoint on.
     checkpoints: dict[str, float] = Field(default_factory=dict)
 
 
-def run_config_for(items: list[WorkItem], resume_from: Mapping[str, datetime]) -> dict[str, Any]:
-    """The run config of an export_due_slices run over `items`."""
+def run_config_for(
+    items: Sequence[WorkItem], resume_from: Mapping[str, datetime], op_name: str = "export_slices"
+) -> dict[str, Any]:
+    """The run config of a continuous run over `items`."""
     work = [
         WorkItemConfig(
             device_id=item.device_id,
@@ -91,27 +133,69 @@ def run_config_for(items: list[WorkItem], resume_from: Mapping[str, datetime]) -
     ]
     devices = {item.device_id for item in items}
     checkpoints = {d: moment.timestamp() for d, moment in resume_from.items() if d in devices}
-    config = ExportSlicesConfig(work=work, checkpoints=checkpoints)
-    return {"ops": {"export_slices": {"config": config.model_dump()}}}
+    config = ExportWorkConfig(work=work, checkpoints=checkpoints)
+    return {"ops": {op_name: {"config": config.model_dump()}}}
+
+
+def run_exports(
+    context: OpExecutionContext,
+    dataset: Dataset,
+    work: Mapping[str, DeviceWork],
+    *,
+    settings: ExportSettings,
+    first_due: datetime,
+    clock: ClockResource,
+    asset_key: AssetKey,
+    check: AssetCheckKey,
+) -> None:
+    """Export the run's work; record a materialization for every range complete in S3 and an
+    evaluation for every day that closed, device by device as each finishes. A failing device
+    does not hold back the others; the run fails at the end, naming it. While devices are in
+    progress the run logs a heartbeat, so the sensor can tell a slow run from a dead one."""
+    failures: list[str] = []
+
+    def record(outcome: DeviceOutcome) -> None:
+        for exported in outcome.exported:
+            context.log_event(materialization(exported, clock.now(), asset_key))
+        for result in outcome.reconciliations:
+            # log_event records check evaluations too; its type hint is narrower.
+            context.log_event(reconciliation_evaluation(result, check))  # type: ignore[arg-type]
+        for error in outcome.errors:
+            context.log.error(f"{outcome.device_id}: {error}")
+            failures.append(f"{outcome.device_id}: {error}")
+
+    def on_retry(error: BaseException, delay: float) -> None:
+        context.log.warning(f"retrying in {delay:.1f} s after a transient error: {error}")
+
+    export_fleet(
+        dataset,
+        work,
+        first_due=first_due,
+        retries=settings.retries,
+        concurrency=settings.concurrency,
+        heartbeat_seconds=max(5.0, settings.stale_run_after / 4),
+        on_outcome=record,
+        on_heartbeat=lambda done: context.log.info(f"exporting: {done} of {len(work)} devices"),
+        on_retry=on_retry,
+    )
+    if failures:
+        raise Failure(
+            f"{len(failures)} errors in {len(work)} devices; what they left is requested again "
+            "on the next tick: " + "; ".join(failures[:20])
+        )
 
 
 @op
 def export_slices(
     context: OpExecutionContext,
-    config: ExportSlicesConfig,
+    config: ExportWorkConfig,
     influxdb: InfluxDBResource,
     s3: ExportBucketResource,
     export: ExportResource,
     clock: ClockResource,
 ) -> None:
-    """Exports the due slices of many devices, several devices at a time.
-
-    Each device's due ranges go in time order, then each whole-day re-export on its own (see
-    `export.export_device`). A materialization (with `exported_through`) is recorded for every
-    range complete in S3, and a reconciliation for every day that closed. A failing device does
-    not hold back the others; the run fails at the end, naming it. While devices are in progress
-    the run logs a heartbeat, so the sensor can tell a slow run from a dead one.
-    """
+    """Exports the due slices of many devices, several devices at a time: each device's due
+    ranges in time order, then each whole-day re-export on its own (see `export_device`)."""
     pool_storage_connections(context.instance)
     settings = export.settings()
     due: dict[str, list[DayRange]] = {}
@@ -120,63 +204,72 @@ def export_slices(
         piece = DayRange(date.fromisoformat(item.date), item.start, item.end)
         (again if item.reexport else due).setdefault(item.device_id, []).append(piece)
         due.setdefault(item.device_id, [])
-    failures: list[str] = []
-
-    def on_retry(error: BaseException, delay: float) -> None:
-        context.log.warning(f"retrying in {delay:.1f} s after a transient error: {error}")
-
-    def record(outcome: DeviceOutcome) -> None:
-        for exported in outcome.exported:
-            context.log_event(materialization(exported, clock.now()))
-        for result in outcome.reconciliations:
-            # log_event records check evaluations too; its type hint is narrower.
-            context.log_event(reconciliation_evaluation(result))  # type: ignore[arg-type]
-        for error in outcome.errors:
-            context.log.error(f"{outcome.device_id}: {error}")
-            failures.append(f"{outcome.device_id}: {error}")
-
-    with slices_of(influxdb, s3, settings, settings.concurrency) as slices:
-
-        def export_one(device_id: str, stop: threading.Event) -> DeviceOutcome:
-            planned = config.checkpoints.get(device_id)
-            # A run queued before checkpoints were passed: its due ranges start at it.
-            starts = [piece.start_time for piece in due[device_id]]
-            checkpoint = (
-                datetime.fromtimestamp(planned, UTC)
-                if planned is not None
-                else min(starts, default=None)
-            )
-            return export_device(
-                slices,
-                device_id,
-                [due[device_id], *([piece] for piece in again.get(device_id, []))],
-                checkpoint=checkpoint,
-                first_due=checkpoint or clock.now(),
-                retries=settings.retries,
-                on_retry=on_retry,
-                stop=stop,
-            )
-
-        export_devices(
-            list(due),
-            export_one,
-            concurrency=settings.concurrency,
-            heartbeat_seconds=max(5.0, settings.stale_run_after / 4),
-            on_outcome=record,
-            on_heartbeat=lambda done: context.log.info(
-                f"exporting: {done} of {len(due)} devices done"
-            ),
+    work = {}
+    for device_id, ranges in due.items():
+        planned = config.checkpoints.get(device_id)
+        # A run queued before checkpoints were passed: its due ranges start at it.
+        starts = [piece.start_time for piece in ranges]
+        checkpoint = (
+            datetime.fromtimestamp(planned, UTC)
+            if planned is not None
+            else min(starts, default=None)
         )
-    if failures:
-        raise Failure(
-            f"{len(failures)} errors in {len(due)} devices; their remaining slices are "
-            "requested again on the next tick: " + "; ".join(failures[:20])
+        chains = [ranges, *([piece] for piece in again.get(device_id, []))]
+        work[device_id] = DeviceWork(chains, checkpoint)
+    with slices_of(influxdb, s3, settings, settings.concurrency) as slices:
+        run_exports(
+            context,
+            slices,
+            work,
+            settings=settings,
+            first_due=clock.now(),
+            clock=clock,
+            asset_key=TELEMETRY_EXPORT,
+            check=RECONCILIATION,
         )
 
 
 @job(name=CONTINUOUS_JOB, executor_def=in_process_executor)
 def export_due_slices() -> None:
     export_slices()
+
+
+@op
+def export_days(
+    context: OpExecutionContext,
+    config: ExportWorkConfig,
+    influxdb: InfluxDBResource,
+    s3: ExportBucketResource,
+    export: ExportResource,
+    clock: ClockResource,
+) -> None:
+    """Writes the day files of closed device-days, several devices at a time, each day on its
+    own: read from InfluxDB, written, published in one upload, reconciled."""
+    pool_storage_connections(context.instance)
+    settings = export.settings()
+    days: dict[str, list[list[DayRange]]] = {}
+    for item in config.work:
+        days.setdefault(item.device_id, []).append([DayRange.whole(date.fromisoformat(item.date))])
+    work = {device_id: DeviceWork(chains) for device_id, chains in days.items()}
+    with (
+        tempfile.TemporaryDirectory(prefix="telemetry-daily-") as staging,
+        day_files_of(influxdb, s3, settings, Path(staging), DayFiles) as files,
+    ):
+        run_exports(
+            context,
+            files,
+            work,
+            settings=settings,
+            first_due=clock.now(),
+            clock=clock,
+            asset_key=TELEMETRY_DAILY,
+            check=DAILY_RECONCILIATION,
+        )
+
+
+@job(name=DAILY_JOB, executor_def=in_process_executor)
+def export_day_files() -> None:
+    export_days()
 
 
 @op
@@ -189,11 +282,14 @@ def abort_abandoned_uploads(
     stale = timedelta(seconds=settings.stale_run_after)
     wall = datetime.now(UTC)
     live = [run for run in runs_in_flight(context.instance) if not is_dead(run, wall, stale)]
-    busy = [device_root(s3.prefix, device_id=device_id) for device_id in sorted(busy_devices(live))]
-    aborted = with_retries(
-        lambda: s3.store().abort_abandoned_uploads(devices_root(s3.prefix), wall - stale, busy),
-        settings.retries,
-    )
+    aborted: list[str] = []
+    for prefix, dataset in ((s3.prefix, SLICES), (s3.daily_prefix, DAILY)):
+        busy = [device_root(prefix, device_id=d) for d in sorted(busy_devices(live, dataset))]
+
+        def abort(prefix: str = prefix, busy: list[str] = busy) -> list[str]:
+            return s3.store().abort_abandoned_uploads(devices_root(prefix), wall - stale, busy)
+
+        aborted += with_retries(abort, settings.retries)
     for key in aborted:
         context.log.warning(f"aborted an abandoned multipart upload of {key}")
     context.log.info(f"{len(aborted)} abandoned multipart uploads aborted")
@@ -216,18 +312,27 @@ def find_late_data(
     """Marks the reconciliation of each closed device-day that InfluxDB has changed since as
     failed; the continuous_export sensor then exports those days again.
 
-    Data can arrive days late (a device that was offline uploads its buffer). The day-close
-    reconciliation recorded InfluxDB's count of values per field; one aggregate query per closed
-    day in the sensor's window counts them again for the whole fleet. A count that grew means
-    points were added after the export.
+    Data can arrive days late (a device that was offline uploads its buffer). Each reconciliation
+    recorded InfluxDB's count of values per field; one aggregate query per closed day in the
+    sensor's window counts them again for the whole fleet. A count that grew means points were
+    added after the export. A day whose slices are still kept is judged by their reconciliation
+    (its day file follows when they are exported again); an older one by its day file's.
     """
     settings, now, instance = export.settings(), clock.now(), context.instance
     fleet = registered_devices(instance, settings)
     window = checkpoint_dates(
         now, first_due=first_due(now, settings), start_date=settings.start_date
     )
-    reconciled = reconciled_counts(instance, fleet, closed_days(window, now, settings))
-    days = sorted({day for _, day in reconciled})
+    closed = closed_days(window, now, settings)
+    kept_from = slices_kept_from(now, settings)
+    by_check = {
+        RECONCILIATION: [day for day in closed if day >= kept_from],
+        DAILY_RECONCILIATION: [day for day in closed if day < kept_from],
+    }
+    reconciled = {
+        check: reconciled_counts(instance, check, fleet, days) for check, days in by_check.items()
+    }
+    days = sorted({day for counts in reconciled.values() for _, day in counts})
     counts_by_day: dict[date, dict[str, dict[str, int]]] = {}
     with influxdb.source() as source:
         for day in days:
@@ -239,19 +344,68 @@ def find_late_data(
                 timeout_seconds=COUNT_TIMEOUT_SECONDS,
             )
             counts_by_day[day] = with_retries(count, settings.retries)
-    changed = late_data(reconciled, counts_by_day)
-    for late in changed:
-        context.log.warning(f"{late.day} {late.device_id}: {late.description}; re-exporting")
-        # log_event records check evaluations too; its type hint is narrower.
-        context.log_event(late_data_evaluation(late))  # type: ignore[arg-type]
+    changed = 0
+    for check, counts in reconciled.items():
+        for late in late_data(counts, counts_by_day):
+            context.log.warning(f"{late.day} {late.device_id}: {late.description}; re-exporting")
+            # log_event records check evaluations too; its type hint is narrower.
+            context.log_event(late_data_evaluation(late, check))  # type: ignore[arg-type]
+            changed += 1
+    swept = sum(len(counts) for counts in reconciled.values())
     context.log.info(
-        f"swept {len(reconciled)} reconciled device-days over {len(days)} days: "
-        f"{len(changed)} changed since"
+        f"swept {swept} reconciled device-days over {len(days)} days: {changed} changed since"
     )
+
+
+@op
+def remove_old_slices(
+    context: OpExecutionContext,
+    s3: ExportBucketResource,
+    export: ExportResource,
+    clock: ClockResource,
+) -> None:
+    """With EXPORT_SLICE_RETENTION_DAYS=N, deletes the slices of each device-day older than N
+    days whose day file exists and reconciled (never those of a day without one), and records
+    it on the slices' partition, so the UI shows the day's slices gone and where the day is."""
+    settings, now, instance = export.settings(), clock.now(), context.instance
+    if not settings.slice_retention_days:
+        context.log.info("EXPORT_SLICE_RETENTION_DAYS=0: slices are kept")
+        return
+    fleet = registered_devices(instance, settings)
+    kept_from = slices_kept_from(now, settings)
+    # Each device-day is considered for a week after it falls out of retention.
+    days = [kept_from - timedelta(days=n) for n in range(7, 0, -1)]
+    slices = latest_metadata(instance, TELEMETRY_EXPORT, fleet, days)
+    done = {device_day for device_day, values in slices.items() if SLICES_REMOVED in values}
+    daily = latest_checks(instance, DAILY_RECONCILIATION, fleet, days)
+    ready = sorted(dd for dd, check in daily.items() if check.passed and dd not in done)
+    store = s3.store()
+    for device_id, day in ready:
+        folder = device_folder(s3.prefix, device_id=device_id, day=day, layout=settings.layout)
+        listed = store.list_keys(folder)
+        ours = sorted(key for key in listed if slice_offset_of(key[len(folder) :]) is not None)
+        with_retries(partial(store.delete, ours), settings.retries)
+        day_file = store.uri(day_file_key(s3.daily_prefix, device_id=device_id, day=day))
+        context.log_event(
+            AssetMaterialization(
+                asset_key=TELEMETRY_EXPORT,
+                partition=DeviceDay(device_id, day).key,
+                metadata={
+                    "dagster/row_count": 0,
+                    "dagster/uri": MetadataValue.path(store.uri(folder)),
+                    SLICES_REMOVED: len(ours),
+                    "day_file": MetadataValue.path(day_file),
+                },
+                description="Slices removed after EXPORT_SLICE_RETENTION_DAYS; the day is in "
+                "telemetry_daily.",
+            )
+        )
+    context.log.info(f"removed the slices of {len(ready)} device-days older than {kept_from}")
 
 
 @job(executor_def=in_process_executor)
 def sweep_late_data() -> None:
-    """Late data, and the leftovers of uploads cut off mid-way."""
+    """Late data, the leftovers of uploads cut off mid-way, and slices past their retention."""
     find_late_data()
     abort_abandoned_uploads()
+    remove_old_slices()

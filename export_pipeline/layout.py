@@ -1,7 +1,8 @@
 """Where an export lives in S3: the one place that builds and parses object keys.
 
-Seed layout:  {prefix}/device_id={id}/date={YYYY}/{MM}/{DD}/export_{HHMMSS}.{ext}
-Hive layout:  {prefix}/device_id={id}/date={YYYY}-{MM}-{DD}/export_{HHMMSS}.{ext}
+Slices, seed layout:  {prefix}/device_id={id}/date={YYYY}/{MM}/{DD}/export_{HHMMSS}.{ext}
+Slices, hive layout:  {prefix}/device_id={id}/date={YYYY}-{MM}-{DD}/export_{HHMMSS}.{ext}
+Day files:            {daily_prefix}/device_id={id}/date={YYYY}-{MM}-{DD}/data.parquet (always hive)
 
 A device id becomes a path segment and a Dagster partition key verbatim, so ids that could escape
 their folder or break a partition key are refused rather than encoded.
@@ -83,6 +84,16 @@ def slice_name(piece: Slice, fmt: str) -> str:
 def slice_key(prefix: str, *, device_id: str, piece: Slice, layout: str, fmt: str) -> str:
     folder = device_folder(prefix, device_id=device_id, day=piece.day, layout=layout)
     return folder + slice_name(piece, fmt)
+
+
+DAY_FILE_NAME = "data.parquet"
+
+
+def day_file_key(daily_prefix: str, *, device_id: str, day: date) -> str:
+    """The one object of a closed device-day in telemetry_daily. Hive-style whatever
+    EXPORT_LAYOUT is, so query engines see `device_id` and `date` as partition columns."""
+    folder = device_folder(daily_prefix, device_id=device_id, day=day, layout="hive")
+    return folder + DAY_FILE_NAME
 
 
 def slice_offset_of(name: str) -> int | None:

@@ -10,12 +10,14 @@ Only reads live here; `metadata.py` builds what runs record.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
-from dagster import AssetRecordsFilter, DagsterInstance
+from dagster import AssetCheckKey, AssetKey, AssetRecordsFilter, DagsterInstance
 
 from export_pipeline.internals import (
+    CheckPartition,
     check_evaluation_metadata,
     latest_check_evaluations,
     latest_storage_ids,
@@ -24,7 +26,6 @@ from export_pipeline.metadata import (
     CHECKED_THROUGH,
     EXPORTED_THROUGH,
     FIELD_COUNTS,
-    RECONCILIATION,
     TELEMETRY_EXPORT,
 )
 from export_pipeline.partitions import DeviceDay, partition_keys
@@ -87,26 +88,58 @@ def checkpoints_since(
     return found, max(latest.values())
 
 
-def failed_reconciliations(
-    instance: DagsterInstance, devices: Iterable[str], dates: Iterable[date]
-) -> list[DeviceDay]:
-    """Device-days whose latest reconciliation failed: data arrived after they were exported
-    (or something removed objects), so they are exported again."""
+def latest_checks(
+    instance: DagsterInstance, check: AssetCheckKey, devices: Iterable[str], dates: Iterable[date]
+) -> dict[DeviceDay, CheckPartition]:
+    """The latest evaluation of `check` for each of these device-days that has one."""
     keys = partition_keys(devices, dates)
-    latest = latest_check_evaluations(instance, RECONCILIATION, keys)
-    return sorted(DeviceDay.of(check.partition_key) for check in latest if check.passed is False)
+    return {
+        DeviceDay.of(found.partition_key): found
+        for found in latest_check_evaluations(instance, check, keys)
+    }
+
+
+def latest_materializations(
+    instance: DagsterInstance, asset_key: AssetKey, devices: Iterable[str], dates: Iterable[date]
+) -> dict[DeviceDay, int]:
+    """The storage id of the latest materialization of each of these device-days that has one."""
+    keys = set(partition_keys(devices, dates))
+    if not keys:
+        return {}
+    latest = latest_storage_ids(instance, asset_key, keys)
+    return {DeviceDay.of(key): storage_id for key, storage_id in latest.items()}
+
+
+def latest_metadata(
+    instance: DagsterInstance, asset_key: AssetKey, devices: Iterable[str], dates: Iterable[date]
+) -> dict[DeviceDay, Mapping[str, Any]]:
+    """The metadata values of the latest materialization of each of these device-days."""
+    latest = latest_materializations(instance, asset_key, devices, dates)
+    records = (
+        instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=asset_key, storage_ids=list(latest.values())),
+            limit=len(latest),
+        ).records
+        if latest
+        else []
+    )
+    found: dict[DeviceDay, Mapping[str, Any]] = {}
+    for record in records:
+        materialization = record.asset_materialization
+        if materialization is not None and materialization.partition:
+            values = {name: value.value for name, value in materialization.metadata.items()}
+            found[DeviceDay.of(materialization.partition)] = values
+    return found
 
 
 def reconciled_counts(
-    instance: DagsterInstance, devices: Iterable[str], dates: Iterable[date]
+    instance: DagsterInstance, check: AssetCheckKey, devices: Iterable[str], dates: Iterable[date]
 ) -> dict[tuple[str, date], dict[str, int]]:
     """InfluxDB's field counts recorded by the latest reconciliation of each device-day, where
     it passed and covered the whole day (failed ones are already being exported again)."""
-    keys = partition_keys(devices, dates)
-    passed = [
-        c.storage_id for c in latest_check_evaluations(instance, RECONCILIATION, keys) if c.passed
-    ]
-    found: dict[tuple[str, date], dict[str, int]] = {}
+    latest = latest_checks(instance, check, devices, dates)
+    passed = [found.storage_id for found in latest.values() if found.passed]
+    found_counts: dict[tuple[str, date], dict[str, int]] = {}
     for partition, values in check_evaluation_metadata(instance, passed).values():
         counts, checked = values.get(FIELD_COUNTS), values.get(CHECKED_THROUGH)
         if counts is None or checked is None or partition is None:
@@ -114,5 +147,5 @@ def reconciled_counts(
         device_day = DeviceDay.of(partition)
         if float(checked) < day_start(device_day.day + timedelta(days=1)).timestamp():
             continue  # only part of the day was reconciled
-        found[device_day] = {str(name): int(value) for name, value in dict(counts).items()}
-    return found
+        found_counts[device_day] = {str(name): int(value) for name, value in dict(counts).items()}
+    return found_counts

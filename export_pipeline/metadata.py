@@ -17,7 +17,6 @@ from typing import Any
 from dagster import (
     AssetCheckEvaluation,
     AssetCheckKey,
-    AssetCheckResult,
     AssetCheckSeverity,
     AssetKey,
     AssetMaterialization,
@@ -30,14 +29,18 @@ from export_pipeline.reconciliation import LateData, Reconciliation
 from export_pipeline.settings import ExportSettings
 from export_pipeline.slicing import day_start
 
+INFLUXDB = AssetKey("influxdb_telemetry")
 TELEMETRY_EXPORT = AssetKey("telemetry_export")
+TELEMETRY_DAILY = AssetKey("telemetry_daily")
 RECONCILIATION = AssetCheckKey(TELEMETRY_EXPORT, "reconciliation")
+DAILY_RECONCILIATION = AssetCheckKey(TELEMETRY_DAILY, "reconciliation")
 FRESHNESS = AssetCheckKey(TELEMETRY_EXPORT, "freshness")
 
 EXPORTED_THROUGH = "exported_through"
 COVERED_THROUGH = "covered_through"
 FIELD_COUNTS = "influxdb_field_counts"
 CHECKED_THROUGH = "checked_through"
+SLICES_REMOVED = "slices_removed"  # on a device-day whose slices retention deleted
 FRESHNESS_INTERVALS = 3
 
 
@@ -68,20 +71,29 @@ def materialization_metadata(exported: Exported, now: datetime) -> dict[str, Any
     return metadata
 
 
-def materialization(exported: Exported, now: datetime) -> AssetMaterialization:
+def materialization(
+    exported: Exported, now: datetime, asset_key: AssetKey = TELEMETRY_EXPORT
+) -> AssetMaterialization:
     """The event a run logs for a device-day it exported outside an asset's own step."""
     return AssetMaterialization(
-        asset_key=TELEMETRY_EXPORT,
+        asset_key=asset_key,
         partition=DeviceDay(exported.report.device_id, exported.piece.day).key,
         metadata=materialization_metadata(exported, now),
     )
 
 
 def reconciliation_metadata(result: Reconciliation) -> dict[str, Any]:
+    compared: dict[str, Any] = (
+        {
+            "influxdb_rows": result.source_rows,
+            "difference": result.exported_rows - result.source_rows,
+        }
+        if result.source_rows is not None
+        else {"s3_field_counts": MetadataValue.json(result.exported_field_counts or {})}
+    )
     return {
-        "influxdb_rows": result.source_rows,
+        **compared,
         "s3_rows": result.exported_rows,
-        "difference": result.exported_rows - result.source_rows,
         "files": result.files,
         "schema_mismatches": MetadataValue.json(result.schema_mismatches[:20]),
         CHECKED_THROUGH: MetadataValue.timestamp(
@@ -92,21 +104,13 @@ def reconciliation_metadata(result: Reconciliation) -> dict[str, Any]:
     }
 
 
-def reconciliation_result(result: Reconciliation) -> AssetCheckResult:
-    """The reconciliation as the asset's own check result."""
-    return AssetCheckResult(
-        check_name=RECONCILIATION.name,
-        passed=result.passed,
-        metadata=reconciliation_metadata(result),
-        severity=AssetCheckSeverity.ERROR,
-    )
-
-
-def reconciliation_evaluation(result: Reconciliation) -> AssetCheckEvaluation:
+def reconciliation_evaluation(
+    result: Reconciliation, check: AssetCheckKey = RECONCILIATION
+) -> AssetCheckEvaluation:
     """The reconciliation as an event a run logs for a device-day it closed."""
     return AssetCheckEvaluation(
-        asset_key=TELEMETRY_EXPORT,
-        check_name=RECONCILIATION.name,
+        asset_key=check.asset_key,
+        check_name=check.name,
         passed=result.passed,
         metadata=reconciliation_metadata(result),
         partition=DeviceDay(result.device_id, result.day).key,
@@ -114,12 +118,14 @@ def reconciliation_evaluation(result: Reconciliation) -> AssetCheckEvaluation:
     )
 
 
-def late_data_evaluation(late: LateData) -> AssetCheckEvaluation:
+def late_data_evaluation(
+    late: LateData, check: AssetCheckKey = RECONCILIATION
+) -> AssetCheckEvaluation:
     """A failed reconciliation for a device-day that changed in InfluxDB after it was
     reconciled: the continuous_export sensor exports the day again, which reconciles it anew."""
     return AssetCheckEvaluation(
-        asset_key=TELEMETRY_EXPORT,
-        check_name=RECONCILIATION.name,
+        asset_key=check.asset_key,
+        check_name=check.name,
         passed=False,
         metadata={
             "reconciled_field_counts": MetadataValue.json(late.reconciled),

@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from dagster import AssetCheckEvaluation
 
+from export_pipeline.internals import CheckPartition
 from export_pipeline.layout import DeviceIdError, validate_device_id
 from export_pipeline.metadata import freshness_evaluation
 from export_pipeline.partitions import DeviceDay
@@ -128,6 +129,14 @@ def closed_part(day: date, now: datetime, settings: ExportSettings) -> DayRange:
     return DayRange(day, 0, max(0, min(SECONDS_PER_DAY, closed)))
 
 
+def slices_kept_from(now: datetime, settings: ExportSettings) -> date:
+    """The first day whose slices are kept: EXPORT_SLICE_RETENTION_DAYS before today (once a
+    day file stands for the day), or every day when it is 0."""
+    if not settings.slice_retention_days:
+        return date.min
+    return now.date() - timedelta(days=settings.slice_retention_days)
+
+
 def closed_days(dates: Iterable[date], now: datetime, settings: ExportSettings) -> list[date]:
     until = due_until(now, settings)
     return [day for day in dates if day < until.date()]
@@ -167,8 +176,13 @@ class Snapshot:
     found: Mapping[str, datetime]  # checkpoints read from materializations stored since
     searched_since: date  # the first date whose partitions were searched for checkpoints
     newest_storage_id: int | None
-    failed: Sequence[DeviceDay]  # closed device-days whose latest reconciliation failed
-    busy: frozenset[str]  # devices held by runs in flight
+    # The latest reconciliation of the slices, and of the day file, of each closed device-day
+    # in the window, and the storage id of its day file's latest materialization.
+    slice_checks: Mapping[DeviceDay, CheckPartition]
+    day_checks: Mapping[DeviceDay, CheckPartition]
+    day_files: Mapping[DeviceDay, int]
+    busy: frozenset[str]  # devices whose slices runs in flight hold
+    busy_days: frozenset[str] = frozenset()  # devices whose day files runs in flight hold
 
 
 @dataclass(frozen=True)
@@ -176,6 +190,7 @@ class TickPlan:
     new_devices: list[str]
     runs: list[list[WorkItem]]
     resume_from: dict[str, datetime]  # each requested device's checkpoint, or its first slice
+    day_runs: list[list[WorkItem]]  # day files to write
     until: datetime
     cursor: Cursor
     freshness: AssetCheckEvaluation
@@ -198,19 +213,17 @@ def plan_tick(now: datetime, settings: ExportSettings, snapshot: Snapshot) -> Ti
         "exporting from LOOKBACK_HOURS ago; materialize earlier device-days to fill in"
         for device_id in sorted(set(fleet) & snapshot.known - set(done))
     ]
-    late = [
-        WorkItem(device_day.device_id, DayRange.whole(device_day.day), reexport=True)
-        for device_day in snapshot.failed
-        if device_day.device_id not in busy
-    ]
+    late = failed_slices(snapshot, settings, now)
     warnings += [f"re-exporting {item.partition_key}: its reconciliation failed" for item in late]
     free = [device_id for device_id in fleet if device_id not in busy]
     work = with_reexports(due_work(free, done, now, settings), late)
     runs = batches(work, settings.devices_per_run)
+    days = due_day_files(snapshot)
     until = due_until(now, settings)
     return TickPlan(
         new_devices=new,
         runs=runs,
+        day_runs=batches(days, settings.devices_per_run),
         resume_from={
             item.device_id: done.get(item.device_id) or first_due(now, settings) for item in work
         },
@@ -220,6 +233,37 @@ def plan_tick(now: datetime, settings: ExportSettings, snapshot: Snapshot) -> Ti
         warnings=warnings,
         summary=(
             f"{len(fleet)} devices ({len(new)} new, {len(busy)} busy): {len(work)} device-day "
-            f"ranges due through {until.isoformat()} in {len(runs)} runs"
+            f"ranges due through {until.isoformat()} in {len(runs)} runs; {len(days)} day "
+            "files to write"
         ),
     )
+
+
+def failed_slices(snapshot: Snapshot, settings: ExportSettings, now: datetime) -> list[WorkItem]:
+    """Whole-day re-exports of the closed device-days whose slices' reconciliation failed (data
+    arrived after they were exported, or objects went missing), unless their device is busy or
+    retention has removed the day's slices (its day file is rewritten instead)."""
+    kept_from = slices_kept_from(now, settings)
+    return [
+        WorkItem(device_id, DayRange.whole(day), reexport=True)
+        for (device_id, day), check in sorted(snapshot.slice_checks.items())
+        if check.passed is False and device_id not in snapshot.busy and day >= kept_from
+    ]
+
+
+def due_day_files(snapshot: Snapshot) -> list[WorkItem]:
+    """The closed device-days whose day file is to be written: their slices reconciled after
+    the day file was last written (or it never was), or the day file's reconciliation failed
+    (late data found by the sweep). A device with a day-files run in flight waits."""
+    due = set()
+    for device_day, check in snapshot.slice_checks.items():
+        if check.passed and check.storage_id > snapshot.day_files.get(device_day, 0):
+            due.add(device_day)
+    for device_day, check in snapshot.day_checks.items():
+        if check.passed is False:
+            due.add(device_day)
+    return [
+        WorkItem(device_id, DayRange.whole(day))
+        for device_id, day in sorted(due)
+        if device_id not in snapshot.busy_days
+    ]

@@ -28,29 +28,46 @@ FOOTER_PROBE = 64 * 1024
 
 @dataclass
 class Reconciliation:
+    """InfluxDB's side and S3's side of one device-day.
+
+    Rows are compared where InfluxDB's rows were read (`source_rows`), values per field where
+    the files' counts were taken (`exported_field_counts`, from Parquet statistics); either
+    changes with every point added, lost or written twice.
+    """
+
     device_id: str
     day: date
     through_offset: int  # seconds after midnight up to which the day was exported
-    source_rows: int = 0
+    source_rows: int | None = 0
     exported_rows: int = 0
     files: int = 0
     schema_mismatches: list[str] = field(default_factory=list)
     field_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FIELD_COLUMNS, 0))
+    exported_field_counts: dict[str, int] | None = None
 
     @property
     def passed(self) -> bool:
-        return self.source_rows == self.exported_rows and not self.schema_mismatches
+        rows = self.source_rows is None or self.source_rows == self.exported_rows
+        counts = self.exported_field_counts in (None, self.field_counts)
+        return rows and counts and not self.schema_mismatches
 
     @property
     def description(self) -> str:
         if self.passed:
             return f"{self.exported_rows} rows in {self.files} files match InfluxDB"
         parts = []
-        if self.source_rows != self.exported_rows:
+        if self.source_rows is not None and self.source_rows != self.exported_rows:
             parts.append(
                 f"InfluxDB has {self.source_rows} rows, S3 {self.exported_rows} "
                 f"({self.exported_rows - self.source_rows:+d})"
             )
+        exported = self.exported_field_counts
+        if exported is not None and exported != self.field_counts:
+            parts += [
+                f"InfluxDB has {self.field_counts[name]} {name} values, S3 {exported[name]}"
+                for name in FIELD_COLUMNS
+                if exported[name] != self.field_counts[name]
+            ]
         if self.schema_mismatches:
             parts.append(f"{len(self.schema_mismatches)} files with another schema")
         return "; ".join(parts)
@@ -62,6 +79,21 @@ def parquet_footer(store: ObjectStore, key: str) -> pq.FileMetaData:
     if footer_length + 8 > len(tail):
         tail = store.read_tail(key, footer_length + 8)
     return pq.read_metadata(pa.BufferReader(tail))
+
+
+def parquet_field_counts(metadata: pq.FileMetaData) -> dict[str, int] | None:
+    """Each exported field's non-null values in a Parquet file, from its statistics (None when
+    a row group has none)."""
+    columns = metadata.schema.to_arrow_schema().names
+    counts = dict.fromkeys(FIELD_COLUMNS, 0)
+    for group in range(metadata.num_row_groups):
+        row_group = metadata.row_group(group)
+        for name in FIELD_COLUMNS:
+            statistics = row_group.column(columns.index(name)).statistics
+            if statistics is None or not statistics.has_null_count:
+                return None
+            counts[name] += row_group.num_rows - statistics.null_count
+    return counts
 
 
 def csv_rows_and_header(store: ObjectStore, key: str) -> tuple[int, list[str]]:
@@ -76,10 +108,11 @@ def reconcile(
 ) -> Reconciliation:
     """Compare the device's whole day in InfluxDB with the rows in the dataset's objects `keys`
     (the device-day's objects of one dataset, as it names them)."""
+    source_rows = 0
     result = Reconciliation(device_id, day, SECONDS_PER_DAY)
     start_ns, end_ns = day_bounds_ns(day)
     for batch in source.read(device_id, start_ns=start_ns, end_ns=end_ns):
-        result.source_rows += batch.num_rows
+        source_rows += batch.num_rows
         for name in FIELD_COLUMNS:
             column = batch.column(name)
             result.field_counts[name] += len(column) - column.null_count
@@ -95,6 +128,7 @@ def reconcile(
             result.exported_rows += rows
             if header != CSV_SCHEMA.names:
                 result.schema_mismatches.append(key)
+    result.source_rows = source_rows
     return result
 
 

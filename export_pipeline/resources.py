@@ -13,14 +13,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 import boto3
+import pyarrow.fs as pafs
 from botocore import UNSIGNED
 from botocore.config import Config
 from dagster import ConfigurableResource, EnvVar
 from dagster_aws.s3 import S3Resource
 
+from export_pipeline.daily import DayFiles
 from export_pipeline.influx import InfluxSource
 from export_pipeline.retries import with_retries
 from export_pipeline.settings import (
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 T = TypeVar("T")
+DayFilesT = TypeVar("DayFilesT", bound=DayFiles)
 
 
 def _fields_of(settings: Any, **converted: Any) -> dict[str, Any]:
@@ -92,12 +97,14 @@ class ExportBucketResource(S3Resource):
 
     bucket: str
     prefix: str
+    daily_prefix: str
 
     @classmethod
     def from_settings(cls, s3: S3Settings) -> ExportBucketResource:
         return cls(
             bucket=s3.bucket,
             prefix=s3.prefix,
+            daily_prefix=s3.daily_prefix,
             region_name=s3.region,
             endpoint_url=s3.endpoint_url,
         )
@@ -134,6 +141,28 @@ class ExportBucketResource(S3Resource):
     def store(self, connections: int = 10) -> ObjectStore:
         return ObjectStore(self.client(connections=connections), self.bucket)
 
+    def filesystem(self) -> pafs.S3FileSystem:
+        """The bucket for pyarrow's own S3 reader, with the credentials boto3 resolves from
+        these fields (profile, keys, or the default chain)."""
+        endpoint = urlsplit(self.endpoint_url or "")
+        session = boto3.session.Session(
+            profile_name=self.profile_name,
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key,
+            aws_session_token=self.aws_session_token,
+        )
+        credentials = None if self.use_unsigned_session else session.get_credentials()
+        frozen = credentials.get_frozen_credentials() if credentials else None
+        return pafs.S3FileSystem(
+            region=self.region_name or session.region_name or "us-east-1",
+            endpoint_override=endpoint.netloc or None,
+            scheme=endpoint.scheme or ("https" if self.use_ssl else "http"),
+            access_key=frozen.access_key if frozen else None,
+            secret_key=frozen.secret_key if frozen else None,
+            session_token=frozen.token if frozen else None,
+            anonymous=frozen is None,
+        )
+
 
 class ExportResource(ConfigurableResource):
     """How device-days are cut, encoded and scheduled (EXPORT_*, DEVICE_IDS, LOOKBACK_HOURS)."""
@@ -151,6 +180,7 @@ class ExportResource(ConfigurableResource):
     retries: int
     stale_run_seconds: int
     sweep_cron: str
+    slice_retention_days: int
 
     def settings(self) -> ExportSettings:
         return _settings_of(
@@ -203,3 +233,19 @@ def slices_of(
         with_retries(source.check, settings.retries)
         with_retries(store.check, settings.retries)
         yield Slices(source, store, s3.prefix, settings)
+
+
+@contextmanager
+def day_files_of(
+    influxdb: InfluxDBResource,
+    s3: ExportBucketResource,
+    settings: ExportSettings,
+    staging: Path,
+    kind: type[DayFilesT],
+) -> Iterator[DayFilesT]:
+    """The daily dataset on these resources, once InfluxDB and the bucket have answered."""
+    store = s3.store(connections=settings.concurrency * UPLOAD_THREADS)
+    with influxdb.source(connections=settings.concurrency) as source:
+        with_retries(source.check, settings.retries)
+        with_retries(store.check, settings.retries)
+        yield kind(source, store, s3.daily_prefix, settings.batch_size, staging)

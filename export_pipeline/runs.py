@@ -1,15 +1,16 @@
-"""Export runs in flight: which devices they hold, and which of them are dead.
+"""Export runs in flight: which devices of which dataset they hold, and which of them are dead.
 
-A device is busy while a continuous-export run that covers it, or a materialization of one of its
-device-days (from the UI, the CLI or a backfill), is queued or running. A running one that has
-logged nothing for too long is dead: its process was killed, which the default run launcher cannot
-see. Reading runs, judging them and reaping the dead are three separate steps here, so a caller
-that only needs to know who is busy (the sweep) never marks a run failed.
+A device is busy for a dataset while a run exporting it is queued or running: a continuous run of
+the sensor, or a run of the asset (from the UI, the CLI or a backfill, one partition or a range).
+A running one that has logged nothing for too long is dead: its process was killed, which the
+default run launcher cannot see. Reading runs, judging them and reaping the dead are three
+separate steps here, so a caller that only needs to know who is busy (the sweep) never marks a
+run failed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,53 +18,92 @@ from typing import Any
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 from export_pipeline.internals import last_event_time, mark_run_failed
+from export_pipeline.metadata import TELEMETRY_DAILY, TELEMETRY_EXPORT
+from export_pipeline.partitions import DEVICES, DeviceDay
 
+SLICES, DAILY = "slices", "daily"
 CONTINUOUS_JOB = "export_due_slices"
+DAILY_JOB = "export_day_files"
 DEVICE_TAG = "dagster/partition/device"  # on runs materializing one device-day partition
+RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
 IN_FLIGHT = [
     DagsterRunStatus.QUEUED,
     DagsterRunStatus.NOT_STARTED,
     DagsterRunStatus.STARTING,
     DagsterRunStatus.STARTED,
 ]
-# A whole-day materialization logs nothing between its start and end, so it is given this many
-# times as long as a continuous run before it is presumed dead.
-WHOLE_DAY_PATIENCE = 4
+# A run of an asset may spend long on one big device-day between log lines, so it is given this
+# many times as long as a continuous run before it is presumed dead.
+ASSET_RUN_PATIENCE = 4
 _NEVER = datetime.fromtimestamp(0, UTC)
 
 
 @dataclass(frozen=True)
 class RunInFlight:
     run: DagsterRun
+    datasets: frozenset[str]
     devices: frozenset[str]
-    whole_day: bool
+    asset_run: bool
     last_seen: datetime | None  # its last event, once it has started; None while queued
 
 
 def run_devices(run_config: Mapping[str, Any]) -> set[str]:
-    """The devices a continuous-export run covers, from its run config."""
-    work = run_config.get("ops", {}).get("export_slices", {}).get("config", {}).get("work", [])
-    return {item["device_id"] for item in work}
+    """The devices a continuous run (of either job) covers, from its run config."""
+    ops = run_config.get("ops", {}).values()
+    return {item["device_id"] for op in ops for item in op.get("config", {}).get("work", [])}
+
+
+def range_devices(start: str, end: str, registered: Sequence[str]) -> set[str]:
+    """The devices of a partition range (a rectangle: dates x devices in registration order)."""
+    first, last = DeviceDay.of(start).device_id, DeviceDay.of(end).device_id
+    if first not in registered or last not in registered:
+        return {first, last}
+    return set(registered[registered.index(first) : registered.index(last) + 1])
+
+
+def datasets_of(run: DagsterRun) -> frozenset[str]:
+    if run.job_name == CONTINUOUS_JOB:
+        return frozenset({SLICES})
+    if run.job_name == DAILY_JOB:
+        return frozenset({DAILY})
+    selected = run.asset_selection or frozenset()
+    keys = {TELEMETRY_EXPORT: SLICES, TELEMETRY_DAILY: DAILY}
+    return frozenset(dataset for key, dataset in keys.items() if key in selected)
+
+
+def devices_of(run: DagsterRun, registered: Sequence[str]) -> frozenset[str]:
+    if DEVICE_TAG in run.tags:
+        return frozenset({run.tags[DEVICE_TAG]})
+    if run.job_name in (CONTINUOUS_JOB, DAILY_JOB):
+        return frozenset(run_devices(run.run_config))
+    start, end = (run.tags.get(tag) for tag in RANGE_TAGS)
+    return frozenset(range_devices(start, end, registered) if start and end else ())
 
 
 def runs_in_flight(instance: DagsterInstance) -> list[RunInFlight]:
     """Queued and running export runs, with when each running one last logged."""
+    registered = list(instance.get_dynamic_partitions(DEVICES))
     found = []
     for record in instance.get_run_records(RunsFilter(statuses=IN_FLIGHT)):
         run = record.dagster_run
-        device = run.tags.get(DEVICE_TAG)
-        if device is None and run.job_name != CONTINUOUS_JOB:
+        datasets = datasets_of(run)
+        if not datasets:
             continue
         started = run.status in (DagsterRunStatus.STARTING, DagsterRunStatus.STARTED)
         found.append(
             RunInFlight(
                 run=run,
-                devices=frozenset({device} if device is not None else run_devices(run.run_config)),
-                whole_day=device is not None,
+                datasets=datasets,
+                devices=devices_of(run, registered),
+                asset_run=run.job_name not in (CONTINUOUS_JOB, DAILY_JOB),
                 last_seen=(last_event_time(instance, run.run_id) or _NEVER) if started else None,
             )
         )
     return found
+
+
+def silence_allowed(run: RunInFlight, stale_after: timedelta) -> timedelta:
+    return stale_after * (ASSET_RUN_PATIENCE if run.asset_run else 1)
 
 
 def is_dead(run: RunInFlight, now: datetime, stale_after: timedelta) -> bool:
@@ -71,12 +111,12 @@ def is_dead(run: RunInFlight, now: datetime, stale_after: timedelta) -> bool:
     are)."""
     if run.last_seen is None:
         return False
-    silence = stale_after * (WHOLE_DAY_PATIENCE if run.whole_day else 1)
-    return now - run.last_seen > silence
+    return now - run.last_seen > silence_allowed(run, stale_after)
 
 
-def busy_devices(runs: Iterable[RunInFlight]) -> set[str]:
-    return {device for run in runs for device in run.devices}
+def busy_devices(runs: Iterable[RunInFlight], dataset: str = SLICES) -> set[str]:
+    """The devices these runs hold for `dataset`."""
+    return {device for run in runs if dataset in run.datasets for device in run.devices}
 
 
 def reap_dead_runs(
@@ -84,11 +124,10 @@ def reap_dead_runs(
 ) -> None:
     """Mark dead runs failed, so their devices are exported again."""
     for run in dead:
-        silence = stale_after * (WHOLE_DAY_PATIENCE if run.whole_day else 1)
+        silence = silence_allowed(run, stale_after).total_seconds()
         mark_run_failed(
             instance,
             run.run,
-            f"Marked failed by the continuous_export sensor: no event for over "
-            f"{silence.total_seconds():.0f} s, its process is presumed dead. "
-            "Its unexported slices are requested again.",
+            f"Marked failed by the continuous_export sensor: no event for over {silence:.0f} s, "
+            "its process is presumed dead. Its unexported slices are requested again.",
         )

@@ -14,8 +14,14 @@ from dagster import (
     sensor,
 )
 
-from export_pipeline.jobs import export_due_slices, run_config_for
-from export_pipeline.ledger import checkpoint_dates, checkpoints_since, failed_reconciliations
+from export_pipeline.jobs import export_day_files, export_due_slices, run_config_for
+from export_pipeline.ledger import (
+    checkpoint_dates,
+    checkpoints_since,
+    latest_checks,
+    latest_materializations,
+)
+from export_pipeline.metadata import DAILY_RECONCILIATION, RECONCILIATION, TELEMETRY_DAILY
 from export_pipeline.partitions import DEVICES, devices
 from export_pipeline.planning import (
     Cursor,
@@ -27,7 +33,16 @@ from export_pipeline.planning import (
     registered,
 )
 from export_pipeline.resources import ClockResource, ExportResource, InfluxDBResource
-from export_pipeline.runs import busy_devices, is_dead, reap_dead_runs, runs_in_flight
+from export_pipeline.runs import (
+    CONTINUOUS_JOB,
+    DAILY,
+    DAILY_JOB,
+    SLICES,
+    busy_devices,
+    is_dead,
+    reap_dead_runs,
+    runs_in_flight,
+)
 from export_pipeline.settings import Settings
 from export_pipeline.slicing import NS_PER_SECOND
 
@@ -40,7 +55,7 @@ RESCAN_EVENTS = 50_000
 def build_continuous_export(settings: Settings) -> SensorDefinition:
     @sensor(
         name="continuous_export",
-        job=export_due_slices,
+        jobs=[export_due_slices, export_day_files],
         minimum_interval_seconds=settings.export.interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
     )
@@ -69,6 +84,7 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
         reap_dead_runs(instance, dead, stale)
         for run in dead:
             context.log.warning(f"run {run.run.run_id} presumed dead and marked failed")
+        live = [run for run in runs if run not in dead]
 
         remembered = Cursor.parse(context.cursor)
         dates = checkpoint_dates(
@@ -78,8 +94,9 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
             None if remembered.storage_id is None else max(0, remembered.storage_id - RESCAN_EVENTS)
         )
         found, newest = checkpoints_since(instance, fleet, dates, after)
-        failed = failed_reconciliations(
-            instance, sorted(registered(fleet, known, config)), closed_days(dates, now, config)
+        fleet_ever, closed = (
+            sorted(registered(fleet, known, config)),
+            closed_days(dates, now, config),
         )
         plan = plan_tick(
             now,
@@ -91,8 +108,11 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
                 found=found,
                 searched_since=dates[0],
                 newest_storage_id=newest,
-                failed=failed,
-                busy=frozenset(busy_devices(run for run in runs if run not in dead)),
+                slice_checks=latest_checks(instance, RECONCILIATION, fleet_ever, closed),
+                day_checks=latest_checks(instance, DAILY_RECONCILIATION, fleet_ever, closed),
+                day_files=latest_materializations(instance, TELEMETRY_DAILY, fleet_ever, closed),
+                busy=frozenset(busy_devices(live, SLICES)),
+                busy_days=frozenset(busy_devices(live, DAILY)),
             ),
         )
 
@@ -104,10 +124,19 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
             run_requests=[
                 RunRequest(
                     run_key=f"{plan.until.isoformat()}-batch-{index}",
+                    job_name=CONTINUOUS_JOB,
                     run_config=run_config_for(batch, plan.resume_from),
                     tags={"export/through": plan.until.isoformat()},
                 )
                 for index, batch in enumerate(plan.runs)
+            ]
+            + [
+                RunRequest(
+                    run_key=f"{plan.until.isoformat()}-days-{index}",
+                    job_name=DAILY_JOB,
+                    run_config=run_config_for(batch, {}, "export_days"),
+                )
+                for index, batch in enumerate(plan.day_runs)
             ],
             dynamic_partitions_requests=(
                 [devices.build_add_request(plan.new_devices)] if plan.new_devices else []

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
+from export_pipeline.layout import devices_root
+
 ExportFormat = Literal["parquet", "csv"]
 Layout = Literal["seed", "hive"]
 FORMATS: tuple[ExportFormat, ...] = ("parquet", "csv")
@@ -44,7 +46,8 @@ class InfluxSettings:
 @dataclass(frozen=True)
 class S3Settings:
     bucket: str
-    prefix: str = "telemetry"
+    prefix: str = "telemetry"  # the slices (telemetry_export)
+    daily_prefix: str = "telemetry_daily"  # one file per closed device-day (telemetry_daily)
     region: str = "us-east-1"
     endpoint_url: str | None = None
 
@@ -75,6 +78,7 @@ class ExportSettings:
     retries: int = 4
     stale_run_seconds: int = 0  # 0: three intervals, at least 180 s
     sweep_cron: str = "20 * * * *"  # when closed days are searched for late data (UTC)
+    slice_retention_days: int = 0  # 0: keep slices; N: delete them N days after a daily file
 
     @property
     def stale_run_after(self) -> int:
@@ -210,9 +214,11 @@ class _Parser:
 
     def settings(self) -> Settings:
         influx = self.influx()
+        prefix = self.prefix("S3_PREFIX", S3Settings.prefix)
         s3 = S3Settings(
             bucket=self.bucket(),
-            prefix=self.prefix(),
+            prefix=prefix,
+            daily_prefix=self.daily_prefix(prefix),
             region=self.text("S3_REGION", S3Settings.region),
             endpoint_url=self.url("S3_ENDPOINT_URL") or None,
         )
@@ -234,6 +240,7 @@ class _Parser:
             retries=self.integer("EXPORT_RETRIES", ExportSettings.retries, 0, 20),
             stale_run_seconds=self.integer("EXPORT_STALE_RUN_SECONDS", 0, 0),
             sweep_cron=self.cron("EXPORT_SWEEP_CRON", ExportSettings.sweep_cron),
+            slice_retention_days=self.integer("EXPORT_SLICE_RETENTION_DAYS", 0, 0, 36_500),
         )
         checkpoint = CheckpointSettings(
             host=self.text("CHECKPOINT_DB_HOST", CheckpointSettings.host),
@@ -277,10 +284,20 @@ class _Parser:
             )
         return value
 
-    def prefix(self) -> str:
-        value = self.text("S3_PREFIX", S3Settings.prefix).strip("/")
+    def prefix(self, name: str, default: str) -> str:
+        value = self.text(name, default).strip("/")
         if any(part in ("", ".", "..") for part in value.split("/")) and value:
-            self.problems.append(f"S3_PREFIX={value!r} has an empty, '.' or '..' path segment")
+            self.problems.append(f"{name}={value!r} has an empty, '.' or '..' path segment")
+        return value
+
+    def daily_prefix(self, slices: str) -> str:
+        value = self.prefix("S3_DAILY_PREFIX", S3Settings.daily_prefix)
+        ours, theirs = devices_root(value), devices_root(slices)
+        if ours.startswith(theirs) or theirs.startswith(ours):
+            self.problems.append(
+                f"S3_DAILY_PREFIX={value!r} shares keys with S3_PREFIX={slices!r}: the daily "
+                "files and the slices would overwrite each other; choose another prefix"
+            )
         return value
 
     def device_ids(self) -> tuple[str, ...]:

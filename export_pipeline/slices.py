@@ -43,7 +43,7 @@ from export_pipeline.slicing import (
     day_bounds_ns,
     slice_offsets,
 )
-from export_pipeline.writers import ObjectStore, SliceFile
+from export_pipeline.writers import ExportFile, ObjectStore
 
 UPLOAD_THREADS = 8
 MAX_FILES_IN_FLIGHT = 16  # bounds the temporary disk an export holds while uploads catch up
@@ -99,7 +99,7 @@ def export_slices(
         ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="upload") as pool,
     ):
         in_flight: deque[Future[None]] = deque()
-        current: tuple[str, SliceFile] | None = None
+        current: tuple[str, ExportFile] | None = None
 
         def finish() -> None:
             nonlocal current
@@ -135,13 +135,12 @@ def export_slices(
                             raise ValueError("InfluxDB returned points out of time order")
                         finish()
                         path = Path(workdir) / f"{offset:05d}.{settings.format}"
-                        current = (key, SliceFile(path, settings.format, settings.batch_size))
+                        current = (
+                            key,
+                            ExportFile(path, settings.format, rows_per_group=settings.batch_size),
+                        )
                     current[1].write(rows.slice(first, count))
-                report.rows += rows.num_rows
-                if rows.num_rows:
-                    stamps = rows.column("timestamp")
-                    report.first_timestamp = report.first_timestamp or stamps[0].as_py()
-                    report.last_timestamp = stamps[-1].as_py()
+                report.add(rows)
             finish()
         except BaseException:
             if current is not None:
@@ -171,7 +170,7 @@ def export_slices(
     return report
 
 
-def _upload(store: ObjectStore, slice_file: SliceFile, key: str) -> None:
+def _upload(store: ObjectStore, slice_file: ExportFile, key: str) -> None:
     try:
         store.upload(slice_file.path, key=key, fmt=slice_file.fmt)
     finally:

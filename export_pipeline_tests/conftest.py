@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterInstance
 
-from export_pipeline.assets import build_telemetry_export
-from export_pipeline.partitions import device_days
+from export_pipeline.assets import build_telemetry_daily, build_telemetry_export
+from export_pipeline.partitions import device_days as device_days_of
 from export_pipeline.settings import ExportSettings, Settings
 from export_pipeline_tests.services import (
     POSTGRES,
@@ -38,13 +38,22 @@ REPO = Path(__file__).resolve().parent.parent
 CLI_CWD = Path(tempfile.mkdtemp(prefix="export-pipeline-cli-"))
 # One database per test session, so concurrent sessions on one machine never share storage.
 TEST_DATABASE = f"export_pipeline_test_{os.getpid()}"
-# The asset as the code location builds it (the default EXPORT_START_DATE, 2026-01-01).
-telemetry_export = build_telemetry_export(device_days(ExportSettings()))
+# The assets as the code location builds them (the default EXPORT_START_DATE, 2026-01-01).
+device_days = device_days_of(ExportSettings())
+telemetry_export = build_telemetry_export(device_days, ExportSettings())
+telemetry_daily = build_telemetry_daily(device_days, ExportSettings())
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-key-id",
     "AWS_SECRET_ACCESS_KEY": "testing-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+def readme_example(name: str) -> str:
+    """The Python block that follows `<!-- example: {name} -->` in README.md."""
+    text = (REPO / "README.md").read_text()
+    after = text.split(f"<!-- example: {name} -->\n", 1)[1]
+    return after.split("```python\n", 1)[1].split("\n```", 1)[0]
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from export_pipeline.schema import SCHEMA
 from export_pipeline.settings import Settings
 from export_pipeline.slices import export_slices
 from export_pipeline.slicing import DayRange
-from export_pipeline.writers import ObjectStore, SliceFile
+from export_pipeline.writers import ExportFile, ObjectStore
 from export_pipeline_tests import audit
 from export_pipeline_tests.audit import (
     COLUMNS,
@@ -313,7 +313,7 @@ class Exported:
         ]
         table = pa.Table.from_arrays(arrays, names=SCHEMA.names).cast(SCHEMA)
         path = self.tmp_path / f"rewritten.{self.fmt}"
-        slice_file = SliceFile(path, self.fmt, batch_rows=1_000)
+        slice_file = ExportFile(path, self.fmt, rows_per_group=1_000)
         for batch in table.to_batches():
             slice_file.write(batch)
         slice_file.close()

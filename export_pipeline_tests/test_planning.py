@@ -1,6 +1,7 @@
 from datetime import UTC, date, datetime, timedelta
 
 from export_pipeline.export import carried_checkpoint
+from export_pipeline.internals import CheckPartition
 from export_pipeline.partitions import DeviceDay
 from export_pipeline.planning import (
     Cursor,
@@ -115,7 +116,9 @@ def snapshot(**changes: object) -> Snapshot:
         "found": {},
         "searched_since": date(2026, 1, 31),
         "newest_storage_id": None,
-        "failed": [],
+        "slice_checks": {},
+        "day_checks": {},
+        "day_files": {},
         "busy": frozenset(),
     }
     values.update(changes)
@@ -169,7 +172,10 @@ def test_failed_reconciliations_become_whole_day_reexports_unless_the_device_is_
         SETTINGS,
         snapshot(
             found={"D1": utc(2026, 2, 7, 12), "D2": utc(2026, 2, 7, 12)},
-            failed=[DeviceDay("D1", yesterday), DeviceDay("D2", yesterday)],
+            slice_checks={
+                DeviceDay("D1", yesterday): CheckPartition("", passed=False, storage_id=1),
+                DeviceDay("D2", yesterday): CheckPartition("", passed=False, storage_id=2),
+            },
             busy=frozenset({"D2"}),
         ),
     )

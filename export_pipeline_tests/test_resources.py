@@ -34,6 +34,7 @@ EVERY_SETTING = {
     "INFLUXDB_TIMEOUT_SECONDS": "12.5",
     "S3_BUCKET": "exports",
     "S3_PREFIX": "raw/telemetry",
+    "S3_DAILY_PREFIX": "days",
     "S3_REGION": "eu-west-3",
     "S3_ENDPOINT_URL": "https://minio.example:9000",
     "EXPORT_INTERVAL_SECONDS": "60",
@@ -49,6 +50,7 @@ EVERY_SETTING = {
     "EXPORT_RETRIES": "2",
     "EXPORT_STALE_RUN_SECONDS": "90",
     "EXPORT_SWEEP_CRON": "5 */6 * * *",
+    "EXPORT_SLICE_RETENTION_DAYS": "30",
     "CHECKPOINT_DB_HOST": "db.example",
     "CHECKPOINT_DB_PORT": "6543",
     "CHECKPOINT_DB_NAME": "ledger",
@@ -105,7 +107,7 @@ def test_resources_hold_no_defaults_of_their_own() -> None:
         assert set(model) == {f.name for f in fields(kind)}
         assert all(field.is_required() for field in model.values())
     own = set(ExportBucketResource.model_fields) - set(S3Resource.model_fields)
-    assert own == {"bucket", "prefix"}
+    assert own == {"bucket", "prefix", "daily_prefix"}
 
 
 def test_the_bucket_resource_honours_the_s3resource_fields_it_inherits() -> None:

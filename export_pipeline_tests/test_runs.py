@@ -11,9 +11,8 @@ STALE = timedelta(seconds=180)
 
 
 def in_flight(*devices: str, last_seen: datetime | None, whole_day: bool = False) -> RunInFlight:
-    return RunInFlight(
-        DagsterRun(job_name="export_due_slices"), frozenset(devices), whole_day, last_seen
-    )
+    run = DagsterRun(job_name="export_due_slices")
+    return RunInFlight(run, frozenset({"slices"}), frozenset(devices), whole_day, last_seen)
 
 
 def test_a_queued_run_is_never_dead() -> None:

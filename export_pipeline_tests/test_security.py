@@ -26,6 +26,7 @@ from botocore.model import OperationModel
 from dagster import DagsterInstance
 from dagster_webserver.cli import cli as webserver_cli
 
+from export_pipeline.daily import DayFiles
 from export_pipeline.export import ExportReport
 from export_pipeline.influx import InfluxSource
 from export_pipeline.layout import device_folder, devices_root
@@ -308,10 +309,10 @@ def exercise_every_s3_operation(
 ) -> ExporterRun:
     """Every kind of S3 call the project makes, through its own code (ObjectStore is its only
     S3 client; the health check's HeadBucket is the one call made elsewhere): the bucket check;
-    then per prefix a device-day exported and reconciled (Parquet, then CSV, whose
-    reconciliation reads whole objects), an object above the multipart threshold uploaded and
-    deleted, and an upload abandoned in a device folder (started by `admin`) aborted by the
-    sweep's routine."""
+    a device-day's slices exported and reconciled (Parquet, then CSV, whose reconciliation reads
+    whole objects, and which replaces the Parquet slices), its day file written and reconciled;
+    then per prefix an object above the multipart threshold uploaded and deleted, and an upload
+    abandoned in a device folder (started by `admin`) aborted by the sweep's routine."""
     run = ExporterRun()
     database = f"t{uuid.uuid4().hex[:12]}"
     influx.create_database(database)
@@ -324,22 +325,28 @@ def exercise_every_s3_operation(
     big.write_bytes(os.urandom(MULTIPART_THRESHOLD + 1024 * 1024))
 
     store.check()
-    for prefix, fmt in zip(PREFIXES, ("parquet", "csv"), strict=True):
+    for fmt in ("parquet", "csv"):
         settings = Settings.from_env(
             {
                 "INFLUXDB_URL": influx.url,
                 "INFLUXDB_BUCKET": database,
                 "S3_BUCKET": store.bucket,
-                "S3_PREFIX": prefix,
+                "S3_PREFIX": PREFIXES[0],
+                "S3_DAILY_PREFIX": PREFIXES[1],
                 "EXPORT_INTERVAL_SECONDS": "300",
                 "EXPORT_FORMAT": fmt,
             }
         )
-        layout = settings.export.layout
         with InfluxSource(settings.influx) as source:
-            dataset = Slices(source, store, prefix, settings.export)
+            dataset = Slices(source, store, PREFIXES[0], settings.export)
             run.reports.append(dataset.export(DEVICE, DayRange.whole(DAY)))
             run.reconciliations.append(dataset.reconcile(DEVICE, DAY))
+    with InfluxSource(settings.influx) as source:
+        days = DayFiles(source, store, PREFIXES[1], settings.export.batch_size, workdir)
+        run.reports.append(days.export(DEVICE, DayRange.whole(DAY)))
+        run.reconciliations.append(days.reconcile(DEVICE, DAY))
+    layout = settings.export.layout
+    for prefix in PREFIXES:
         next_day = device_folder(
             prefix, device_id=DEVICE, day=DAY + timedelta(days=1), layout=layout
         )
@@ -361,18 +368,15 @@ def test_the_exporter_does_all_its_s3_work_with_only_the_readme_policy(
     store = ObjectStore(iam_s3.exporter, BUCKET)
     run = exercise_every_s3_operation(store, iam_s3.admin, influx_server, tmp_path)
 
-    assert [report.rows for report in run.reports] == [3, 3]
-    assert [check.passed for check in run.reconciliations] == [True, True]
+    assert [report.rows for report in run.reports] == [3, 3, 3]
+    assert [check.passed for check in run.reconciliations] == [True, True, True]
     assert run.aborted == [
         f"{prefix}/device_id=D2/date=2026/02/07/export_000000.parquet" for prefix in PREFIXES
     ]
-    written = sorted(
-        uri.removeprefix(f"s3://{BUCKET}/")
-        for report in run.reports
-        for uri in report.files_written
-    )
-    assert len(written) == 6
-    assert run.keys_left == written  # the multipart objects were deleted
+    csv_slices, day_file = run.reports[1].files_written, run.reports[2].files_written
+    written = sorted(uri.removeprefix(f"s3://{BUCKET}/") for uri in csv_slices + day_file)
+    assert len(written) == 4
+    assert run.keys_left == written  # the Parquet slices were replaced, the big objects deleted
 
 
 def test_the_readme_policy_grants_exactly_the_iam_actions_the_exporter_needs(

@@ -24,7 +24,7 @@ from dagster import (
 )
 
 from export_pipeline.influx import InfluxSource
-from export_pipeline.jobs import export_due_slices, sweep_late_data
+from export_pipeline.jobs import export_day_files, export_due_slices, sweep_late_data
 from export_pipeline.ledger import checkpoints
 from export_pipeline.resources import ClockResource, build_resources
 from export_pipeline.schema import SOURCE_SCHEMA
@@ -89,7 +89,9 @@ class Fleet:
             resources["clock"] = ClockResource(frozen_at=now.isoformat())
         outcomes = []
         for request in result.run_requests or []:
-            outcome = export_due_slices.execute_in_process(
+            jobs = {job.name: job for job in (export_due_slices, export_day_files)}
+            job = jobs[request.job_name or export_due_slices.name]
+            outcome = job.execute_in_process(
                 run_config=request.run_config,
                 instance=self.instance,
                 resources=resources,
@@ -142,11 +144,23 @@ class Fleet:
 
 
 def work_of(result: SensorResult) -> list[tuple[str, str, int, int]]:
+    """The slices the tick requested: (device, date, start, end)."""
     items = []
     for request in result.run_requests or []:
-        for item in request.run_config["ops"]["export_slices"]["config"]["work"]:
-            items.append((item["device_id"], item["date"], item["start"], item["end"]))
+        if request.job_name == export_due_slices.name:
+            for item in request.run_config["ops"]["export_slices"]["config"]["work"]:
+                items.append((item["device_id"], item["date"], item["start"], item["end"]))
     return sorted(items)
+
+
+def days_of(result: SensorResult) -> list[tuple[str, str]]:
+    """The day files the tick requested: (device, date)."""
+    return sorted(
+        (item["device_id"], item["date"])
+        for request in result.run_requests or []
+        if request.job_name == export_day_files.name
+        for item in request.run_config["ops"]["export_days"]["config"]["work"]
+    )
 
 
 def new_device() -> str:
