@@ -64,6 +64,28 @@ def load(url: str, db: str, devices: list[str], start_ns: int, count: int, step_
     return len(devices) * count / (time.perf_counter() - started)
 
 
+def load_simulated(url: str, db: str, devices: int, start_ns: int, seconds: int) -> list[str]:
+    """The demo's simulator (export_pipeline.simulate) at 1 Hz: `seconds` of its first
+    `devices` devices from `start_ns`; returns their ids."""
+    from export_pipeline.simulate import fleet
+
+    session = requests.Session()
+    session.post(f"{url}/query", params={"q": f'CREATE DATABASE "{db}"'}, timeout=30)
+    simulated = fleet(devices)
+    for first in range(0, seconds, 4_000):
+        lines = [
+            device.line(start_ns + second * NS, "telemetry")
+            for second in range(first, min(seconds, first + 4_000))
+            for device in simulated
+        ]
+        answer = session.post(
+            f"{url}/write", params={"db": db, "precision": "ns"}, data="\n".join(lines), timeout=300
+        )
+        if answer.status_code != 204:
+            raise RuntimeError(f"write failed: {answer.status_code} {answer.text[:200]}")
+    return [device.device_id for device in simulated]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8086")

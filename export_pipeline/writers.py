@@ -53,8 +53,9 @@ DAY_FILE_PARQUET: dict[str, Any] = {
     "sorting_columns": [pq.SortingColumn(0)],
 }
 # Rows per row group of a day file: a 1 Hz day is one group; bigger days are cut into groups of
-# about 5 MB that readers can skip by their timestamp statistics. Bounds the writer's memory too.
-DAY_FILE_ROWS_PER_GROUP = 512 * 1024
+# about 2 MB that readers can skip by their timestamp statistics; it bounds the writer's memory
+# (a 5 M-row day: see P4).
+DAY_FILE_ROWS_PER_GROUP = 256 * 1024
 
 
 class ExportFile:

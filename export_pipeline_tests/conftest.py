@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import Popen
 from typing import Any
 
 import boto3
@@ -161,3 +166,51 @@ def stack(influx_server: InfluxServer, s3_server: MotoServer) -> Stack:
     created = Stack(influx_server, s3_server.url, database=name, bucket=name)
     created.s3.create_bucket(Bucket=name)
     return created
+
+
+class Daemons:
+    """Real `dagster-daemon` processes serving this stack's code location; their runs are real
+    processes launched through the run queue, as in production. Each daemon leads a process
+    group of its own, so what it leaves behind (a code server, a run) is reaped after the test."""
+
+    def __init__(self, stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str]) -> None:
+        self.stack, self.dagster_home, self.checkpoint_env = stack, dagster_home, checkpoint_env
+        self.started: list[Popen[bytes]] = []
+
+    def start(self, **env: str) -> Popen[bytes]:
+        environment = {
+            **os.environ,
+            **self.stack.env(**{"DEVICE_IDS": "D1", **env}),
+            **self.checkpoint_env,
+            "DAGSTER_HOME": str(self.dagster_home),
+        }
+        binary = str(Path(sys.executable).with_name("dagster-daemon"))
+        daemon = subprocess.Popen(
+            [binary, "run", "-m", "export_pipeline.definitions"],
+            env=environment,
+            cwd=CLI_CWD,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.started.append(daemon)
+        return daemon
+
+    def reap(self) -> None:
+        for daemon in self.started:
+            if daemon.poll() is None:
+                stop_daemon(daemon)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(daemon.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def daemons(stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str]) -> Iterator[Daemons]:
+    started = Daemons(stack, dagster_home, checkpoint_env)
+    yield started
+    started.reap()
+
+
+def stop_daemon(daemon: Popen[bytes]) -> int:
+    daemon.send_signal(signal.SIGTERM)
+    return daemon.wait(timeout=60)

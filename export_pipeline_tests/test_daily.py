@@ -11,7 +11,15 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from dagster import AssetIn, DagsterInstance, MaterializeResult, asset, materialize
+from dagster import (
+    AssetIn,
+    DagsterEventType,
+    DagsterInstance,
+    MaterializeResult,
+    RunsFilter,
+    asset,
+    materialize,
+)
 
 from export_pipeline.export import EmptyReadRefused
 from export_pipeline.io_managers import with_io_managers
@@ -20,7 +28,14 @@ from export_pipeline.resources import ClockResource, build_resources
 from export_pipeline.schema import SCHEMA
 from export_pipeline.writers import DAY_FILE_ROWS_PER_GROUP
 from export_pipeline_tests.audit import assert_day_file_reconciled, assert_reconciled
-from export_pipeline_tests.conftest import Stack, device_days, readme_example, telemetry_daily
+from export_pipeline_tests.backfills import submit_backfill, wait_for_backfill
+from export_pipeline_tests.conftest import (
+    Daemons,
+    Stack,
+    device_days,
+    readme_example,
+    telemetry_daily,
+)
 from export_pipeline_tests.services import TcpProxy, point
 from export_pipeline_tests.test_sensors import Fleet, days_of, every_10s, work_of
 
@@ -432,3 +447,25 @@ def test_the_readme_duckdb_and_polars_queries_read_the_day_files_with_their_hive
         list(zip(polars["device_id"], polars["date"], polars["samples"], strict=True)) == expected
     )
     assert [round(w, 6) for w in polars["avg_watts"]] == [round(row[3], 6) for row in duck]
+
+
+def test_a_backfill_launched_as_from_the_ui_runs_its_partitions_in_one_run(
+    stack: Stack, instance: DagsterInstance, daemons: Daemons
+) -> None:
+    devices = registered(instance, *(new_device() for _ in range(4)))
+    for device in devices:
+        stack.write(hz(device, MIDNIGHT + timedelta(hours=3), 60))
+    partitions = [f"{DAY}|{device}" for device in devices]
+    backfill = submit_backfill(instance, TELEMETRY_DAILY, partitions)
+    daemons.start(DEVICE_IDS=",".join(devices))
+    assert wait_for_backfill(instance, backfill, timeout=240) == "COMPLETED_SUCCESS"
+    runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill}))
+    assert len(runs) == 1  # four device-days, one run
+    for device in devices:
+        assert (
+            assert_day_file_reconciled(stack, device, [DAY], daily_prefix="telemetry_daily") == 60
+        )
+    latest = instance.get_latest_storage_id_by_partition(
+        TELEMETRY_DAILY, DagsterEventType.ASSET_MATERIALIZATION, set(partitions)
+    )
+    assert set(latest) == set(partitions)

@@ -1,16 +1,12 @@
 """Faults and odd input on the real stack; each ends by comparing S3 with InfluxDB."""
 
-import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from subprocess import Popen
 from typing import Any
 
 import pytest
@@ -22,7 +18,7 @@ from export_pipeline.metadata import RECONCILIATION
 from export_pipeline.schema import SCHEMA
 from export_pipeline.writers import ObjectStore
 from export_pipeline_tests.audit import assert_reconciled
-from export_pipeline_tests.conftest import CLI_CWD, Stack
+from export_pipeline_tests.conftest import Daemons, Stack, stop_daemon
 from export_pipeline_tests.services import (
     PostgresServer,
     TcpProxy,
@@ -123,54 +119,6 @@ def test_a_string_in_a_numeric_field_fails_the_device_day_by_name(stack: Stack) 
     with pytest.raises(InfluxError, match=r"could not be parsed.*high"):
         export(stack)
     assert stack.objects() == {}
-
-
-class Daemons:
-    """Real `dagster-daemon` processes serving this stack's code location; their runs are real
-    processes launched through the run queue, as in production. Each daemon leads a process
-    group of its own, so what it leaves behind (a code server, a run) is reaped after the test."""
-
-    def __init__(self, stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str]) -> None:
-        self.stack, self.dagster_home, self.checkpoint_env = stack, dagster_home, checkpoint_env
-        self.started: list[Popen[bytes]] = []
-
-    def start(self, **env: str) -> Popen[bytes]:
-        environment = {
-            **os.environ,
-            **self.stack.env(**{"DEVICE_IDS": "D1", **env}),
-            **self.checkpoint_env,
-            "DAGSTER_HOME": str(self.dagster_home),
-        }
-        binary = str(Path(sys.executable).with_name("dagster-daemon"))
-        daemon = subprocess.Popen(
-            [binary, "run", "-m", "export_pipeline.definitions"],
-            env=environment,
-            cwd=CLI_CWD,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.started.append(daemon)
-        return daemon
-
-    def reap(self) -> None:
-        for daemon in self.started:
-            if daemon.poll() is None:
-                stop_daemon(daemon)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(daemon.pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def daemons(stack: Stack, dagster_home: Path, checkpoint_env: dict[str, str]) -> Iterator[Daemons]:
-    started = Daemons(stack, dagster_home, checkpoint_env)
-    yield started
-    started.reap()
-
-
-def stop_daemon(daemon: Popen[bytes]) -> int:
-    daemon.send_signal(signal.SIGTERM)
-    return daemon.wait(timeout=60)
 
 
 def sensor_beat_after(instance: DagsterInstance, moment: float) -> bool:

@@ -1,0 +1,129 @@
+"""P8: a backfill of `telemetry_daily` launched as from the UI and run by a real dagster-daemon,
+30 days x 1,000 devices x 1,440 points per device-day, against the one-run-per-partition path
+measured in the same run (a run per device-day, four at a time, as the run queue allows).
+
+    .venv/bin/python -m bench.backfill                       # the issue's size (~45 minutes)
+    .venv/bin/python -m bench.backfill --devices 100 --days 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from dagster import DagsterInstance, RunsFilter
+
+from bench.load import load
+from bench.run import REPO, Bench, machine
+from export_pipeline.metadata import TELEMETRY_DAILY
+from export_pipeline.partitions import DeviceDay
+from export_pipeline_tests.backfills import submit_backfill, wait_for_backfill
+
+NS = 1_000_000_000
+FIRST_DAY = date(2026, 1, 5)
+
+
+def materialize_one(bench: Bench, partition: str) -> None:
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    command = ["asset", "materialize", "-m", "export_pipeline.definitions", "--select"]
+    subprocess.run(
+        [dagster, *command, "telemetry_daily", "--partition", partition],
+        env={**os.environ, **bench.env(DEVICE_IDS="bench-idle")},
+        cwd=bench.root,
+        check=True,
+        capture_output=True,
+    )
+
+
+def p8(bench: Bench, devices: int, days: int, points: int, baseline_runs: int) -> dict[str, Any]:
+    fleet = [f"p8-{i:04d}" for i in range(devices)]
+    dates = [FIRST_DAY + timedelta(days=n) for n in range(days)]
+    started = time.perf_counter()
+    for day in dates:
+        start = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()) * NS
+        load(bench.influx.url, bench.database, fleet, start, points, 86_400 * NS // points)
+    loaded = time.perf_counter() - started
+    env = bench.env(DEVICE_IDS="bench-idle")  # the sensor has one idle device to look after
+    os.environ.update(env)
+    with DagsterInstance.from_config(str(bench.home)) as instance:
+        instance.add_dynamic_partitions("devices", fleet)
+
+        # The path without a backfill policy: a run per device-day, four at a time.
+        others = [DeviceDay(fleet[-1 - n], dates[-1]).key for n in range(baseline_runs)]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda key: materialize_one(bench, key), others))
+        per_partition = (time.perf_counter() - started) / baseline_runs
+
+        logs = bench.root / "daemon.log"
+        binary = str(Path(sys.executable).with_name("dagster-daemon"))
+        daemon = subprocess.Popen(
+            [binary, "run", "-m", "export_pipeline.definitions"],
+            env={**os.environ, **env},
+            cwd=bench.root,
+            stdout=logs.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            partitions = [DeviceDay(device, day).key for day in dates for device in fleet]
+            started = time.perf_counter()
+            backfill = submit_backfill(instance, TELEMETRY_DAILY, partitions)
+            status = wait_for_backfill(instance, backfill, timeout=4 * 3600)
+            elapsed = time.perf_counter() - started
+            runs = instance.get_run_records(RunsFilter(tags={"dagster/backfill": backfill}))
+        finally:
+            os.killpg(daemon.pid, signal.SIGTERM)
+            daemon.wait(timeout=120)
+    files = sum(1 for _ in bench.folder_sizes("telemetry_daily/"))
+    rate = len(partitions) / elapsed * 60
+    baseline = 60 / per_partition
+    return {
+        "device_days": len(partitions),
+        "status": status,
+        "runs": len(runs),
+        "minutes": round(elapsed / 60, 1),
+        "device_days_per_min": round(rate),
+        "day_files": files,
+        "one_run_per_partition_device_days_per_min": round(baseline, 1),
+        "load_minutes": round(loaded / 60, 1),
+        "ratio": round(rate / baseline, 1),
+        "target": ">= 1,000 device-days a minute (30 days x 1,000 devices in <= 30 minutes)",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--points", type=int, default=1440, help="per device-day")
+    parser.add_argument("--baseline-runs", type=int, default=8)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-") as root:
+        bench = Bench(Path(root))
+        try:
+            result = p8(bench, args.devices, args.days, args.points, args.baseline_runs)
+        finally:
+            bench.close()
+    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    path = REPO / "bench" / "results.json"
+    report = json.loads(path.read_text()) if path.exists() else {"results": {}}
+    name = f"P8 backfill of telemetry_daily, {args.days} days x {args.devices} devices"
+    report.setdefault("results", {})[name] = result
+    report["machine"] = machine()
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
