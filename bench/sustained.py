@@ -79,7 +79,7 @@ def sustained(bench: Bench, devices: int, minutes: float, interval: int) -> dict
                 if time.time() - started < 2 * interval:
                     continue  # the first tick starts the fleet; measure from the second on
                 now = datetime.now(UTC)
-                done = checkpoints(instance, fleet, [now.date()])
+                done = checkpoints(instance, fleet)
                 lags += [
                     (now - done[d]).total_seconds() if d in done else float("inf") for d in fleet
                 ]

@@ -32,7 +32,7 @@ from dagster import (
 
 from export_pipeline.daily import StagedDay, StagedDayFiles
 from export_pipeline.export import Dataset, DeviceOutcome, DeviceWork, export_fleet
-from export_pipeline.ledger import checkpoint_dates, checkpoints
+from export_pipeline.ledger import progress_of, record_progress
 from export_pipeline.metadata import (
     DAILY_RECONCILIATION,
     INFLUXDB,
@@ -52,6 +52,7 @@ from export_pipeline.resources import (
     day_files_of,
     slices_of,
 )
+from export_pipeline.runs import HEARTBEAT_SECONDS, mark_process
 from export_pipeline.settings import ExportSettings
 from export_pipeline.slicing import DayRange
 
@@ -74,6 +75,7 @@ def export_partitions(
 ) -> list[DeviceOutcome]:
     """Export the run's device-days, several devices at a time, and fail the run naming every
     device-day that failed (a run records its partitions all or none); else their outcomes."""
+    mark_process(context.instance, context.run.run_id)
     outcomes: list[DeviceOutcome] = []
 
     def on_retry(error: BaseException, delay: float) -> None:
@@ -85,7 +87,7 @@ def export_partitions(
         first_due=first_due,
         retries=settings.retries,
         concurrency=settings.concurrency,
-        heartbeat_seconds=max(5.0, settings.stale_run_after / 4),
+        heartbeat_seconds=HEARTBEAT_SECONDS,
         on_outcome=outcomes.append,
         on_heartbeat=lambda done: context.log.info(f"exporting: {done} of {len(work)} devices"),
         on_retry=on_retry,
@@ -168,11 +170,12 @@ def build_telemetry_export(
         settings, now = export.settings(), clock.now()
         start = first_due(now, settings)
         days = ranges_by_device(context, lambda day: closed_part(day, now, settings))
-        dates = checkpoint_dates(now, first_due=start, start_date=settings.start_date)
-        known = checkpoints(context.instance, days, dates)
+        known = progress_of(context.instance, days)
         work = {device: DeviceWork([ranges], known.get(device)) for device, ranges in days.items()}
         with slices_of(influxdb, s3, settings, settings.concurrency) as slices:
             outcomes = export_partitions(context, slices, work, settings=settings, first_due=start)
+        moved = {o.device_id: o.exported[-1].progress for o in outcomes if o.exported}
+        record_progress(context.instance, {d: p for d, p in moved.items() if p is not None})
         record(context, outcomes, clock.now(), RECONCILIATION)
         yield MaterializeResult(asset_key=TELEMETRY_EXPORT)
 

@@ -13,10 +13,9 @@ from dagster import (
     asset_check,
 )
 
-from export_pipeline.ledger import checkpoint_dates, checkpoints
+from export_pipeline.ledger import checkpoints
 from export_pipeline.metadata import FRESHNESS, freshness_evaluation
 from export_pipeline.partitions import registered_devices
-from export_pipeline.planning import first_due
 from export_pipeline.resources import ClockResource, ExportResource
 
 
@@ -31,11 +30,8 @@ def build_freshness_check(telemetry_export: AssetsDefinition) -> AssetChecksDefi
     ) -> AssetCheckResult:
         settings, now = export.settings(), clock.now()
         fleet = registered_devices(context.instance, settings)
-        dates = checkpoint_dates(
-            now, first_due=first_due(now, settings), start_date=settings.start_date
-        )
         evaluation = freshness_evaluation(
-            checkpoints(context.instance, fleet, dates), fleet, now, settings
+            checkpoints(context.instance, fleet), fleet, now, settings
         )
         return AssetCheckResult(
             passed=evaluation.passed,

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from export_pipeline.export import EmptyReadRefused, ExportReport, Stopped, prefetched, timed
 from export_pipeline.influx import CountingSource
 from export_pipeline.layout import day_file_key, validate_device_id
+from export_pipeline.progress import DayTotals
 from export_pipeline.reconciliation import Reconciliation, parquet_field_counts, parquet_footer
 from export_pipeline.schema import FIELD_COLUMNS, SCHEMA, to_export
 from export_pipeline.slicing import SECONDS_PER_DAY, DayRange, day_bounds_ns
@@ -126,7 +127,6 @@ def reconcile_day_file(
         device_id,
         day,
         SECONDS_PER_DAY,
-        source_rows=None,
         field_counts=counts.get(device_id, dict.fromkeys(FIELD_COLUMNS, 0)),
         exported_field_counts=dict.fromkeys(FIELD_COLUMNS, 0),
     )
@@ -170,7 +170,12 @@ class DayFiles:
         )
 
     def export(
-        self, device_id: str, piece: DayRange, stop: threading.Event | None = None
+        self,
+        device_id: str,
+        piece: DayRange,
+        stop: threading.Event | None = None,
+        *,
+        fresh: bool = False,
     ) -> ExportReport:
         staged = self.stage(device_id, piece, stop)
         publish(self.store, staged)
@@ -181,7 +186,8 @@ class DayFiles:
             return None
         return parquet_footer(self.store, key)
 
-    def reconcile(self, device_id: str, day: date) -> Reconciliation:
+    def reconcile(self, device_id: str, day: date, totals: DayTotals | None) -> Reconciliation:
+        """From the file itself, whatever its export reported (`totals`)."""
         key = self.key(device_id, day)
         return reconcile_day_file(
             self.source, device_id=device_id, day=day, key=key, footer=self.footer(key)
@@ -196,7 +202,12 @@ class StagedDayFiles(DayFiles):
     staged: dict[str, StagedDay] = field(default_factory=dict)
 
     def export(
-        self, device_id: str, piece: DayRange, stop: threading.Event | None = None
+        self,
+        device_id: str,
+        piece: DayRange,
+        stop: threading.Event | None = None,
+        *,
+        fresh: bool = False,
     ) -> ExportReport:
         staged = self.stage(device_id, piece, stop)
         self.staged[staged.key] = staged  # one device's days are staged by one thread

@@ -15,11 +15,12 @@ from export_pipeline.jobs import (
     export_day_files,
     export_due_slices,
     register_devices,
+    retain_ledger,
     sweep_late_data,
 )
 from export_pipeline.partitions import device_days
 from export_pipeline.resources import build_resources
-from export_pipeline.schedules import build_late_data_sweep
+from export_pipeline.schedules import build_late_data_sweep, build_ledger_retention
 from export_pipeline.sensors import build_continuous_export
 from export_pipeline.settings import Settings
 
@@ -38,9 +39,9 @@ defs = Definitions(
         build_telemetry_daily(partitions, settings.export),
     ],
     asset_checks=[build_freshness_check(telemetry_export)],
-    jobs=[register_devices, export_due_slices, export_day_files, sweep_late_data],
+    jobs=[register_devices, export_due_slices, export_day_files, sweep_late_data, retain_ledger],
     sensors=[build_continuous_export(settings)],
-    schedules=[build_late_data_sweep(settings)],
+    schedules=[build_late_data_sweep(settings), build_ledger_retention(settings)],
     resources=with_io_managers(build_resources(settings)),
     # Every step runs in the run's own process: a second (step) process would cost ~200 MB and
     # seconds of start-up for no parallelism the export needs (it has its own thread pools).

@@ -1,10 +1,10 @@
 """The one export routine: a device's ranges of UTC days, from InfluxDB into a dataset in S3.
 
-Every caller (the `telemetry_export` asset, the continuous job, later datasets) exports through
-`export_device`, which owns the rules they share: ranges in time order, transient failures
-retried, the checkpoint carried only over contiguous coverage, and every day that an export
-closes reconciled against InfluxDB. Callers differ only in how they pick ranges and how they
-record the outcome. How a range becomes objects is the dataset's business (`slices.py`).
+Every caller (the assets, the continuous jobs) exports through `export_device`, which owns the
+rules they share: ranges in time order, transient failures retried, the device's progress
+carried only over contiguous coverage (`progress.py`), and every day that an export closes
+reconciled against InfluxDB. Callers differ only in how they pick ranges and how they record the
+outcome. How a range becomes objects is the dataset's business (`slices.py`, `daily.py`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from functools import partial
 from queue import Empty, Full, Queue
 from typing import Protocol
 
 import pyarrow as pa
 
+from export_pipeline.progress import DayTotals, Progress, carried
 from export_pipeline.reconciliation import Reconciliation
 from export_pipeline.retries import with_retries
+from export_pipeline.schema import FIELD_COLUMNS
 from export_pipeline.slicing import SECONDS_PER_DAY, DayRange
 
 OnRetry = Callable[[BaseException, float], None]
@@ -54,33 +57,64 @@ class ExportReport:
     last_timestamp: datetime | None = None
     read_seconds: float = 0.0
     write_seconds: float = 0.0
+    field_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FIELD_COLUMNS, 0))
 
     def add(self, rows: pa.RecordBatch) -> None:
         """Count a batch of exported rows in."""
         self.rows += rows.num_rows
+        for name in FIELD_COLUMNS:
+            column = rows.column(name)
+            self.field_counts[name] += len(column) - column.null_count
         if rows.num_rows:
             stamps = rows.column("timestamp")
             self.first_timestamp = self.first_timestamp or stamps[0].as_py()
             self.last_timestamp = stamps[-1].as_py()
+
+    @property
+    def totals(self) -> DayTotals:
+        return DayTotals(self.rows, len(self.files_written), dict(self.field_counts))
 
 
 class Dataset(Protocol):
     """A dataset in S3 fed from InfluxDB: how a range is written, how a closed day is checked."""
 
     def export(
-        self, device_id: str, piece: DayRange, stop: threading.Event | None = None
-    ) -> ExportReport: ...
+        self,
+        device_id: str,
+        piece: DayRange,
+        stop: threading.Event | None = None,
+        *,
+        fresh: bool = False,
+    ) -> ExportReport:
+        """Write `piece`; `fresh`: it lies beyond what was exported, so nothing of ours can be
+        there to replace (the day's reconciliation finds any leftover)."""
+        ...
 
-    def reconcile(self, device_id: str, day: date) -> Reconciliation: ...
+    def reconcile(self, device_id: str, day: date, totals: DayTotals | None) -> Reconciliation:
+        """Check a closed day; `totals`: what its exports wrote, where known."""
+        ...
 
 
 @dataclass(frozen=True)
 class Exported:
-    """A range complete in S3, and the device's checkpoint once it is."""
+    """A range complete in S3, and the device's progress once it is."""
 
     piece: DayRange
     report: ExportReport
-    exported_through: datetime | None
+    progress: Progress | None
+
+    @property
+    def exported_through(self) -> datetime | None:
+        return None if self.progress is None else self.progress.through
+
+    @property
+    def day_totals(self) -> DayTotals | None:
+        """What the range's day holds so far, where known."""
+        if self.piece.start == 0:
+            return self.report.totals
+        if self.progress is not None and self.progress.day == self.piece.day:
+            return self.progress.totals
+        return None
 
 
 @dataclass
@@ -93,28 +127,12 @@ class DeviceOutcome:
     errors: list[Exception] = field(default_factory=list)
 
 
-def carried_checkpoint(
-    checkpoint: datetime | None, piece: DayRange, first_due: datetime
-) -> datetime | None:
-    """The device's checkpoint (`exported_through`) once `piece` is complete in S3.
-
-    It advances only over contiguous coverage: a range exported beyond a gap must not make the
-    sensor skip the gap, and an older range never moves it back. A device without a checkpoint
-    gets one only from a range covering `first_due`, where the sensor would start it.
-    """
-    if checkpoint is None:
-        return piece.end_time if piece.start_time <= first_due <= piece.end_time else None
-    if checkpoint >= piece.start_time:
-        return max(checkpoint, piece.end_time)
-    return checkpoint
-
-
 def export_device(
     dataset: Dataset,
     device_id: str,
     chains: Sequence[Sequence[DayRange]],
     *,
-    checkpoint: datetime | None,
+    progress: Progress | None,
     first_due: datetime,
     retries: int,
     on_retry: OnRetry | None = None,
@@ -123,7 +141,7 @@ def export_device(
     """Export each chain of ranges in time order, then reconcile every day an export closed.
 
     A chain stops at its first range that keeps failing (after `retries` retries of transient
-    errors), so the checkpoint never passes a gap; the other chains go on. Nothing here raises:
+    errors), so the progress never passes a gap; the other chains go on. Nothing here raises:
     errors are collected in the outcome, so one device never holds back the others. Setting
     `stop` ends the export at the next slice boundary.
     """
@@ -134,22 +152,37 @@ def export_device(
                 outcome.errors.append(Stopped("stopped before starting"))
                 return outcome
 
-            def attempt(piece: DayRange = piece) -> ExportReport:
-                return dataset.export(device_id, piece, stop)
+            fresh = progress is not None and piece.start_time >= progress.through
+
+            def attempt(piece: DayRange = piece, fresh: bool = fresh) -> ExportReport:
+                return dataset.export(device_id, piece, stop, fresh=fresh)
 
             try:
                 report = with_retries(attempt, retries, on_retry)
             except Exception as error:
                 outcome.errors.append(error)
                 break
-            checkpoint = carried_checkpoint(checkpoint, piece, first_due)
-            outcome.exported.append(Exported(piece, report, checkpoint))
+            progress = carried(progress, piece, report.totals, first_due)
+            outcome.exported.append(Exported(piece, report, progress))
+            if piece.end == SECONDS_PER_DAY and outcome.exported[-1].day_totals is None:
+                # What the day's pieces hold is not known exactly (a device's first, partial
+                # day, or overlapping pieces): the day is exported again, whole, to reconcile it.
+                whole = DayRange.whole(piece.day)
+                try:
+                    report = with_retries(
+                        partial(dataset.export, device_id, whole, stop), retries, on_retry
+                    )
+                except Exception as error:
+                    outcome.errors.append(error)
+                    break
+                progress = carried(progress, whole, report.totals, first_due)
+                outcome.exported[-1] = Exported(whole, report, progress)
     for exported in outcome.exported:
         if exported.piece.end != SECONDS_PER_DAY:
             continue
 
-        def check(day: date = exported.piece.day) -> Reconciliation:
-            return dataset.reconcile(device_id, day)
+        def check(done: Exported = exported) -> Reconciliation:
+            return dataset.reconcile(device_id, done.piece.day, done.day_totals)
 
         try:
             outcome.reconciliations.append(with_retries(check, retries, on_retry))
@@ -162,10 +195,11 @@ def export_device(
 
 @dataclass(frozen=True)
 class DeviceWork:
-    """A device's share of a run: chains of ranges (see `export_device`) and its checkpoint."""
+    """A device's share of a run: chains of ranges (see `export_device`) and its progress."""
 
     chains: Sequence[Sequence[DayRange]]
-    checkpoint: datetime | None = None
+    progress: Progress | None = None
+    first_due: datetime | None = None  # where a device without progress starts (see `carried`)
 
 
 def export_fleet(
@@ -182,8 +216,8 @@ def export_fleet(
 ) -> None:
     """Export each device's work, `concurrency` devices at a time. Outcomes are handed to
     `on_outcome` on the calling thread as devices finish (Dagster's run context is not
-    thread-safe); `on_heartbeat(devices done)` is called whenever none finished for
-    `heartbeat_seconds`.
+    thread-safe); `on_heartbeat(devices done)` is called every `heartbeat_seconds` whatever the
+    devices do, so a live run is never silent for long, however long one device takes.
 
     An interrupt (SIGTERM reaches a run as one) stops queued devices from starting and running
     ones at their next slice boundary, so nothing partial becomes visible; then it is re-raised.
@@ -195,8 +229,8 @@ def export_fleet(
             dataset,
             device_id,
             work[device_id].chains,
-            checkpoint=work[device_id].checkpoint,
-            first_due=first_due,
+            progress=work[device_id].progress,
+            first_due=work[device_id].first_due or first_due,
             retries=retries,
             on_retry=on_retry,
             stop=stop,
@@ -204,11 +238,14 @@ def export_fleet(
 
     pool = ThreadPoolExecutor(concurrency, thread_name_prefix="device")
     pending = {pool.submit(export_one, device_id): device_id for device_id in sorted(work)}
+    beat = time.monotonic()
     try:
         while pending:
-            finished, _ = wait(pending, timeout=heartbeat_seconds, return_when=FIRST_COMPLETED)
-            if not finished:
+            wait_for = max(0.0, beat + heartbeat_seconds - time.monotonic())
+            finished, _ = wait(pending, timeout=wait_for, return_when=FIRST_COMPLETED)
+            if time.monotonic() >= beat + heartbeat_seconds:
                 on_heartbeat(len(work) - len(pending))
+                beat = time.monotonic()
             for future in finished:
                 del pending[future]
                 on_outcome(future.result())

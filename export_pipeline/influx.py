@@ -9,10 +9,12 @@ empty body), so `check()` asks once in JSON before reading.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import requests
 import requests.adapters
@@ -21,6 +23,8 @@ from export_pipeline.schema import FIELD_COLUMNS, SOURCE_SCHEMA, TAG_COLUMNS
 from export_pipeline.settings import InfluxSettings
 
 _RESPONSE_CHUNK = 1 << 20
+# A shared read's answer (`read_many`) also carries each row's device.
+_SHARED_SCHEMA = SOURCE_SCHEMA.insert(1, pa.field("device_id", pa.string()))
 
 
 class InfluxError(RuntimeError):
@@ -45,12 +49,27 @@ def quote_identifier(name: str) -> str:
 
 def device_query(*, measurement: str, device_id: str, start_ns: int, end_ns: int) -> str:
     """One device's points in `[start_ns, end_ns)`, tags and fields as columns, oldest first."""
-    columns = [f"{quote_identifier(tag)}::tag" for tag in TAG_COLUMNS]
+    return devices_query(
+        measurement=measurement, device_ids=[device_id], start_ns=start_ns, end_ns=end_ns
+    )
+
+
+def devices_query(
+    *, measurement: str, device_ids: Sequence[str], start_ns: int, end_ns: int
+) -> str:
+    """These devices' points in `[start_ns, end_ns)`, as `device_query`; `device_id` is a column
+    of the answer, so no `GROUP BY` (and no CSV `tags` column) is needed to tell them apart."""
+    if not device_ids:
+        raise ValueError("no device to query")
+    tags = TAG_COLUMNS if len(device_ids) == 1 else ("device_id", *TAG_COLUMNS)
+    columns = [f"{quote_identifier(tag)}::tag" for tag in tags]
     columns += [f"{quote_identifier(name)}::field" for name in FIELD_COLUMNS]
+    match = " OR ".join(f'"device_id"::tag = {quote_string(d)}' for d in device_ids)
+    if len(device_ids) > 1:
+        match = f"({match})"
     return (
         f"SELECT {', '.join(columns)} FROM {quote_identifier(measurement)} "
-        f'WHERE "device_id"::tag = {quote_string(device_id)} '
-        f"AND time >= {int(start_ns)} AND time < {int(end_ns)}"
+        f"WHERE {match} AND time >= {int(start_ns)} AND time < {int(end_ns)}"
     )
 
 
@@ -255,9 +274,31 @@ class InfluxSource:
 
         Memory stays bounded by roughly `batch_rows` rows whatever the size of the range.
         """
-        query = device_query(
+        return self._stream([device_id], start_ns=start_ns, end_ns=end_ns, batch_rows=batch_rows)
+
+    def read_many(
+        self, device_ids: Sequence[str], *, start_ns: int, end_ns: int
+    ) -> dict[str, pa.Table]:
+        """Every one of these devices' points in `[start_ns, end_ns)`, with one query, split by
+        device (each device's rows in time order). Held in memory: for short ranges."""
+        if len(device_ids) < 2:
+            raise ValueError("a shared read is for two devices or more")
+        batches = list(self._stream(device_ids, start_ns=start_ns, end_ns=end_ns))
+        table = pa.Table.from_batches(batches, _SHARED_SCHEMA)
+        found = {}
+        for device_id in device_ids:
+            mine = table.filter(pc.equal(table["device_id"], device_id))
+            found[device_id] = mine.select(SOURCE_SCHEMA.names)
+        if sum(part.num_rows for part in found.values()) != table.num_rows:
+            raise InfluxError("InfluxDB answered with points of devices that were not asked for")
+        return found
+
+    def _stream(
+        self, device_ids: Sequence[str], *, start_ns: int, end_ns: int, batch_rows: int = 50_000
+    ) -> Iterator[pa.RecordBatch]:
+        query = devices_query(
             measurement=self.settings.measurement,
-            device_id=device_id,
+            device_ids=device_ids,
             start_ns=start_ns,
             end_ns=end_ns,
         )
@@ -271,7 +312,8 @@ class InfluxSource:
             # Buffered, so the CSV reader gets whole blocks rather than network-sized pieces
             # (which made batches of a few hundred rows and multiplied per-batch costs).
             stream = io.BufferedReader(_ChunkStream(_chain(first, chunks)), _RESPONSE_CHUNK)
-            yield from _parse_csv(stream, batch_rows)
+            schema = SOURCE_SCHEMA if len(device_ids) == 1 else _SHARED_SCHEMA
+            yield from _parse_csv(stream, batch_rows, schema)
         except requests.RequestException as error:
             raise InfluxUnavailable(
                 f"InfluxDB at INFLUXDB_URL={self.settings.url} broke off the answer: "
@@ -281,12 +323,116 @@ class InfluxSource:
             response.close()
 
 
+# A shared read holds its answer in memory until each device takes its part: bounded by devices
+# times seconds (50 devices of 1 Hz for 10 minutes: 30k rows, a few MB), and by the query's length.
+SHARED_READ_DEVICES = 50
+SHARED_READ_DEVICE_SECONDS = 30_000
+SHARED_READ_QUERY_CHARS = 6_000
+
+
+def shared_read_groups(
+    pieces: Mapping[str, tuple[int, int]],
+) -> list[tuple[list[str], int, int]]:
+    """Group devices due for the same `(start_ns, end_ns)` into shared reads: each group is one
+    query, within the bounds above. Devices keep their sorted order, so a group's members are
+    exported one after the other and its answer is held briefly."""
+    by_range: dict[tuple[int, int], list[str]] = {}
+    for device_id in sorted(pieces):
+        by_range.setdefault(pieces[device_id], []).append(device_id)
+    groups = []
+    for (start_ns, end_ns), devices in by_range.items():
+        seconds = max(1, (end_ns - start_ns) // 1_000_000_000)
+        most = max(1, min(SHARED_READ_DEVICES, SHARED_READ_DEVICE_SECONDS // seconds))
+        group: list[str] = []
+        length = 0
+        for device_id in devices:
+            cost = len(quote_string(device_id)) + 24
+            if group and (len(group) >= most or length + cost > SHARED_READ_QUERY_CHARS):
+                groups.append((group, start_ns, end_ns))
+                group, length = [], 0
+            group.append(device_id)
+            length += cost
+        groups.append((group, start_ns, end_ns))
+    return [group for group in groups if len(group[0]) > 1]
+
+
+class _SharedRead:
+    def __init__(self, device_ids: list[str]) -> None:
+        self.device_ids = device_ids
+        self.lock = threading.Lock()
+        self.done = False
+        self.tables: dict[str, pa.Table] | None = None
+
+
+class SharedReads:
+    """A source that answers each group of `shared_read_groups` with one query, handing each
+    device its part; every other read goes to `source` as it is.
+
+    A group whose query fails, and a device reading its range a second time (a retry), read on
+    their own instead: one bad device (a string where a number belongs, say) still fails alone,
+    by name, and a transient error is retried per device.
+    """
+
+    def __init__(self, source: InfluxSource, groups: Iterable[tuple[list[str], int, int]]) -> None:
+        self.source = source
+        self.shared_queries = 0
+        self.fallbacks = 0
+        self._reads: dict[tuple[str, int, int], _SharedRead] = {}
+        for device_ids, start_ns, end_ns in groups:
+            shared = _SharedRead(device_ids)
+            for device_id in device_ids:
+                self._reads[(device_id, start_ns, end_ns)] = shared
+
+    def field_counts(
+        self,
+        *,
+        start_ns: int,
+        end_ns: int,
+        device_id: str | None = None,
+        timeout_seconds: float | None = None,
+    ) -> dict[str, dict[str, int]]:
+        return self.source.field_counts(
+            start_ns=start_ns, end_ns=end_ns, device_id=device_id, timeout_seconds=timeout_seconds
+        )
+
+    def read(
+        self, device_id: str, *, start_ns: int, end_ns: int, batch_rows: int = 50_000
+    ) -> Iterator[pa.RecordBatch]:
+        table = self._take(device_id, start_ns, end_ns)
+        if table is None:
+            yield from self.source.read(
+                device_id, start_ns=start_ns, end_ns=end_ns, batch_rows=batch_rows
+            )
+        else:
+            yield from (b for b in table.to_batches(max_chunksize=batch_rows) if b.num_rows)
+
+    def _take(self, device_id: str, start_ns: int, end_ns: int) -> pa.Table | None:
+        shared = self._reads.get((device_id, start_ns, end_ns))
+        if shared is None:
+            return None
+        with shared.lock:
+            if not shared.done:
+                shared.done = True
+                try:
+                    shared.tables = self.source.read_many(
+                        shared.device_ids, start_ns=start_ns, end_ns=end_ns
+                    )
+                    self.shared_queries += 1
+                except Exception:
+                    self.fallbacks += 1  # each device reads (and fails, or not) on its own
+            if shared.tables is None:
+                return None
+            return shared.tables.pop(device_id, None)
+
+
 def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
     yield first
     yield from rest
 
 
-def _parse_csv(stream: io.BufferedIOBase, batch_rows: int) -> Iterator[pa.RecordBatch]:
+def _parse_csv(
+    stream: io.BufferedIOBase, batch_rows: int, schema: pa.Schema = SOURCE_SCHEMA
+) -> Iterator[pa.RecordBatch]:
     """Parse InfluxDB's CSV answer; a value that is not a number in a numeric field (a field
     written as a string in some shard) fails the read, naming the value, rather than being
     exported as a null."""
@@ -299,14 +445,14 @@ def _parse_csv(stream: io.BufferedIOBase, batch_rows: int) -> Iterator[pa.Record
                 block_size=block_size, encoding="utf8", use_threads=False
             ),
             convert_options=pacsv.ConvertOptions(
-                column_types={field.name: field.type for field in SOURCE_SCHEMA},
-                include_columns=SOURCE_SCHEMA.names,
+                column_types={field.name: field.type for field in schema},
+                include_columns=schema.names,
                 include_missing_columns=True,
                 strings_can_be_null=True,
             ),
         )
         for batch in reader:
             if batch.num_rows:
-                yield batch.select(SOURCE_SCHEMA.names)
+                yield batch.select(schema.names)
     except pa.ArrowInvalid as error:
         raise InfluxError(f"InfluxDB's CSV answer could not be parsed: {error}") from error

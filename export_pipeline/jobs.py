@@ -5,6 +5,7 @@ hourly maintenance: closed days that changed in InfluxDB, uploads cut off half-w
 past EXPORT_SLICE_RETENTION_DAYS."""
 
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
@@ -23,11 +24,15 @@ from dagster import (
     job,
     op,
 )
-from pydantic import Field
 
 from export_pipeline.daily import DayFiles
 from export_pipeline.export import Dataset, DeviceOutcome, DeviceWork, export_fleet
-from export_pipeline.internals import pool_storage_connections
+from export_pipeline.influx import shared_read_groups
+from export_pipeline.internals import (
+    log_materializations,
+    pool_storage_connections,
+    prune_ledger,
+)
 from export_pipeline.layout import (
     day_file_key,
     device_folder,
@@ -39,7 +44,9 @@ from export_pipeline.ledger import (
     checkpoint_dates,
     latest_checks,
     latest_metadata,
+    progress_of,
     reconciled_counts,
+    record_progress,
 )
 from export_pipeline.metadata import (
     DAILY_RECONCILIATION,
@@ -50,6 +57,7 @@ from export_pipeline.metadata import (
     late_data_evaluation,
     materialization,
     reconciliation_evaluation,
+    worth_recording,
 )
 from export_pipeline.partitions import DEVICES, DeviceDay, registered_devices
 from export_pipeline.planning import (
@@ -59,6 +67,7 @@ from export_pipeline.planning import (
     first_due,
     slices_kept_from,
 )
+from export_pipeline.progress import Progress
 from export_pipeline.reconciliation import late_data
 from export_pipeline.resources import (
     ClockResource,
@@ -73,13 +82,15 @@ from export_pipeline.runs import (
     CONTINUOUS_JOB,
     DAILY,
     DAILY_JOB,
+    HEARTBEAT_SECONDS,
     SLICES,
     busy_devices,
     is_dead,
+    mark_process,
     runs_in_flight,
 )
 from export_pipeline.settings import ExportSettings
-from export_pipeline.slicing import DayRange, day_bounds_ns
+from export_pipeline.slicing import NS_PER_SECOND, SECONDS_PER_DAY, DayRange, day_bounds_ns
 
 
 @op
@@ -112,14 +123,9 @@ class WorkItemConfig(Config):
 
 class ExportWorkConfig(Config):
     work: list[WorkItemConfig]
-    # Each device's checkpoint (epoch seconds) when the sensor planned the run, or where it
-    # starts a device never exported: what a range must join to carry the checkpoint on.
-    checkpoints: dict[str, float] = Field(default_factory=dict)
 
 
-def run_config_for(
-    items: Sequence[WorkItem], resume_from: Mapping[str, datetime], op_name: str = "export_slices"
-) -> dict[str, Any]:
+def run_config_for(items: Sequence[WorkItem], op_name: str = "export_slices") -> dict[str, Any]:
     """The run config of a continuous run over `items`."""
     work = [
         WorkItemConfig(
@@ -131,10 +137,7 @@ def run_config_for(
         )
         for item in items
     ]
-    devices = {item.device_id for item in items}
-    checkpoints = {d: moment.timestamp() for d, moment in resume_from.items() if d in devices}
-    config = ExportWorkConfig(work=work, checkpoints=checkpoints)
-    return {"ops": {op_name: {"config": config.model_dump()}}}
+    return {"ops": {op_name: {"config": ExportWorkConfig(work=work).model_dump()}}}
 
 
 def run_exports(
@@ -143,41 +146,69 @@ def run_exports(
     work: Mapping[str, DeviceWork],
     *,
     settings: ExportSettings,
-    first_due: datetime,
     clock: ClockResource,
     asset_key: AssetKey,
     check: AssetCheckKey,
+    keeps_progress: bool,
 ) -> None:
-    """Export the run's work; record a materialization for every range complete in S3 and an
-    evaluation for every day that closed, device by device as each finishes. A failing device
-    does not hold back the others; the run fails at the end, naming it. While devices are in
-    progress the run logs a heartbeat, so the sensor can tell a slow run from a dead one."""
+    """Export the run's work. As devices finish: a materialization for each range worth one in
+    the UI (`worth_recording`; every range of a dataset without progress), an evaluation for
+    every day that closed, and each device's new progress; stored in batches, with every
+    heartbeat and at the end. A failing device does not hold back the others; the run fails at
+    the end, naming it. The heartbeat lets the sensor tell a slow run from a dead one."""
+    mark_process(context.instance, context.run.run_id)
     failures: list[str] = []
+    materializations: list[AssetMaterialization] = []
+    progress: dict[str, Progress] = {}
+    stored = float("-inf")  # the first device to finish is stored at once
+
+    def store() -> None:
+        nonlocal stored
+        log_materializations(context, materializations)
+        materializations.clear()
+        if keeps_progress:
+            record_progress(context.instance, progress)
+        progress.clear()
+        stored = float("-inf")  # the first device to finish is stored at once
 
     def record(outcome: DeviceOutcome) -> None:
+        device_id, previous = outcome.device_id, work[outcome.device_id].progress
         for exported in outcome.exported:
-            context.log_event(materialization(exported, clock.now(), asset_key))
+            if not keeps_progress or worth_recording(exported, previous, settings.interval_seconds):
+                materializations.append(materialization(exported, clock.now(), asset_key))
+            previous = exported.progress or previous
+            if previous is not None:
+                progress[device_id] = previous
         for result in outcome.reconciliations:
             # log_event records check evaluations too; its type hint is narrower.
             context.log_event(reconciliation_evaluation(result, check))  # type: ignore[arg-type]
         for error in outcome.errors:
-            context.log.error(f"{outcome.device_id}: {error}")
-            failures.append(f"{outcome.device_id}: {error}")
+            context.log.error(f"{device_id}: {error}")
+            failures.append(f"{device_id}: {error}")
+        if len(materializations) >= 1000 or time.monotonic() - stored >= 1:
+            store()  # in batches: a round trip per device would cost seconds a tick
+
+    def heartbeat(done: int) -> None:
+        store()
+        context.log.info(f"exporting: {done} of {len(work)} devices done")
 
     def on_retry(error: BaseException, delay: float) -> None:
         context.log.warning(f"retrying in {delay:.1f} s after a transient error: {error}")
 
-    export_fleet(
-        dataset,
-        work,
-        first_due=first_due,
-        retries=settings.retries,
-        concurrency=settings.concurrency,
-        heartbeat_seconds=max(5.0, settings.stale_run_after / 4),
-        on_outcome=record,
-        on_heartbeat=lambda done: context.log.info(f"exporting: {done} of {len(work)} devices"),
-        on_retry=on_retry,
-    )
+    try:
+        export_fleet(
+            dataset,
+            work,
+            first_due=clock.now(),
+            retries=settings.retries,
+            concurrency=settings.concurrency,
+            heartbeat_seconds=HEARTBEAT_SECONDS,
+            on_outcome=record,
+            on_heartbeat=heartbeat,
+            on_retry=on_retry,
+        )
+    finally:
+        store()  # what finished is kept, also when the run is stopped
     if failures:
         raise Failure(
             f"{len(failures)} errors in {len(work)} devices; what they left is requested again "
@@ -195,7 +226,8 @@ def export_slices(
     clock: ClockResource,
 ) -> None:
     """Exports the due slices of many devices, several devices at a time: each device's due
-    ranges in time order, then each whole-day re-export on its own (see `export_device`)."""
+    ranges in time order from its progress, then each whole-day re-export on its own (see
+    `export_device`)."""
     pool_storage_connections(context.instance)
     settings = export.settings()
     due: dict[str, list[DayRange]] = {}
@@ -204,29 +236,44 @@ def export_slices(
         piece = DayRange(date.fromisoformat(item.date), item.start, item.end)
         (again if item.reexport else due).setdefault(item.device_id, []).append(piece)
         due.setdefault(item.device_id, [])
-    work = {}
-    for device_id, ranges in due.items():
-        planned = config.checkpoints.get(device_id)
-        # A run queued before checkpoints were passed: its due ranges start at it.
-        starts = [piece.start_time for piece in ranges]
-        checkpoint = (
-            datetime.fromtimestamp(planned, UTC)
-            if planned is not None
-            else min(starts, default=None)
+    known = progress_of(context.instance, due)
+    work = {
+        device_id: DeviceWork(
+            [ranges, *([piece] for piece in again.get(device_id, []))],
+            known.get(device_id),
+            # A device without progress starts where the sensor planned it, its first range.
+            first_due=min(piece.start_time for piece in ranges + again.get(device_id, [])),
         )
-        chains = [ranges, *([piece] for piece in again.get(device_id, []))]
-        work[device_id] = DeviceWork(chains, checkpoint)
-    with slices_of(influxdb, s3, settings, settings.concurrency) as slices:
+        for device_id, ranges in due.items()
+    }
+    groups = shared_read_groups(single_ranges(due, again))
+    with slices_of(influxdb, s3, settings, settings.concurrency, shared_reads=groups) as slices:
         run_exports(
             context,
             slices,
             work,
             settings=settings,
-            first_due=clock.now(),
             clock=clock,
             asset_key=TELEMETRY_EXPORT,
             check=RECONCILIATION,
+            keeps_progress=True,
         )
+
+
+def single_ranges(
+    due: Mapping[str, Sequence[DayRange]], again: Mapping[str, Sequence[DayRange]]
+) -> dict[str, tuple[int, int]]:
+    """The time range, in ns, of each device due for exactly one range (the usual tick: the
+    slice that just closed), for reading many such devices with one query."""
+    found = {}
+    for device_id, ranges in due.items():
+        if len(ranges) == 1 and not again.get(device_id):
+            start_ns, _ = day_bounds_ns(ranges[0].day)
+            found[device_id] = (
+                start_ns + ranges[0].start * NS_PER_SECOND,
+                start_ns + min(ranges[0].end, SECONDS_PER_DAY) * NS_PER_SECOND,
+            )
+    return found
 
 
 @job(name=CONTINUOUS_JOB, executor_def=in_process_executor)
@@ -260,10 +307,10 @@ def export_days(
             files,
             work,
             settings=settings,
-            first_due=clock.now(),
             clock=clock,
             asset_key=TELEMETRY_DAILY,
             check=DAILY_RECONCILIATION,
+            keeps_progress=False,
         )
 
 
@@ -409,3 +456,29 @@ def sweep_late_data() -> None:
     find_late_data()
     abort_abandoned_uploads()
     remove_old_slices()
+
+
+@op
+def prune_ledger_events(
+    context: OpExecutionContext, export: ExportResource, clock: ClockResource
+) -> None:
+    """Removes from Dagster's storage what nothing needs any more, older than
+    EXPORT_LEDGER_RETENTION_DAYS: superseded materializations and evaluations, old run logs,
+    and old runs left with nothing (see `internals.prune_ledger`). Each device's progress, and
+    the latest materialization and evaluation of every partition, stay."""
+    settings = export.settings()
+    before = clock.now() - timedelta(days=settings.ledger_retention_days)
+    pruned = prune_ledger(
+        context.instance, asset_keys=[TELEMETRY_EXPORT, TELEMETRY_DAILY], before=before
+    )
+    context.log.info(
+        f"before {before.isoformat()}: removed {pruned.materializations} superseded "
+        f"materializations, {pruned.evaluations} superseded evaluations, {pruned.events} run "
+        f"events and {pruned.runs} runs"
+    )
+
+
+@job(executor_def=in_process_executor)
+def retain_ledger() -> None:
+    """Keeps Dagster's storage, the export ledger, from growing with every tick."""
+    prune_ledger_events()

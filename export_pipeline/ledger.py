@@ -1,11 +1,14 @@
-"""The export ledger, read from Dagster's own storage: no second checkpoint table, no state file.
+"""The export ledger, in Dagster's own storage (its PostgreSQL): no second database, no state
+file.
 
-- A device's checkpoint is the largest `exported_through` among the latest materializations of its
-  recent device-day partitions (two queries for the whole fleet, whatever its size).
+- A device's progress (its checkpoint and what its current day's slices hold, `progress.py`) is
+  one row in Dagster's key-value table, upserted by the run that moved it and read for the whole
+  fleet in one query: a tick costs the same after a year as after a day, and retention may remove
+  old events without losing a checkpoint.
 - What InfluxDB held for a closed device-day when it was reconciled (its count of values per
-  field) is in that reconciliation's evaluation, for the late-data sweep to compare with.
-
-Only reads live here; `metadata.py` builds what runs record.
+  field) is in that reconciliation's evaluation, for the late-data sweep to compare with; the
+  latest evaluation and materialization of each device-day drive the sensor's re-exports and
+  day files.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from export_pipeline.internals import (
     check_evaluation_metadata,
     latest_check_evaluations,
     latest_storage_ids,
+    read_values,
+    write_values,
 )
 from export_pipeline.metadata import (
     CHECKED_THROUGH,
@@ -29,9 +34,11 @@ from export_pipeline.metadata import (
     TELEMETRY_EXPORT,
 )
 from export_pipeline.partitions import DeviceDay, partition_keys
+from export_pipeline.progress import Progress
 from export_pipeline.slicing import day_start
 
 CHECKPOINT_WINDOW_DAYS = 7
+PROGRESS = "progress/"  # + device id: a key of Dagster's key-value table
 
 
 def checkpoint_dates(now: datetime, *, first_due: datetime, start_date: date) -> list[date]:
@@ -44,48 +51,41 @@ def checkpoint_dates(now: datetime, *, first_due: datetime, start_date: date) ->
     return [first + timedelta(days=n) for n in range((now.date() - first).days + 1)]
 
 
-def checkpoints(
+def progress_of(instance: DagsterInstance, devices: Iterable[str]) -> dict[str, Progress]:
+    """Each device's progress; for a device exported before progress was kept, its checkpoint
+    from the materializations of its last week (what the day's slices hold then unknown)."""
+    wanted = list(devices)
+    found = read_values(instance, [PROGRESS + device for device in wanted])
+    progress = {key[len(PROGRESS) :]: Progress.from_json(value) for key, value in found.items()}
+    missing = [device for device in wanted if device not in progress]
+    if missing:
+        now = datetime.now(UTC)
+        days = [now.date() - timedelta(days=n) for n in range(CHECKPOINT_WINDOW_DAYS, -1, -1)]
+        for device, through in _recorded_checkpoints(instance, missing, days).items():
+            progress[device] = Progress(through, (through - timedelta(microseconds=1)).date(), None)
+    return progress
+
+
+def record_progress(instance: DagsterInstance, progress: Mapping[str, Progress]) -> None:
+    """Upsert these devices' progress, in one statement."""
+    write_values(instance, {PROGRESS + d: found.to_json() for d, found in progress.items()})
+
+
+def checkpoints(instance: DagsterInstance, devices: Iterable[str]) -> dict[str, datetime]:
+    """`exported_through` per device: the end of its last slice complete in S3."""
+    return {device: found.through for device, found in progress_of(instance, devices).items()}
+
+
+def _recorded_checkpoints(
     instance: DagsterInstance, devices: Iterable[str], dates: Iterable[date]
 ) -> dict[str, datetime]:
-    """`exported_through` per device, from the latest materialization of each device-day."""
-    return checkpoints_since(instance, devices, dates)[0]
-
-
-def checkpoints_since(
-    instance: DagsterInstance,
-    devices: Iterable[str],
-    dates: Iterable[date],
-    after_storage_id: int | None = None,
-) -> tuple[dict[str, datetime], int | None]:
-    """Checkpoints as `checkpoints`, from the materializations stored after `after_storage_id`
-    (all, when None), and the largest storage id they were read from.
-
-    Reading only what was stored after the previous tick keeps a tick's cost proportional to the
-    work done since, not to the history: the database scans the newest index entries only.
-    """
-    keys = set(partition_keys(devices, dates))
-    if not keys:
-        return {}, after_storage_id
-    latest = latest_storage_ids(instance, TELEMETRY_EXPORT, keys, after_storage_id)
-    if not latest:
-        return {}, after_storage_id
-    records = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=TELEMETRY_EXPORT, storage_ids=list(latest.values())),
-        limit=len(latest),
-    ).records
+    """The largest `exported_through` among the latest materializations of these device-days."""
     found: dict[str, datetime] = {}
-    for record in records:
-        materialization = record.asset_materialization
-        if materialization is None or not materialization.partition:
-            continue
-        value = materialization.metadata.get(EXPORTED_THROUGH)
-        if value is None:
-            continue
-        through = datetime.fromtimestamp(float(value.value), tz=UTC)  # type: ignore[arg-type]
-        device = DeviceDay.of(materialization.partition).device_id
-        if device not in found or through > found[device]:
-            found[device] = through
-    return found, max(latest.values())
+    for device_day, values in latest_metadata(instance, TELEMETRY_EXPORT, devices, dates).items():
+        if EXPORTED_THROUGH in values:
+            through = datetime.fromtimestamp(float(values[EXPORTED_THROUGH]), tz=UTC)
+            found[device_day.device_id] = max(through, found.get(device_day.device_id, through))
+    return found
 
 
 def latest_checks(

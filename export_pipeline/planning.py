@@ -9,10 +9,9 @@ UTC midnights so each piece belongs to one device-day partition.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 
 from dagster import AssetCheckEvaluation
 
@@ -20,6 +19,7 @@ from export_pipeline.internals import CheckPartition
 from export_pipeline.layout import DeviceIdError, validate_device_id
 from export_pipeline.metadata import freshness_evaluation
 from export_pipeline.partitions import DeviceDay
+from export_pipeline.progress import Progress
 from export_pipeline.settings import ExportSettings
 from export_pipeline.slicing import (
     SECONDS_PER_DAY,
@@ -143,39 +143,12 @@ def closed_days(dates: Iterable[date], now: datetime, settings: ExportSettings) 
 
 
 @dataclass(frozen=True)
-class Cursor:
-    """What the sensor remembers between ticks: every checkpoint it has read (so a device silent
-    for longer than the searched window still resumes exactly), and the newest storage id it read
-    (so a tick reads only what was stored since)."""
-
-    checkpoints: Mapping[str, datetime] = field(default_factory=dict)
-    storage_id: int | None = None
-
-    @classmethod
-    def parse(cls, text: str | None) -> Cursor:
-        state = json.loads(text) if text else {}
-        values = state.get("checkpoints", {})
-        return cls(
-            {device: datetime.fromtimestamp(seconds, tz=UTC) for device, seconds in values.items()},
-            state.get("storage_id"),
-        )
-
-    def dump(self) -> str:
-        checkpoints = {device: moment.timestamp() for device, moment in self.checkpoints.items()}
-        state = {"checkpoints": checkpoints, "storage_id": self.storage_id}
-        return json.dumps(state, separators=(",", ":"))
-
-
-@dataclass(frozen=True)
 class Snapshot:
     """What the sensor read this tick."""
 
     fleet: Sequence[str]  # admitted ids of DEVICE_IDS, or of the devices InfluxDB lists
     known: frozenset[str]  # registered `devices` partitions
-    remembered: Cursor  # the previous tick's cursor
-    found: Mapping[str, datetime]  # checkpoints read from materializations stored since
-    searched_since: date  # the first date whose partitions were searched for checkpoints
-    newest_storage_id: int | None
+    progress: Mapping[str, Progress]  # each device's, where it has some
     # The latest reconciliation of the slices, and of the day file, of each closed device-day
     # in the window, and the storage id of its day file's latest materialization.
     slice_checks: Mapping[DeviceDay, CheckPartition]
@@ -189,10 +162,8 @@ class Snapshot:
 class TickPlan:
     new_devices: list[str]
     runs: list[list[WorkItem]]
-    resume_from: dict[str, datetime]  # each requested device's checkpoint, or its first slice
     day_runs: list[list[WorkItem]]  # day files to write
     until: datetime
-    cursor: Cursor
     freshness: AssetCheckEvaluation
     warnings: list[str]
     summary: str
@@ -203,14 +174,10 @@ def plan_tick(now: datetime, settings: ExportSettings, snapshot: Snapshot) -> Ti
     remember and report."""
     fleet, busy = list(snapshot.fleet), snapshot.busy
     new = [device_id for device_id in fleet if device_id not in snapshot.known]
-    done = dict(snapshot.remembered.checkpoints)
-    for device_id, through in snapshot.found.items():
-        done[device_id] = max(through, done.get(device_id, through))
-    newest = max(snapshot.newest_storage_id or 0, snapshot.remembered.storage_id or 0) or None
-
+    done = {device_id: found.through for device_id, found in snapshot.progress.items()}
     warnings = [
-        f"{device_id}: no checkpoint (never exported, or not since {snapshot.searched_since}); "
-        "exporting from LOOKBACK_HOURS ago; materialize earlier device-days to fill in"
+        f"{device_id}: no checkpoint (never exported): exporting from LOOKBACK_HOURS ago; "
+        "materialize earlier device-days to fill in"
         for device_id in sorted(set(fleet) & snapshot.known - set(done))
     ]
     late = failed_slices(snapshot, settings, now)
@@ -224,11 +191,7 @@ def plan_tick(now: datetime, settings: ExportSettings, snapshot: Snapshot) -> Ti
         new_devices=new,
         runs=runs,
         day_runs=batches(days, settings.devices_per_run),
-        resume_from={
-            item.device_id: done.get(item.device_id) or first_due(now, settings) for item in work
-        },
         until=until,
-        cursor=Cursor(done, newest),
         freshness=freshness_evaluation(done, fleet, now, settings),
         warnings=warnings,
         summary=(

@@ -9,7 +9,7 @@ variable's name, never its value.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from datetime import UTC, date, datetime
@@ -25,7 +25,7 @@ from dagster import ConfigurableResource, EnvVar
 from dagster_aws.s3 import S3Resource
 
 from export_pipeline.daily import DayFiles
-from export_pipeline.influx import InfluxSource
+from export_pipeline.influx import InfluxSource, SharedReads
 from export_pipeline.retries import with_retries
 from export_pipeline.settings import (
     ExportFormat,
@@ -181,6 +181,8 @@ class ExportResource(ConfigurableResource):
     stale_run_seconds: int
     sweep_cron: str
     slice_retention_days: int
+    ledger_retention_days: int
+    retention_cron: str
 
     def settings(self) -> ExportSettings:
         return _settings_of(
@@ -225,14 +227,17 @@ def slices_of(
     s3: ExportBucketResource,
     settings: ExportSettings,
     devices_at_once: int = 1,
+    *,
+    shared_reads: Iterable[tuple[list[str], int, int]] = (),
 ) -> Iterator[Slices]:
     """The slice dataset on these resources, once InfluxDB and the bucket have answered (with
-    retries): a wrong INFLUXDB_BUCKET or S3_BUCKET fails here, by name, before any export."""
+    retries): a wrong INFLUXDB_BUCKET or S3_BUCKET fails here, by name, before any export.
+    `shared_reads`: groups of devices whose one range is read with one query (`SharedReads`)."""
     store = s3.store(connections=devices_at_once * UPLOAD_THREADS)
     with influxdb.source(connections=devices_at_once) as source:
         with_retries(source.check, settings.retries)
         with_retries(store.check, settings.retries)
-        yield Slices(source, store, s3.prefix, settings)
+        yield Slices(SharedReads(source, shared_reads), store, s3.prefix, settings)
 
 
 @contextmanager

@@ -10,14 +10,17 @@ run failed.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
-from export_pipeline.internals import last_event_time, mark_run_failed
+from export_pipeline.internals import last_event_time, mark_run_failed, tag_run
 from export_pipeline.metadata import TELEMETRY_DAILY, TELEMETRY_EXPORT
 from export_pipeline.partitions import DEVICES, DeviceDay
 
@@ -32,10 +35,15 @@ IN_FLIGHT = [
     DagsterRunStatus.STARTING,
     DagsterRunStatus.STARTED,
 ]
-# A run of an asset may spend long on one big device-day between log lines, so it is given this
-# many times as long as a continuous run before it is presumed dead.
+# Every export run logs a heartbeat this often, whatever its devices do (`export_fleet`).
+HEARTBEAT_SECONDS = 5.0
+# A run of an asset publishes its day files after its last heartbeat (the IO manager), so it is
+# given this many times as long as a continuous run before it is presumed dead.
 ASSET_RUN_PATIENCE = 4
 _NEVER = datetime.fromtimestamp(0, UTC)
+
+
+HOST_TAG, PID_TAG = "export/host", "export/pid"  # where a run's process runs, from the run
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,36 @@ class RunInFlight:
     devices: frozenset[str]
     asset_run: bool
     last_seen: datetime | None  # its last event, once it has started; None while queued
+
+    @property
+    def gone(self) -> bool:
+        """Its process ran on this host and is no more: dead now, whatever its last event."""
+        host, pid = self.run.tags.get(HOST_TAG), self.run.tags.get(PID_TAG)
+        if self.last_seen is None or host != socket.gethostname() or not (pid or "").isdigit():
+            return False
+        return not process_alive(int(pid or 0))
+
+
+def process_alive(pid: int) -> bool:
+    """A process with this id exists and is not a zombie (killed, its parent not told yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc here: ask the kernel instead
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return state != "Z"
+
+
+def mark_process(instance: DagsterInstance, run_id: str) -> None:
+    """Tag the run with its process, so a sensor on the same host sees at once if it dies."""
+    tag_run(instance, run_id, {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())})
 
 
 def run_devices(run_config: Mapping[str, Any]) -> set[str]:
@@ -107,11 +145,12 @@ def silence_allowed(run: RunInFlight, stale_after: timedelta) -> timedelta:
 
 
 def is_dead(run: RunInFlight, now: datetime, stale_after: timedelta) -> bool:
-    """Running, and silent for longer than it may be (`now` is the wall clock: event times
-    are)."""
+    """Running, and its process gone (on this host) or silent for longer than it may be (`now`
+    is the wall clock: event times are). A wrong verdict is harmless: the device's next run
+    writes the same keys with the same content."""
     if run.last_seen is None:
         return False
-    return now - run.last_seen > silence_allowed(run, stale_after)
+    return run.gone or now - run.last_seen > silence_allowed(run, stale_after)
 
 
 def busy_devices(runs: Iterable[RunInFlight], dataset: str = SLICES) -> set[str]:
@@ -125,9 +164,10 @@ def reap_dead_runs(
     """Mark dead runs failed, so their devices are exported again."""
     for run in dead:
         silence = silence_allowed(run, stale_after).total_seconds()
+        why = "its process is gone" if run.gone else f"no event for over {silence:.0f} s"
         mark_run_failed(
             instance,
             run.run,
-            f"Marked failed by the continuous_export sensor: no event for over {silence:.0f} s, "
-            "its process is presumed dead. Its unexported slices are requested again.",
+            f"Marked failed by the continuous_export sensor: {why}, its process is presumed "
+            "dead. Its unexported slices are requested again.",
         )

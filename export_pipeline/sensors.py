@@ -1,7 +1,7 @@
 """`continuous_export`: decides every export. Each tick reads a snapshot (the fleet, the ledger,
 the runs in flight), reaps dead runs, and acts on the plan `planning.plan_tick` makes of it:
 new devices registered, batched runs for the slices that are due and for closed device-days whose
-reconciliation failed, the freshness check reported, the cursor kept."""
+reconciliation failed, day files for closed device-days, the freshness check reported."""
 
 from datetime import UTC, datetime, timedelta
 
@@ -17,14 +17,13 @@ from dagster import (
 from export_pipeline.jobs import export_day_files, export_due_slices, run_config_for
 from export_pipeline.ledger import (
     checkpoint_dates,
-    checkpoints_since,
     latest_checks,
     latest_materializations,
+    progress_of,
 )
 from export_pipeline.metadata import DAILY_RECONCILIATION, RECONCILIATION, TELEMETRY_DAILY
 from export_pipeline.partitions import DEVICES, devices
 from export_pipeline.planning import (
-    Cursor,
     Snapshot,
     admit,
     closed_days,
@@ -46,17 +45,15 @@ from export_pipeline.runs import (
 from export_pipeline.settings import Settings
 from export_pipeline.slicing import NS_PER_SECOND
 
-# Ticks after the first read only the materializations stored since the previous one, less this
-# many storage ids (events may commit out of id order); over 30 days of history for 1,000
-# devices, a full search took 2.8 s.
-RESCAN_EVENTS = 50_000
+TICK_SECONDS = 10
 
 
 def build_continuous_export(settings: Settings) -> SensorDefinition:
     @sensor(
         name="continuous_export",
         jobs=[export_due_slices, export_day_files],
-        minimum_interval_seconds=settings.export.interval_seconds,
+        # More often than a slice, so a slice is requested within seconds of being due.
+        minimum_interval_seconds=min(settings.export.interval_seconds, TICK_SECONDS),
         default_status=DefaultSensorStatus.RUNNING,
     )
     def continuous_export(
@@ -86,28 +83,18 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
             context.log.warning(f"run {run.run.run_id} presumed dead and marked failed")
         live = [run for run in runs if run not in dead]
 
-        remembered = Cursor.parse(context.cursor)
         dates = checkpoint_dates(
             now, first_due=first_due(now, config), start_date=config.start_date
         )
-        after = (
-            None if remembered.storage_id is None else max(0, remembered.storage_id - RESCAN_EVENTS)
-        )
-        found, newest = checkpoints_since(instance, fleet, dates, after)
-        fleet_ever, closed = (
-            sorted(registered(fleet, known, config)),
-            closed_days(dates, now, config),
-        )
+        fleet_ever = sorted(registered(fleet, known, config))
+        closed = closed_days(dates, now, config)
         plan = plan_tick(
             now,
             config,
             Snapshot(
                 fleet=fleet,
                 known=known,
-                remembered=remembered,
-                found=found,
-                searched_since=dates[0],
-                newest_storage_id=newest,
+                progress=progress_of(instance, fleet),
                 slice_checks=latest_checks(instance, RECONCILIATION, fleet_ever, closed),
                 day_checks=latest_checks(instance, DAILY_RECONCILIATION, fleet_ever, closed),
                 day_files=latest_materializations(instance, TELEMETRY_DAILY, fleet_ever, closed),
@@ -118,14 +105,16 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
 
         for warning in skipped + plan.warnings:
             context.log.warning(warning)
-        instance.report_runless_asset_event(plan.freshness)
+        # Once a slice, not every tick: the sensor ticks several times a slice.
+        if context.cursor != plan.until.isoformat():
+            instance.report_runless_asset_event(plan.freshness)
         context.log.info(plan.summary)
         return SensorResult(
             run_requests=[
                 RunRequest(
                     run_key=f"{plan.until.isoformat()}-batch-{index}",
                     job_name=CONTINUOUS_JOB,
-                    run_config=run_config_for(batch, plan.resume_from),
+                    run_config=run_config_for(batch),
                     tags={"export/through": plan.until.isoformat()},
                 )
                 for index, batch in enumerate(plan.runs)
@@ -134,14 +123,14 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
                 RunRequest(
                     run_key=f"{plan.until.isoformat()}-days-{index}",
                     job_name=DAILY_JOB,
-                    run_config=run_config_for(batch, {}, "export_days"),
+                    run_config=run_config_for(batch, "export_days"),
                 )
                 for index, batch in enumerate(plan.day_runs)
             ],
             dynamic_partitions_requests=(
                 [devices.build_add_request(plan.new_devices)] if plan.new_devices else []
             ),
-            cursor=plan.cursor.dump(),
+            cursor=plan.until.isoformat(),  # when the freshness check was last reported
         )
 
     return continuous_export

@@ -23,6 +23,9 @@ Layout = Literal["seed", "hive"]
 FORMATS: tuple[ExportFormat, ...] = ("parquet", "csv")
 LAYOUTS: tuple[Layout, ...] = ("seed", "hive")
 SECONDS_PER_DAY = 86_400
+# A run logs a heartbeat every 5 s whatever it exports: one silent this long (nine heartbeats, or
+# one InfluxDB request timing out) is presumed dead.
+STALE_RUN_SECONDS = 45
 T = TypeVar("T")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -76,13 +79,15 @@ class ExportSettings:
     devices_per_run: int = 1_000
     concurrency: int = 8
     retries: int = 4
-    stale_run_seconds: int = 0  # 0: three intervals, at least 180 s
+    stale_run_seconds: int = 0  # 0: STALE_RUN_SECONDS
     sweep_cron: str = "20 * * * *"  # when closed days are searched for late data (UTC)
     slice_retention_days: int = 0  # 0: keep slices; N: delete them N days after a daily file
+    ledger_retention_days: int = 7  # how long Dagster keeps superseded events and run logs
+    retention_cron: str = "40 3 * * *"  # when the ledger's retention runs (UTC)
 
     @property
     def stale_run_after(self) -> int:
-        return self.stale_run_seconds or max(3 * self.interval_seconds, 180)
+        return self.stale_run_seconds or STALE_RUN_SECONDS
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,10 @@ class _Parser:
             stale_run_seconds=self.integer("EXPORT_STALE_RUN_SECONDS", 0, 0),
             sweep_cron=self.cron("EXPORT_SWEEP_CRON", ExportSettings.sweep_cron),
             slice_retention_days=self.integer("EXPORT_SLICE_RETENTION_DAYS", 0, 0, 36_500),
+            ledger_retention_days=self.integer(
+                "EXPORT_LEDGER_RETENTION_DAYS", ExportSettings.ledger_retention_days, 1, 36_500
+            ),
+            retention_cron=self.cron("EXPORT_RETENTION_CRON", ExportSettings.retention_cron),
         )
         checkpoint = CheckpointSettings(
             host=self.text("CHECKPOINT_DB_HOST", CheckpointSettings.host),

@@ -116,10 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     writer, devices = Writer(settings), fleet(args.devices)
     if args.create_database:
         writer.create_database()
-    now = time.time_ns() // NS * NS
-    start = now - int(args.hours * 3600) * NS
+    # History on multiples of the step: writing it again (the demo restarted) rewrites the same
+    # points instead of adding as many between them.
+    step = args.step * NS
+    now = time.time_ns() // step * step
+    start = now - int(args.hours * 3600) * NS // step * step
     lines: list[str] = []
-    for stamp in range(start, now, args.step * NS):
+    for stamp in range(start, now, step):
         lines.extend(device.line(stamp, settings.measurement) for device in devices)
         if len(lines) >= 5_000:
             writer.write(lines)

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import date
 from itertools import pairwise
@@ -29,10 +30,11 @@ from export_pipeline.export import (
     prefetched,
     timed,
 )
-from export_pipeline.influx import Source
+from export_pipeline.influx import CountingSource, Source
 from export_pipeline.layout import device_folder, slice_key, slice_offset_of, validate_device_id
-from export_pipeline.reconciliation import Reconciliation, reconcile
-from export_pipeline.schema import to_export
+from export_pipeline.progress import DayTotals
+from export_pipeline.reconciliation import Reconciliation
+from export_pipeline.schema import FIELD_COLUMNS, to_export
 from export_pipeline.settings import ExportSettings
 from export_pipeline.slicing import (
     NS_PER_SECOND,
@@ -72,11 +74,14 @@ def export_slices(
     piece: DayRange,
     settings: ExportSettings,
     stop: threading.Event | None = None,
+    fresh: bool = False,
 ) -> ExportReport:
     """Export the slices of `piece` (whole slices of one UTC day) into the device-day's folder.
 
     Setting `stop` ends the export at the next slice boundary with `Stopped`: the objects already
-    uploaded are complete, and nothing is deleted.
+    uploaded are complete, and nothing is deleted. A `fresh` range (beyond the device's
+    checkpoint) skips listing the folder for objects to replace: at a slice a tick, that listing
+    would be one request per device per tick.
     """
     validate_device_id(device_id)
     interval, day = settings.interval_seconds, piece.day
@@ -87,17 +92,23 @@ def export_slices(
     report = ExportReport(device_id, day, store.uri(folder))
     if piece.start == piece.end:
         return report
-    existing = store.list_keys(folder)
+    existing = {} if fresh else store.list_keys(folder)
 
     day_ns, _ = day_bounds_ns(day)
     start_ns = day_ns + piece.start * NS_PER_SECOND
     end_ns = day_ns + min(piece.end, SECONDS_PER_DAY) * NS_PER_SECOND
     written: set[str] = set()
     started = time.perf_counter()
-    with (
-        tempfile.TemporaryDirectory(prefix="export-") as workdir,
-        ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="upload") as pool,
-    ):
+    # A single slice (the usual tick) is written in memory and uploaded by the device's thread;
+    # longer ranges go through local files, uploaded while the next slices are read.
+    single = piece.end - piece.start == interval
+    with ExitStack() as resources:
+        workdir, pool = None, None
+        if not single:
+            workdir = Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="export-")))
+            pool = resources.enter_context(
+                ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="upload")
+            )
         in_flight: deque[Future[None]] = deque()
         current: tuple[str, ExportFile] | None = None
 
@@ -110,15 +121,18 @@ def export_slices(
             report.bytes_written += slice_file.close()
             if stop is not None and stop.is_set():
                 raise Stopped(f"stopped before uploading {key}")
-            while len(in_flight) >= MAX_FILES_IN_FLIGHT:
-                in_flight.popleft().result()
-            in_flight.append(pool.submit(_upload, store, slice_file, key))
+            if pool is None:
+                store.put(slice_file.body(), key=key, fmt=slice_file.fmt)
+            else:
+                while len(in_flight) >= MAX_FILES_IN_FLIGHT:
+                    in_flight.popleft().result()
+                in_flight.append(pool.submit(_upload, store, slice_file, key))
             written.add(key)
 
         batches = source.read(
             device_id, start_ns=start_ns, end_ns=end_ns, batch_rows=settings.batch_size
         )
-        reading = prefetched(batches)
+        reading = batches if single else prefetched(batches)
         try:
             for raw in timed(reading, report):
                 rows = to_export(raw, device_id)
@@ -134,7 +148,9 @@ def export_slices(
                         if key in written:
                             raise ValueError("InfluxDB returned points out of time order")
                         finish()
-                        path = Path(workdir) / f"{offset:05d}.{settings.format}"
+                        path = (
+                            None if workdir is None else workdir / f"{offset:05d}.{settings.format}"
+                        )
                         current = (
                             key,
                             ExportFile(path, settings.format, rows_per_group=settings.batch_size),
@@ -147,7 +163,9 @@ def export_slices(
                 current[1].abandon()
             raise
         finally:
-            reading.close()  # stops and joins the reader thread, whatever happened
+            close = getattr(reading, "close", None)
+            if close is not None:
+                close()  # stops and joins a reader thread, whatever happened
         for future in in_flight:
             future.result()
     # Everything that is not waiting on InfluxDB: converting, encoding and uploading.
@@ -171,6 +189,7 @@ def export_slices(
 
 
 def _upload(store: ObjectStore, slice_file: ExportFile, key: str) -> None:
+    assert slice_file.path is not None
     try:
         store.upload(slice_file.path, key=key, fmt=slice_file.fmt)
     finally:
@@ -193,13 +212,18 @@ def _stale_keys(
 class Slices:
     """`telemetry_export` as a `Dataset`: slice files under S3_PREFIX."""
 
-    source: Source
+    source: CountingSource
     store: ObjectStore
     prefix: str
     settings: ExportSettings
 
     def export(
-        self, device_id: str, piece: DayRange, stop: threading.Event | None = None
+        self,
+        device_id: str,
+        piece: DayRange,
+        stop: threading.Event | None = None,
+        *,
+        fresh: bool = False,
     ) -> ExportReport:
         return export_slices(
             self.source,
@@ -209,15 +233,29 @@ class Slices:
             piece=piece,
             settings=self.settings,
             stop=stop,
+            fresh=fresh,
         )
 
-    def reconcile(self, device_id: str, day: date) -> Reconciliation:
+    def reconcile(self, device_id: str, day: date, totals: DayTotals | None) -> Reconciliation:
+        """InfluxDB's values per field for the closed day (one aggregate query) against what the
+        day's exports wrote (`totals`), and the slice objects in the folder (one listing)
+        against the files they wrote: a late point, a lost or leftover object fails it."""
+        start_ns, end_ns = day_bounds_ns(day)
+        counts = self.source.field_counts(start_ns=start_ns, end_ns=end_ns, device_id=device_id)
         folder = device_folder(
             self.prefix, device_id=device_id, day=day, layout=self.settings.layout
         )
-        keys = [
-            key
-            for key in self.store.list_keys(folder)
-            if slice_offset_of(key[len(folder) :]) is not None
+        listed = [
+            k for k in self.store.list_keys(folder) if slice_offset_of(k[len(folder) :]) is not None
         ]
-        return reconcile(self.source, self.store, device_id=device_id, day=day, keys=keys)
+        return Reconciliation(
+            device_id,
+            day,
+            SECONDS_PER_DAY,
+            exported_rows=totals.rows if totals else 0,
+            files=len(listed),
+            field_counts=counts.get(device_id, dict.fromkeys(FIELD_COLUMNS, 0)),
+            exported_field_counts=dict(totals.counts) if totals else None,
+            expected_files=totals.files if totals else None,
+            unknown=totals is None,
+        )

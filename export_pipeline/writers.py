@@ -1,8 +1,9 @@
-"""Export files (Parquet or CSV) written to local disk, then uploaded whole to S3.
+"""Export files (Parquet or CSV) written to local disk (or to memory, for a single slice), then
+uploaded whole to S3.
 
-A file is written to local disk first and uploaded in one PutObject (or a multipart upload that
-boto3 aborts on failure), so an object in S3 is always complete: readers never see a partial
-file, and a failed upload leaves nothing behind (or the previous object, when it replaces one).
+A file is finished before it is uploaded, in one PutObject (or a multipart upload that boto3
+aborts on failure), so an object in S3 is always complete: readers never see a partial file, and
+a failed upload leaves nothing behind (or the previous object, when it replaces one).
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ DAY_FILE_ROWS_PER_GROUP = 256 * 1024
 
 
 class ExportFile:
-    """Rows written to `path` as Parquet or CSV, buffered into row groups of `rows_per_group`."""
+    """Rows written to `path` (or, without one, to memory: a single small slice) as Parquet or
+    CSV, buffered into row groups of `rows_per_group`."""
 
     def __init__(
         self,
-        path: Path,
+        path: Path | None,
         fmt: str,
         *,
         rows_per_group: int,
@@ -75,12 +77,14 @@ class ExportFile:
         self.rows = 0
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
+        self._memory = pa.BufferOutputStream() if path is None else None
+        sink: Any = self._memory if path is None else path
         self._writer: pq.ParquetWriter | pacsv.CSVWriter
         if fmt == "parquet":
-            self._writer = pq.ParquetWriter(path, SCHEMA, **parquet)
+            self._writer = pq.ParquetWriter(sink, SCHEMA, **parquet)
         elif fmt == "csv":
             options = pacsv.WriteOptions(quoting_style="needed")
-            self._writer = pacsv.CSVWriter(path, CSV_SCHEMA, write_options=options)
+            self._writer = pacsv.CSVWriter(sink, CSV_SCHEMA, write_options=options)
         else:
             raise ValueError(f"EXPORT_FORMAT={fmt!r} is not one of parquet, csv")
 
@@ -111,13 +115,23 @@ class ExportFile:
         try:
             self._writer.close()
         finally:
-            self.path.unlink(missing_ok=True)
+            if self.path is not None:
+                self.path.unlink(missing_ok=True)
 
     def close(self) -> int:
         """Finish the file; return its size in bytes."""
         self._flush()
         self._writer.close()
+        if self._memory is not None:
+            return int(self._memory.tell())
+        assert self.path is not None
         return os.path.getsize(self.path)
+
+    def body(self) -> bytes:
+        """The finished file's bytes, when written to memory."""
+        if self._memory is None:
+            raise ValueError("the file was written to disk")
+        return self._memory.getvalue().to_pybytes()
 
 
 def abandoned(
@@ -179,6 +193,12 @@ class ObjectStore:
         """The last `size` bytes of an object (all of it if smaller): one ranged GET."""
         answer = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=-{size}")
         return answer["Body"].read()
+
+    def put(self, body: bytes, *, key: str, fmt: str) -> None:
+        """One PutObject of a small file held in memory: it appears whole or not at all."""
+        self.client.put_object(
+            Bucket=self.bucket, Key=key, Body=body, ContentType=CONTENT_TYPES[fmt]
+        )
 
     def upload(self, path: Path, *, key: str, fmt: str) -> None:
         """One PutObject for a file under the multipart threshold (most slices: the transfer

@@ -1,9 +1,9 @@
 """Device-day exports from a real InfluxDB into a real S3 server, read back value by value."""
 
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
+from typing import Any
 
 import boto3
 import pyarrow as pa
@@ -17,6 +17,7 @@ from export_pipeline.schema import DICTIONARY_COLUMNS, SCHEMA, SOURCE_SCHEMA
 from export_pipeline.slices import export_slices
 from export_pipeline.slicing import DayRange
 from export_pipeline.writers import ObjectStore, StoreError
+from export_pipeline_tests.audit import assert_reconciled
 from export_pipeline_tests.conftest import Stack
 from export_pipeline_tests.services import free_port, point
 
@@ -153,7 +154,15 @@ def test_a_rerun_rewrites_the_same_keys_with_the_same_content(stack: Stack) -> N
     stack.write([point(at(h, m), "D1", {"voltage": h + m / 60}) for h in (3, 9) for m in (0, 7)])
     export(stack)
     first = stack.objects()
+    assert sorted(first) == [
+        FOLDER + f"export_{h:02d}{m:02d}00.parquet" for h in (3, 9) for m in (0, 5)
+    ]
+    # Overwritten behind the exporter's back: only a rerun that writes every key again, with the
+    # same bytes, gives the first export's objects back.
+    for key in first:
+        stack.s3.put_object(Bucket=stack.bucket, Key=key, Body=b"not the export")
     report = export(stack)
+    assert report.files_written == [f"s3://{stack.bucket}/{key}" for key in sorted(first)]
     assert stack.objects() == first
     assert report.files_deleted == []
     assert len(folder_rows(stack)) == 4
@@ -170,6 +179,85 @@ def test_slices_that_no_longer_have_rows_are_deleted(stack: Stack) -> None:
     report = export(stack)
     assert report.files_deleted == [f"s3://{stack.bucket}/{FOLDER}export_090000.parquet"]
     assert sorted(stack.objects()) == [FOLDER + "export_030000.parquet", unrelated]
+
+
+class RecordedS3:
+    """A client of the test's S3 server that records, in order, each object put (once S3 has
+    answered) and each batch of deletes (before it is sent), and can fail the put of one key."""
+
+    def __init__(self, stack: Stack, fail_key: str | None = None) -> None:
+        self.client, self.fail_key = stack.s3, fail_key
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+        self._lock = threading.Lock()
+        events = self.client.meta.events
+        events.register("before-parameter-build.s3.PutObject", self._before_put)
+        events.register("after-call.s3.PutObject", self._put)
+        events.register("before-parameter-build.s3.DeleteObjects", self._delete)
+        events.register("before-parameter-build.s3.DeleteObject", self._delete)
+
+    def _before_put(self, params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        context["recorded_key"] = params["Key"]
+        if params["Key"] == self.fail_key:
+            raise ConnectionResetError(f"S3 went away while {params['Key']} was uploaded")
+
+    def _put(self, context: dict[str, Any], http_response: Any, **_: Any) -> None:
+        if http_response.status_code == 200:
+            with self._lock:
+                self.calls.append(("put", (context["recorded_key"],)))
+
+    def _delete(self, params: dict[str, Any], **_: Any) -> None:
+        keys = [item["Key"] for item in params.get("Delete", {}).get("Objects", [])]
+        with self._lock:
+            self.calls.append(("delete", tuple(keys or [params.get("Key", "")])))
+
+    def export(self, stack: Stack) -> ExportReport:
+        settings = stack.settings()
+        return export_slices(
+            InfluxSource(settings.influx),
+            ObjectStore(self.client, settings.s3.bucket),
+            prefix=settings.s3.prefix,
+            device_id="D1",
+            piece=DayRange.whole(DAY),
+            settings=settings.export,
+        )
+
+
+def a_slice_moves_from_nine_to_five(stack: Stack) -> dict[str, bytes]:
+    """03:00 and 09:00 exported; then InfluxDB loses 09:00 and gains 05:00. The folder before."""
+    stack.write([point(at(3), "D1", {"voltage": 1}), point(at(9), "D1", {"voltage": 2})])
+    export(stack)
+    stack.influx.query(
+        f"DELETE FROM telemetry WHERE time >= {at(9)} AND time < {at(10)}", stack.database
+    )
+    stack.write([point(at(5), "D1", {"voltage": 3})])
+    return stack.objects()
+
+
+def test_stale_objects_are_deleted_only_after_every_upload_succeeded(stack: Stack) -> None:
+    a_slice_moves_from_nine_to_five(stack)
+    s3 = RecordedS3(stack)
+    report = s3.export(stack)
+    puts = [keys for call, keys in s3.calls if call == "put"]
+    assert sorted(puts) == [
+        (FOLDER + "export_030000.parquet",),
+        (FOLDER + "export_050000.parquet",),
+    ]
+    assert s3.calls[-1] == ("delete", (FOLDER + "export_090000.parquet",))
+    assert [call for call, _ in s3.calls] == ["put", "put", "delete"]
+    assert report.files_deleted == [f"s3://{stack.bucket}/{FOLDER}export_090000.parquet"]
+    assert assert_reconciled(stack, "D1", [DAY], settings=stack.settings()) == 2
+
+
+def test_a_failed_upload_deletes_nothing(stack: Stack) -> None:
+    before = a_slice_moves_from_nine_to_five(stack)
+    s3 = RecordedS3(stack, fail_key=FOLDER + "export_050000.parquet")
+    with pytest.raises(ConnectionResetError, match="went away"):
+        s3.export(stack)
+    assert [call for call, _ in s3.calls] == ["put"]  # 03:00 rewritten; no delete was sent
+    assert stack.objects() == before  # 09:00, stale, is still there with what it held
+    # The next export, without the fault, makes the folder equal to InfluxDB.
+    RecordedS3(stack).export(stack)
+    assert assert_reconciled(stack, "D1", [DAY], settings=stack.settings()) == 2
 
 
 def test_a_day_without_points_writes_nothing_and_reports_zero_rows(stack: Stack) -> None:
@@ -207,6 +295,7 @@ def test_switching_format_replaces_the_other_formats_files(stack: Stack) -> None
     export(stack, EXPORT_FORMAT="csv")
     export(stack)
     assert sorted(stack.objects()) == [FOLDER + "export_120000.parquet"]
+    assert assert_reconciled(stack, "D1", [DAY], settings=stack.settings()) == 1
 
 
 def test_hive_layout_writes_one_date_folder(stack: Stack) -> None:
@@ -215,6 +304,7 @@ def test_hive_layout_writes_one_date_folder(stack: Stack) -> None:
     assert sorted(stack.objects()) == [
         "telemetry/device_id=D1/date=2026-02-07/export_120000.parquet"
     ]
+    assert assert_reconciled(stack, "D1", [DAY], settings=stack.settings(EXPORT_LAYOUT="hive")) == 1
 
 
 def test_a_missing_bucket_is_named_in_the_error(stack: Stack) -> None:
@@ -252,25 +342,40 @@ def test_a_missing_measurement_is_named_in_the_error(stack: Stack) -> None:
         source.check()
 
 
+def readers() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "influx-reader" and t.is_alive()}
+
+
 def test_a_failing_export_stops_its_reader_thread_promptly() -> None:
     """The reader runs ahead on a thread; an error in the encoder must not leave it blocked."""
+    depth = 2
     batches = [
-        pa.RecordBatch.from_pylist([{"time": at(12) + i}], schema=SOURCE_SCHEMA) for i in range(3)
+        pa.RecordBatch.from_pylist([{"time": at(12) + i}], schema=SOURCE_SCHEMA)
+        for i in range(depth + 3)
     ]
-    closed = threading.Event()
+    queue_full, closed = threading.Event(), threading.Event()
 
     def source() -> Iterator[pa.RecordBatch]:
         try:
-            yield from batches
+            for index, batch in enumerate(batches):
+                # Asked for this batch, the reader has queued the ones before it: with one taken
+                # by the consumer, `depth` wait in the queue, so this one's put cannot succeed.
+                if index == depth + 1:
+                    queue_full.set()
+                yield batch
         finally:
             closed.set()
 
-    reading = prefetched(source(), depth=2)
+    before = readers()
+    reading = prefetched(source(), depth=depth)
     assert next(reading).num_rows == 1
-    time.sleep(0.3)  # the reader fills the queue and blocks on its last put
-    reading.close()
+    (reader,) = readers() - before
+    assert queue_full.wait(timeout=30)
+    assert not closed.is_set() and reader.is_alive()  # blocked on its put, the source open
+    reading.close()  # as an error in the encoder closes it
     assert closed.wait(timeout=5)
-    assert not any(t.name == "influx-reader" and t.is_alive() for t in threading.enumerate())
+    reader.join(timeout=5)
+    assert not reader.is_alive()
 
 
 def test_an_error_in_the_source_reaches_the_consumer() -> None:

@@ -2,19 +2,28 @@
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from subprocess import Popen
 from typing import Any
 
 import pytest
-from dagster import DagsterEventType, DagsterInstance, EventRecordsFilter
+from dagster import (
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    EventRecordsFilter,
+    RunsFilter,
+)
 
 from export_pipeline.influx import InfluxError
 from export_pipeline.ledger import checkpoints
 from export_pipeline.metadata import RECONCILIATION
+from export_pipeline.runs import run_devices
 from export_pipeline.schema import SCHEMA
 from export_pipeline.writers import ObjectStore
 from export_pipeline_tests.audit import assert_reconciled
@@ -154,7 +163,7 @@ class LiveDevice:
         return sorted({self.start.date(), self.end.date()})
 
     def through(self) -> datetime | None:
-        return checkpoints(self.instance, [self.device], self.days).get(self.device)
+        return checkpoints(self.instance, [self.device]).get(self.device)
 
     def wait_until_first_export(self) -> None:
         wait_until(lambda: self.through() is not None, "the daemon's first export", 180)
@@ -345,3 +354,85 @@ def test_points_far_in_the_past_or_future_stay_out_of_the_days_being_exported(
     assert assert_reconciled(stack, device, [T0.date()]) == 12
     folders = {key.rsplit("/", 1)[0] for key in stack.objects()}
     assert folders == {f"telemetry/device_id={device}/date=2026/02/07"}
+
+
+class LiveFleet:
+    """Devices writing one point a second each, on the real clock, from a thread of the test."""
+
+    def __init__(self, stack: Stack, count: int) -> None:
+        self.stack, self.devices = stack, [new_device() for _ in range(count)]
+        self.first = datetime.fromtimestamp(int(time.time()), UTC)
+        self.last = self.first
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._write, daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        second = int(time.time())
+        while not self._stop.is_set():
+            stamp = datetime.fromtimestamp(second, UTC)
+            self.stack.write(
+                [
+                    point(ns(stamp), d, {"voltage": 230.0, "power": second % 97})
+                    for d in self.devices
+                ]
+            )
+            self.last = stamp
+            second += 1
+            self._stop.wait(max(0.0, second - time.time()))
+
+    def stop(self) -> datetime:
+        """Stop writing; the moment of the last point written."""
+        self._stop.set()
+        self._thread.join()
+        return self.last
+
+    @property
+    def days(self) -> list[date]:
+        return sorted({self.first.date(), self.last.date()})
+
+
+def kill_group(daemon: Popen[bytes]) -> None:
+    """SIGKILL a daemon with everything it started: its code server and the runs it launched."""
+    os.killpg(daemon.pid, signal.SIGKILL)
+    daemon.wait()
+
+
+def test_a_daemon_killed_with_its_runs_recovers_within_a_minute(
+    stack: Stack, instance: DagsterInstance, daemons: Daemons
+) -> None:
+    # The issue's scenario: 3 devices at 1 Hz, 10 s slices, 2 s of lateness, the daemon and its
+    # runs SIGKILLed, the daemon back 20 s later, writing stopped 45 s after that: every row
+    # written is in S3 within 60 s, none twice. In a time zone other than UTC.
+    live = LiveFleet(stack, 3)
+    env = {
+        "DEVICE_IDS": ",".join(live.devices),
+        "EXPORT_INTERVAL_SECONDS": "10",
+        "EXPORT_LATENESS_SECONDS": "2",
+        "LOOKBACK_HOURS": "1",
+        "TZ": "Asia/Kolkata",
+    }
+    try:
+        daemon = daemons.start(**env)
+        wait_until(lambda: len(checkpoints(instance, live.devices)) == 3, "a first export", 120)
+
+        def a_run_in_flight() -> bool:
+            running = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+            return any(set(live.devices) & run_devices(run.run_config) for run in running)
+
+        wait_until(a_run_in_flight, "a run to kill with the daemon", 60)
+        kill_group(daemon)
+        time.sleep(20)
+        daemons.start(**env)
+        time.sleep(45)
+    finally:
+        stopped = live.stop()
+    everything = stopped.replace(second=stopped.second // 10 * 10) + timedelta(seconds=10)
+
+    def exported() -> bool:
+        found = checkpoints(instance, live.devices)
+        return len(found) == 3 and min(found.values()) >= everything
+
+    wait_until(exported, "every row written", timeout=60)
+    for device in live.devices:
+        assert assert_reconciled(stack, device, live.days) > 0

@@ -7,8 +7,10 @@ from export_pipeline.influx import (
     InfluxError,
     InfluxSource,
     InfluxUnavailable,
+    SharedReads,
     device_query,
     quote_string,
+    shared_read_groups,
 )
 from export_pipeline.schema import SOURCE_SCHEMA
 from export_pipeline.settings import InfluxSettings
@@ -131,3 +133,61 @@ def test_field_counts_are_per_device_and_field_within_the_range(stack: Stack) ->
         "it's, D2": {"voltage": 0, "current": 0, "power": 0, "temperature": 1},
     }
     assert source_for(stack).field_counts(start_ns=T0 + 61 * NS, end_ns=T0 + 120 * NS) == {}
+
+
+ODD_IDS = ["温度计-1", "it's", 'say "hi"', "back\\slash", "a,b c=d", "D1"]
+
+
+def test_a_shared_read_gives_each_device_exactly_what_its_own_read_gives(stack: Stack) -> None:
+    points = [
+        point(T0 + i * NS, device_id, {"voltage": float(i), "power": float(n)})
+        for n, device_id in enumerate(ODD_IDS)
+        for i in range(0, 60, 1 + n)
+    ]
+    points.append(point(T0 + 5 * NS, "D1", {"voltage": 9.0}, location="yard"))  # a second series
+    points.append(point(T0 + 5 * NS, "not-asked", {"voltage": 1.0}))
+    stack.write(points)
+    source = source_for(stack)
+    shared = source.read_many([*ODD_IDS, "silent"], start_ns=T0, end_ns=T0 + 60 * NS)
+    assert set(shared) == {*ODD_IDS, "silent"} and shared["silent"].num_rows == 0
+    for device_id in ODD_IDS:
+        own = pa.Table.from_batches(
+            list(source.read(device_id, start_ns=T0, end_ns=T0 + 60 * NS)), SOURCE_SCHEMA
+        )
+        assert own.num_rows > 0 and shared[device_id].equals(own), device_id
+
+
+def test_shared_reads_query_once_per_group_and_fall_back_per_device_on_failure(
+    stack: Stack,
+) -> None:
+    devices = [f"G{n}" for n in range(4)]
+    stack.write([point(T0, device_id, {"power": 1.0}) for device_id in devices[:3]])
+    # G3's voltage is a string: reading it fails, naming the value.
+    stack.influx.write(stack.database, [f'telemetry,device_id=G3 voltage="bad" {T0 + NS}'])
+    span = (T0, T0 + 60 * NS)
+    shared = SharedReads(source_for(stack), [(devices[:2], *span), (devices[2:], *span)])
+
+    def rows(device_id: str) -> int:
+        return sum(b.num_rows for b in shared.read(device_id, start_ns=span[0], end_ns=span[1]))
+
+    assert rows("G0") == 1 and rows("G1") == 1 and shared.shared_queries == 1
+    assert rows("G0") == 1 and shared.shared_queries == 1  # read again (a retry): on its own
+    assert rows("G2") == 1 and shared.fallbacks == 1  # G3 spoiled its group: each reads alone
+    with pytest.raises(InfluxError, match="bad"):
+        rows("G3")
+
+
+def test_shared_read_groups_share_a_range_and_stay_within_their_bounds() -> None:
+    minute = (T0, T0 + 60 * NS)
+    pieces = {f"d{n:03d}": minute for n in range(120)}
+    pieces["late"] = (T0 - 60 * NS, T0 + 60 * NS)
+    pieces["backlog"] = (T0 - 86_400 * NS, T0)
+    pieces["backlog2"] = (T0 - 86_400 * NS, T0)
+    groups = shared_read_groups(pieces)
+    assert [len(group) for group, *_ in groups] == [50, 50, 20]  # one-device groups: no sharing
+    assert all((start, end) == minute for _, start, end in groups)
+    assert sorted(d for group, *_ in groups for d in group) == sorted(
+        d for d in pieces if pieces[d] == minute
+    )
+    long_ids = {"x" * 1000 + str(n): minute for n in range(10)}
+    assert all(len(group) <= 6 for group, *_ in shared_read_groups(long_ids))

@@ -1,18 +1,16 @@
 from datetime import UTC, date, datetime, timedelta
 
-from export_pipeline.export import carried_checkpoint
 from export_pipeline.internals import CheckPartition
 from export_pipeline.partitions import DeviceDay
 from export_pipeline.planning import (
-    Cursor,
     Snapshot,
     WorkItem,
     batches,
     due_work,
-    first_due,
     plan_tick,
     with_reexports,
 )
+from export_pipeline.progress import Progress
 from export_pipeline.settings import ExportSettings
 from export_pipeline.slicing import DayRange, closed_until, day_ranges
 
@@ -87,35 +85,19 @@ def test_whole_day_reexports_replace_the_due_pieces_of_that_day() -> None:
     ]
 
 
-def test_a_whole_day_export_carries_the_checkpoint_only_over_contiguous_coverage() -> None:
-    settings = ExportSettings(interval_seconds=60, lookback_hours=24)
-    now = utc(2026, 2, 8, 10, 0)  # the sensor would start a new device at 02-07 10:00
-    start = first_due(now, settings)
-    today = DayRange(date(2026, 2, 8), 0, 36_000)
-    yesterday = DayRange(date(2026, 2, 7), 0, 86_400)
-    older = DayRange(date(2026, 2, 1), 0, 86_400)
-    # A checkpoint inside or before the day's start: it moves to the day's end, never back.
-    assert carried_checkpoint(utc(2026, 2, 8, 1), today, start) == utc(2026, 2, 8, 10)
-    assert carried_checkpoint(utc(2026, 2, 8, 12), today, start) == utc(2026, 2, 8, 12)
-    # A gap before the day: the checkpoint stays where it is.
-    assert carried_checkpoint(utc(2026, 2, 6), today, start) == utc(2026, 2, 6)
-    # No checkpoint: only a day covering the sensor's starting point may set one.
-    assert carried_checkpoint(None, yesterday, start) == utc(2026, 2, 8)
-    assert carried_checkpoint(None, today, start) is None
-    assert carried_checkpoint(None, older, start) is None
-
-
 NOW = utc(2026, 2, 7, 12, 0, 45)  # slices through 12:00 are due (60 s slices, 30 s lateness)
+
+
+def at(throughs: dict[str, datetime]) -> dict[str, Progress]:
+    """Devices' progress at these checkpoints."""
+    return {device: Progress(through, through.date(), None) for device, through in throughs.items()}
 
 
 def snapshot(**changes: object) -> Snapshot:
     values: dict[str, object] = {
         "fleet": ["D1", "D2"],
         "known": frozenset({"D1", "D2"}),
-        "remembered": Cursor(),
-        "found": {},
-        "searched_since": date(2026, 1, 31),
-        "newest_storage_id": None,
+        "progress": {},
         "slice_checks": {},
         "day_checks": {},
         "day_files": {},
@@ -126,18 +108,17 @@ def snapshot(**changes: object) -> Snapshot:
 
 
 def test_a_tick_plans_each_devices_due_slices_from_its_checkpoint() -> None:
-    plan = plan_tick(NOW, SETTINGS, snapshot(found={"D1": utc(2026, 2, 7, 11, 58)}))
+    plan = plan_tick(NOW, SETTINGS, snapshot(progress=at({"D1": utc(2026, 2, 7, 11, 58)})))
     assert plan.runs == [
         [
             WorkItem("D1", DayRange(date(2026, 2, 7), 43_080, 43_200)),
             WorkItem("D2", DayRange(date(2026, 2, 7), 39_600, 43_200)),
         ]
     ]
-    assert plan.resume_from == {"D1": utc(2026, 2, 7, 11, 58), "D2": utc(2026, 2, 7, 11)}
     assert plan.until == utc(2026, 2, 7, 12)
     assert plan.warnings == [
-        "D2: no checkpoint (never exported, or not since 2026-01-31); exporting from "
-        "LOOKBACK_HOURS ago; materialize earlier device-days to fill in"
+        "D2: no checkpoint (never exported): exporting from LOOKBACK_HOURS ago; "
+        "materialize earlier device-days to fill in"
     ]
 
 
@@ -145,24 +126,11 @@ def test_busy_devices_get_no_work_and_new_devices_are_registered() -> None:
     plan = plan_tick(
         NOW,
         SETTINGS,
-        snapshot(fleet=["D1", "D2", "D3"], busy=frozenset({"D2"}), found={"D1": NOW}),
+        snapshot(fleet=["D1", "D2", "D3"], busy=frozenset({"D2"}), progress=at({"D1": NOW})),
     )
     assert plan.new_devices == ["D3"]
     assert {item.device_id for run in plan.runs for item in run} == {"D3"}  # D1 is up to date
     assert "1 new, 1 busy" in plan.summary
-
-
-def test_the_cursor_keeps_the_newest_checkpoint_and_storage_id_it_has_seen() -> None:
-    remembered = Cursor({"D1": utc(2026, 2, 7, 11, 59), "D2": utc(2026, 2, 7, 11)}, 500)
-    plan = plan_tick(
-        NOW,
-        SETTINGS,
-        snapshot(
-            remembered=remembered, found={"D1": utc(2026, 2, 7, 11, 30)}, newest_storage_id=90
-        ),
-    )
-    assert plan.cursor == Cursor({"D1": utc(2026, 2, 7, 11, 59), "D2": utc(2026, 2, 7, 11)}, 500)
-    assert Cursor.parse(plan.cursor.dump()) == plan.cursor
 
 
 def test_failed_reconciliations_become_whole_day_reexports_unless_the_device_is_busy() -> None:
@@ -171,7 +139,7 @@ def test_failed_reconciliations_become_whole_day_reexports_unless_the_device_is_
         NOW,
         SETTINGS,
         snapshot(
-            found={"D1": utc(2026, 2, 7, 12), "D2": utc(2026, 2, 7, 12)},
+            progress=at({"D1": utc(2026, 2, 7, 12), "D2": utc(2026, 2, 7, 12)}),
             slice_checks={
                 DeviceDay("D1", yesterday): CheckPartition("", passed=False, storage_id=1),
                 DeviceDay("D2", yesterday): CheckPartition("", passed=False, storage_id=2),
@@ -192,8 +160,8 @@ def test_runs_hold_at_most_devices_per_run_devices() -> None:
 def test_freshness_fails_naming_the_devices_more_than_three_intervals_behind() -> None:
     behind = NOW - timedelta(seconds=3 * 60 + 30 + 1)
     within = NOW - timedelta(seconds=3 * 60 + 30)
-    plan = plan_tick(NOW, SETTINGS, snapshot(found={"D1": within, "D2": behind}))
+    plan = plan_tick(NOW, SETTINGS, snapshot(progress=at({"D1": within, "D2": behind})))
     assert plan.freshness.passed is False
     assert plan.freshness.metadata["behind"].value == {"D2": 211}
-    fresh = plan_tick(NOW, SETTINGS, snapshot(found={"D1": within, "D2": within}))
+    fresh = plan_tick(NOW, SETTINGS, snapshot(progress=at({"D1": within, "D2": within})))
     assert fresh.freshness.passed is True

@@ -4,15 +4,22 @@ from datetime import UTC, datetime, timedelta
 
 from dagster import DagsterRun
 
-from export_pipeline.runs import RunInFlight, busy_devices, is_dead, run_devices
+from export_pipeline.runs import (
+    ASSET_RUN_PATIENCE,
+    RunInFlight,
+    busy_devices,
+    is_dead,
+    run_devices,
+)
+from export_pipeline.settings import Settings
 
 NOW = datetime(2026, 2, 7, 12, tzinfo=UTC)
 STALE = timedelta(seconds=180)
 
 
-def in_flight(*devices: str, last_seen: datetime | None, whole_day: bool = False) -> RunInFlight:
-    run = DagsterRun(job_name="export_due_slices")
-    return RunInFlight(run, frozenset({"slices"}), frozenset(devices), whole_day, last_seen)
+def in_flight(*devices: str, last_seen: datetime | None, asset_run: bool = False) -> RunInFlight:
+    run = DagsterRun(job_name="__ASSET_JOB" if asset_run else "export_due_slices")
+    return RunInFlight(run, frozenset({"slices"}), frozenset(devices), asset_run, last_seen)
 
 
 def test_a_queued_run_is_never_dead() -> None:
@@ -24,10 +31,20 @@ def test_a_running_run_silent_for_longer_than_the_stale_time_is_dead() -> None:
     assert is_dead(in_flight("D1", last_seen=NOW - STALE - timedelta(seconds=1)), NOW, STALE)
 
 
-def test_a_whole_day_materialization_is_given_four_times_as_long() -> None:
-    quiet = NOW - 3 * STALE
-    assert not is_dead(in_flight("D1", last_seen=quiet, whole_day=True), NOW, STALE)
-    assert is_dead(in_flight("D1", last_seen=NOW - 5 * STALE, whole_day=True), NOW, STALE)
+def test_a_run_of_an_asset_is_given_four_times_as_long() -> None:
+    assert ASSET_RUN_PATIENCE == 4  # the README's "four times that for a run of an asset"
+    allowed = ASSET_RUN_PATIENCE * STALE
+    asset_run = in_flight("D1", last_seen=NOW - allowed, asset_run=True)
+    assert not is_dead(asset_run, NOW, STALE)
+    assert is_dead(asset_run, NOW + timedelta(seconds=1), STALE)
+    # A continuous run silent as long is long dead.
+    assert is_dead(in_flight("D1", last_seen=NOW - 2 * STALE), NOW, STALE)
+
+
+def test_the_stale_time_is_45_s_unless_export_stale_run_seconds_says_otherwise() -> None:
+    assert Settings.from_env({"S3_BUCKET": "exports"}).export.stale_run_after == 45
+    settings = Settings.from_env({"S3_BUCKET": "exports", "EXPORT_STALE_RUN_SECONDS": "7"})
+    assert settings.export.stale_run_after == 7
 
 
 def test_busy_devices_are_those_of_every_run_given() -> None:

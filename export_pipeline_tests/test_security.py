@@ -309,8 +309,8 @@ def exercise_every_s3_operation(
 ) -> ExporterRun:
     """Every kind of S3 call the project makes, through its own code (ObjectStore is its only
     S3 client; the health check's HeadBucket is the one call made elsewhere): the bucket check;
-    a device-day's slices exported and reconciled (Parquet, then CSV, whose reconciliation reads
-    whole objects, and which replaces the Parquet slices), its day file written and reconciled;
+    a device-day's slices exported and reconciled (Parquet, then CSV, which replaces the Parquet
+    slices), its day file written and reconciled (a ranged GET of its footer);
     then per prefix an object above the multipart threshold uploaded and deleted, and an upload
     abandoned in a device folder (started by `admin`) aborted by the sweep's routine."""
     run = ExporterRun()
@@ -339,12 +339,14 @@ def exercise_every_s3_operation(
         )
         with InfluxSource(settings.influx) as source:
             dataset = Slices(source, store, PREFIXES[0], settings.export)
-            run.reports.append(dataset.export(DEVICE, DayRange.whole(DAY)))
-            run.reconciliations.append(dataset.reconcile(DEVICE, DAY))
+            report = dataset.export(DEVICE, DayRange.whole(DAY))
+            run.reports.append(report)
+            run.reconciliations.append(dataset.reconcile(DEVICE, DAY, report.totals))
     with InfluxSource(settings.influx) as source:
         days = DayFiles(source, store, PREFIXES[1], settings.export.batch_size, workdir)
-        run.reports.append(days.export(DEVICE, DayRange.whole(DAY)))
-        run.reconciliations.append(days.reconcile(DEVICE, DAY))
+        report = days.export(DEVICE, DayRange.whole(DAY))
+        run.reports.append(report)
+        run.reconciliations.append(days.reconcile(DEVICE, DAY, report.totals))
     layout = settings.export.layout
     for prefix in PREFIXES:
         next_day = device_folder(

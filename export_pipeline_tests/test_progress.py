@@ -1,0 +1,68 @@
+"""A device's progress: its checkpoint, and what its current day's slices hold (pure rules)."""
+
+from datetime import UTC, date, datetime
+
+from export_pipeline.planning import first_due
+from export_pipeline.progress import DayTotals, Progress, carried
+from export_pipeline.settings import ExportSettings
+from export_pipeline.slicing import DayRange
+
+DAY, NEXT = date(2026, 2, 7), date(2026, 2, 8)
+
+
+def utc(day: date, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(day.year, day.month, day.day, hour, minute, tzinfo=UTC)
+
+
+def totals(rows: int, files: int = 1) -> DayTotals:
+    return DayTotals(rows, files, {"voltage": rows, "current": 0, "power": rows, "temperature": 0})
+
+
+def test_the_checkpoint_moves_only_over_contiguous_coverage_and_never_back() -> None:
+    settings = ExportSettings(interval_seconds=60, lookback_hours=24)
+    start = first_due(utc(NEXT, 10), settings)  # a new device would start at 02-07 10:00
+    today = DayRange(NEXT, 0, 36_000)
+    inside = Progress(utc(NEXT, 1), NEXT, None)
+    assert carried(inside, today, totals(1), start).through == utc(NEXT, 10)  # type: ignore[union-attr]
+    ahead = Progress(utc(NEXT, 12), NEXT, None)
+    assert carried(ahead, today, totals(1), start).through == utc(NEXT, 12)  # type: ignore[union-attr]
+    gap = Progress(utc(date(2026, 2, 6)), date(2026, 2, 6), None)
+    assert carried(gap, today, totals(1), start) == gap
+    # No progress: only a range covering where the sensor would start a device gives some.
+    assert carried(None, DayRange.whole(DAY), totals(1), start) == Progress(
+        utc(NEXT), DAY, totals(1)
+    )
+    assert carried(None, today, totals(1), start) is None
+    assert carried(None, DayRange.whole(date(2026, 2, 1)), totals(1), start) is None
+
+
+def test_a_days_totals_add_up_over_its_contiguous_ranges() -> None:
+    first = carried(None, DayRange(DAY, 0, 60), totals(5), utc(DAY))
+    assert first == Progress(utc(DAY, 0, 1), DAY, totals(5))
+    second = carried(first, DayRange(DAY, 60, 180), totals(7, files=2), utc(DAY))
+    assert second == Progress(utc(DAY, 0, 3), DAY, DayTotals(12, 3, totals(12).counts))
+    # The next day starts its own totals.
+    assert carried(
+        Progress(utc(NEXT), DAY, totals(9)), DayRange(NEXT, 0, 60), totals(2), utc(DAY)
+    ) == Progress(utc(NEXT, 0, 1), NEXT, totals(2))
+
+
+def test_overlapping_ranges_leave_a_days_totals_unknown_until_it_is_exported_whole() -> None:
+    progress = Progress(utc(DAY, 0, 3), DAY, totals(12))
+    overlap = carried(progress, DayRange(DAY, 60, 240), totals(4), utc(DAY))
+    assert overlap == Progress(utc(DAY, 0, 4), DAY, None)
+    # The day so far, all of it again, makes them known again; a range of an older day does
+    # not touch today's.
+    whole = carried(overlap, DayRange(DAY, 0, 300), totals(20), utc(DAY))
+    assert whole == Progress(utc(DAY, 0, 5), DAY, totals(20))
+    older = carried(whole, DayRange.whole(date(2026, 2, 6)), totals(99), utc(DAY))
+    assert older == whole
+    # ...but the day so far stopping short of the checkpoint does not tell what is beyond it.
+    assert carried(whole, DayRange(DAY, 0, 120), totals(8), utc(DAY)) == Progress(
+        utc(DAY, 0, 5), DAY, None
+    )
+
+
+def test_progress_survives_its_round_trip_through_the_ledger() -> None:
+    for progress in (Progress(utc(DAY, 7), DAY, totals(3)), Progress(utc(NEXT), DAY, None)):
+        assert Progress.from_json(progress.to_json()) == progress

@@ -1,0 +1,242 @@
+"""The ledger stays flat: retention removes what nothing needs, on the real PostgreSQL storage,
+and the exports, the sensor, the sweep and the UI's view of every partition carry on as before."""
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import psycopg2
+import pytest
+from dagster import DagsterEventType, DagsterInstance
+
+import export_pipeline.internals
+from export_pipeline.internals import latest_check_evaluations, prune_ledger
+from export_pipeline.ledger import progress_of
+from export_pipeline.metadata import (
+    DAILY_RECONCILIATION,
+    RECONCILIATION,
+    TELEMETRY_DAILY,
+    TELEMETRY_EXPORT,
+)
+from export_pipeline.partitions import partition_keys
+from export_pipeline_tests.audit import assert_reconciled
+from export_pipeline_tests.conftest import TEST_DATABASE, Stack
+from export_pipeline_tests.services import POSTGRES
+from export_pipeline_tests.test_sensors import Fleet, every_10s, new_device, work_of
+
+CLOSE = datetime(2026, 2, 8, tzinfo=UTC)  # 02-07 ends
+DAYS = [date(2026, 2, 7), date(2026, 2, 8)]
+KEYS = [TELEMETRY_EXPORT, TELEMETRY_DAILY]
+
+
+def everything() -> datetime:
+    """Retention's `before` for events stored up to now (they carry the wall clock's time)."""
+    return datetime.now(UTC) + timedelta(minutes=1)
+
+
+def query(sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    connection = psycopg2.connect(dbname=TEST_DATABASE, **POSTGRES)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, args)
+            return list(cursor.fetchall())
+    finally:
+        connection.close()
+
+
+def ledger_state(instance: DagsterInstance, devices: list[str]) -> dict[str, Any]:
+    """What the UI, the sensor and the sweep read of these devices' partitions."""
+    keys = set(partition_keys(devices, DAYS))
+    return {
+        "materializations": {
+            key: dict(
+                instance.get_latest_storage_id_by_partition(
+                    key, DagsterEventType.ASSET_MATERIALIZATION, keys
+                )
+            )
+            for key in KEYS
+        },
+        "evaluations": sorted(
+            (c.partition_key, c.passed, c.storage_id)
+            for c in latest_check_evaluations(instance, RECONCILIATION, list(keys))
+        ),
+        "progress": progress_of(instance, devices),
+    }
+
+
+def consistent() -> None:
+    """No tag row without its event, no evaluation row without its event."""
+    assert query(
+        "SELECT count(*) FROM asset_event_tags t WHERE t.event_id IS NOT NULL AND NOT EXISTS "
+        "(SELECT 1 FROM event_logs e WHERE e.id = t.event_id)"
+    ) == [(0,)]
+    assert (
+        query(
+            "SELECT c.asset_key, c.check_name, c.partition, c.run_id, c.execution_status, "
+            "c.evaluation_event_storage_id FROM asset_check_executions c "
+            "WHERE c.evaluation_event_storage_id IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM event_logs e WHERE e.id = c.evaluation_event_storage_id)"
+        )
+        == []
+    )
+
+
+@pytest.fixture
+def history(stack: Stack, instance: DagsterInstance) -> Iterator[tuple[Fleet, list[str]]]:
+    """Two devices exported over a day's close: slices every minute, the close reconciled, the
+    day files written; many runs, many superseded events."""
+    devices = [new_device(), new_device()]
+    for device in devices:
+        stack.write(every_10s(device, CLOSE - timedelta(minutes=20), CLOSE + timedelta(minutes=4)))
+    fleet = Fleet(stack, instance, DEVICE_IDS=",".join(devices), LOOKBACK_HOURS="24")
+    for minute in range(-15, 4):
+        fleet.tick_and_run(CLOSE + timedelta(minutes=minute, seconds=30))
+    yield fleet, devices
+
+
+def count_runs(devices: list[str]) -> int:
+    return len(query("SELECT run_id FROM runs WHERE run_body LIKE %s", f"%{devices[0]}%"))
+
+
+def test_retention_keeps_the_latest_event_of_every_partition_and_every_checkpoint(
+    instance: DagsterInstance, history: tuple[Fleet, list[str]]
+) -> None:
+    fleet, devices = history
+    before = ledger_state(instance, devices)
+    runs = count_runs(devices)
+    pruned = prune_ledger(instance, asset_keys=KEYS, before=everything())
+
+    assert pruned.materializations > 0 and pruned.events > 0 and pruned.runs > 0
+    assert ledger_state(instance, devices) == before  # latest events, checkpoints: all there
+    assert count_runs(devices) < runs  # runs left with nothing are gone
+    consistent()
+    # The sensor resumes exactly, and the slices and day files are still whole.
+    resumed = fleet.tick_and_run(CLOSE + timedelta(minutes=4, seconds=30))
+    assert {(item[0], item[2], item[3]) for item in work_of(resumed)} == {
+        (device, 180, 240) for device in devices
+    }
+    for device in devices:
+        assert assert_reconciled(fleet.stack, device, DAYS, settings=fleet.settings) == 144
+    assert prune_ledger(instance, asset_keys=KEYS, before=everything()).materializations == 0
+
+
+def test_the_sweep_still_finds_late_data_after_retention(
+    instance: DagsterInstance, history: tuple[Fleet, list[str]]
+) -> None:
+    fleet, devices = history
+    prune_ledger(instance, asset_keys=KEYS, before=everything())
+    later = CLOSE + timedelta(days=1)
+    assert fleet.sweep(later)  # nothing changed: nothing flagged
+    assert {
+        c.passed
+        for c in latest_check_evaluations(instance, RECONCILIATION, partition_keys(devices, DAYS))
+    } == {True}
+    fleet.stack.write(
+        every_10s(devices[0], CLOSE - timedelta(hours=2), CLOSE - timedelta(hours=1), 60)
+    )
+    assert fleet.sweep(later + timedelta(minutes=1))
+    result = fleet.tick_and_run(later + timedelta(minutes=2))
+    assert (devices[0], "2026-02-07", 0, 86_400) in work_of(result)
+    assert (
+        assert_reconciled(fleet.stack, devices[0], [DAYS[0]], settings=fleet.settings) == 120 + 60
+    )
+
+
+def test_a_retention_pass_killed_half_way_leaves_a_consistent_ledger_that_the_next_finishes(
+    instance: DagsterInstance, history: tuple[Fleet, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, devices = history
+    before = ledger_state(instance, devices)
+    real, statements = export_pipeline.internals._execute, []
+
+    def dies_after_three(connection: Any, statement: str, parameters: Any) -> Any:
+        statements.append(statement)
+        if len(statements) > 3:
+            raise KeyboardInterrupt("killed")  # as a SIGTERM or a kill between statements
+        return real(
+            connection,
+            statement,
+            {**parameters, "batch": 2} if "batch" in parameters else parameters,
+        )
+
+    monkeypatch.setattr(export_pipeline.internals, "_execute", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        prune_ledger(instance, asset_keys=KEYS, before=everything())
+    consistent()
+    assert ledger_state(instance, devices) == before
+    monkeypatch.setattr(export_pipeline.internals, "_execute", real)
+    finished = prune_ledger(instance, asset_keys=KEYS, before=everything())
+    assert finished.materializations > 0
+    consistent()
+    assert ledger_state(instance, devices) == before
+    assert prune_ledger(instance, asset_keys=KEYS, before=everything()).materializations == 0
+
+
+def test_retention_during_exports_never_removes_a_checkpoint_or_a_latest_event(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    devices = [new_device() for _ in range(4)]
+    for device in devices:
+        stack.write(every_10s(device, CLOSE - timedelta(hours=1), CLOSE + timedelta(minutes=14)))
+    fleet = Fleet(stack, instance, DEVICE_IDS=",".join(devices), LOOKBACK_HOURS="2")
+    done = threading.Event()
+    passes: list[Any] = []
+
+    def prune_meanwhile() -> None:
+        # All but the last seconds: the harness reads each run's record once it has finished.
+        while not done.is_set():
+            before = datetime.now(UTC) - timedelta(seconds=3)
+            passes.append(prune_ledger(instance, asset_keys=KEYS, before=before))
+
+    pruner = threading.Thread(target=prune_meanwhile)
+    pruner.start()
+    try:
+        for minute in range(-3, 15):
+            fleet.tick_and_run(CLOSE + timedelta(minutes=minute, seconds=30))
+    finally:
+        done.set()
+        pruner.join()
+    assert len(passes) > 1 and sum(found.materializations for found in passes) > 0
+    expected = CLOSE + timedelta(minutes=14)
+    assert {d: p.through for d, p in progress_of(instance, devices).items()} == dict.fromkeys(
+        devices, expected
+    )
+    latest = instance.get_latest_storage_id_by_partition(
+        TELEMETRY_EXPORT, DagsterEventType.ASSET_MATERIALIZATION, set(partition_keys(devices, DAYS))
+    )
+    assert len(latest) == 2 * len(devices)  # every partition is still materialized
+    consistent()
+    for device in devices:
+        assert assert_reconciled(stack, device, DAYS, settings=fleet.settings) == 360 + 84
+
+
+def test_the_ledger_retention_schedule_runs_daily_by_default(stack: Stack) -> None:
+    from export_pipeline.schedules import build_ledger_retention
+
+    schedule = build_ledger_retention(stack.settings())
+    assert schedule.cron_schedule == "40 3 * * *"
+    assert schedule.execution_timezone == "UTC"
+    assert schedule.default_status.value == "RUNNING"
+    assert stack.settings(EXPORT_LEDGER_RETENTION_DAYS="2").export.ledger_retention_days == 2
+
+
+def test_a_check_left_planned_by_a_failed_run_keeps_its_event(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    from export_pipeline_tests.test_daily import registered, write_days
+
+    (device,) = registered(instance, new_device())
+    stack.write(every_10s(device, CLOSE - timedelta(hours=1), CLOSE))
+    # The run fails before it evaluates the check it planned: InfluxDB has no such bucket.
+    partition = f"{DAYS[0]}|{device}"
+    assert not write_days(stack, instance, partition, INFLUXDB_BUCKET="missing").success
+    planned = query(
+        "SELECT execution_status FROM asset_check_executions WHERE partition = %s", partition
+    )
+    assert planned == [("PLANNED",)]
+    prune_ledger(instance, asset_keys=KEYS, before=everything())
+    consistent()
+    assert [
+        c.passed for c in latest_check_evaluations(instance, DAILY_RECONCILIATION, [partition])
+    ] == [None]
