@@ -1,7 +1,11 @@
 """P3: continuous operation as deployed — dagster-daemon running the sensor and its runs — while
 the simulator writes one point a second per device; export lag sampled every 10 s.
 
-    .venv/bin/python -m bench.sustained --devices 1000 --minutes 7
+    .venv/bin/python -m bench.sustained --devices 1000 --minutes 12
+    .venv/bin/python -m bench.sustained --devices 5000 --minutes 12
+
+Lag is sampled from the third interval on, so 12 minutes at 60 s slices measure 10 ticks; the
+lateness allowance is the default (EXPORT_LATENESS_SECONDS, 30 s).
 """
 
 from __future__ import annotations
@@ -100,15 +104,16 @@ def sustained(bench: Bench, devices: int, minutes: float, interval: int) -> dict
         "run_seconds_median": round(statistics.median(durations), 1) if durations else None,
         "lag_p50_seconds": round(percentile(lags, 0.5), 1) if lags else None,
         "lag_p99_seconds": round(p99, 1),
+        "ticks_measured": int((minutes * 60 - 2 * interval) // interval),
         "ratio": round(p99 / interval, 2),
-        "target": "p99 <= 2 intervals",
+        "target": f"p99 <= interval + lateness + 30 s ({interval + 30 + 30} s) and <= 2 intervals",
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=1000)
-    parser.add_argument("--minutes", type=float, default=7)
+    parser.add_argument("--minutes", type=float, default=12)
     parser.add_argument("--interval", type=int, default=60)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-") as root:

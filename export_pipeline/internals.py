@@ -58,10 +58,38 @@ def latest_storage_ids(
     partitions: set[str],
     after_storage_id: int | None = None,
 ) -> Mapping[str, int]:
-    """The storage id of the latest materialization of each of these partitions (one query)."""
-    return instance.get_latest_storage_id_by_partition(
-        asset_key, DagsterEventType.ASSET_MATERIALIZATION, partitions, after_storage_id
-    )
+    """The storage id of the latest materialization of each of these partitions (one query).
+
+    What `get_latest_storage_id_by_partition` answers, read as the key range from the least to
+    the greatest of `partitions` and filtered here: Dagster sends one bind parameter per
+    partition, and a sensor tick asks for 35k of them (0.6 s a query at 5,000 devices, 0.15 s
+    so). Keys compare by code point (COLLATE "C") whatever the database's collation, as Python
+    compares them.
+    """
+    if not partitions:
+        return {}
+    storage: Any = instance.event_log_storage
+    with storage.index_connection() as conn:
+        rows = _execute(
+            conn,
+            _LATEST_MATERIALIZATIONS,
+            {
+                "asset_key": asset_key.to_string(),
+                "event_type": DagsterEventType.ASSET_MATERIALIZATION.value,
+                "lowest": min(partitions),
+                "highest": max(partitions),
+                "after": after_storage_id or 0,
+            },
+        ).fetchall()
+    return {key: storage_id for key, storage_id in rows if key in partitions}
+
+
+_LATEST_MATERIALIZATIONS = """
+SELECT partition, max(id) FROM event_logs
+WHERE asset_key = :asset_key AND dagster_event_type = :event_type
+  AND partition COLLATE "C" BETWEEN :lowest AND :highest
+GROUP BY partition HAVING max(id) > :after
+"""
 
 
 @dataclass(frozen=True)
@@ -79,26 +107,45 @@ def latest_check_evaluations(
     """The latest evaluation of `check` for each of these partitions that has one (one query).
 
     Partitioned asset checks are a preview in Dagster 1.13; their per-partition state is only
-    readable through the event log storage.
+    readable through the event log storage, whose `get_asset_check_partition_info` also joins
+    each partition's latest materialization (1.8 s a check for 35k partitions, which every
+    sensor tick reads). This is its first half, on the same table and rule (the row with the
+    highest id among those with an evaluation event), read as a key range as
+    `latest_storage_ids` does.
     """
     if not partition_keys:
         return []
-    infos = instance.event_log_storage.get_asset_check_partition_info(
-        [check], partition_keys=list(partition_keys)
-    )
+    storage: Any = instance.event_log_storage
+    with storage.index_connection() as conn:
+        rows = _execute(
+            conn,
+            _LATEST_CHECK_EVALUATIONS,
+            {
+                "asset_key": check.asset_key.to_string(),
+                "check_name": check.name,
+                "lowest": min(partition_keys),
+                "highest": max(partition_keys),
+            },
+        ).fetchall()
+    wanted = set(partition_keys)
     status = {
-        AssetCheckExecutionRecordStatus.SUCCEEDED: True,
-        AssetCheckExecutionRecordStatus.FAILED: False,
+        AssetCheckExecutionRecordStatus.SUCCEEDED.value: True,
+        AssetCheckExecutionRecordStatus.FAILED.value: False,
     }
     return [
-        CheckPartition(
-            info.partition_key,
-            status.get(info.latest_execution_status),
-            info.latest_check_event_storage_id,
-        )
-        for info in infos
-        if info.partition_key
+        CheckPartition(key, status.get(state), event_id)
+        for key, state, event_id in rows
+        if key in wanted
     ]
+
+
+_LATEST_CHECK_EVALUATIONS = """
+SELECT DISTINCT ON (partition) partition, execution_status, evaluation_event_storage_id
+FROM asset_check_executions
+WHERE asset_key = :asset_key AND check_name = :check_name
+  AND partition COLLATE "C" BETWEEN :lowest AND :highest AND evaluation_event_storage_id IS NOT NULL
+ORDER BY partition, id DESC
+"""
 
 
 def check_evaluation_metadata(

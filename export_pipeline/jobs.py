@@ -126,18 +126,19 @@ class ExportWorkConfig(Config):
 
 
 def run_config_for(items: Sequence[WorkItem], op_name: str = "export_slices") -> dict[str, Any]:
-    """The run config of a continuous run over `items`."""
+    """The run config of a continuous run over `items`: ExportWorkConfig's shape, as plain
+    values (a Config object per item costs 70 us, 0.35 s a tick at 5,000 devices)."""
     work = [
-        WorkItemConfig(
-            device_id=item.device_id,
-            date=item.range.day.isoformat(),
-            start=item.range.start,
-            end=item.range.end,
-            reexport=item.reexport,
-        )
+        {
+            "device_id": item.device_id,
+            "date": item.range.day.isoformat(),
+            "start": item.range.start,
+            "end": item.range.end,
+            "reexport": item.reexport,
+        }
         for item in items
     ]
-    return {"ops": {op_name: {"config": ExportWorkConfig(work=work).model_dump()}}}
+    return {"ops": {op_name: {"config": {"work": work}}}}
 
 
 def run_exports(

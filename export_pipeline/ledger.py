@@ -33,7 +33,7 @@ from export_pipeline.metadata import (
     FIELD_COUNTS,
     TELEMETRY_EXPORT,
 )
-from export_pipeline.partitions import DeviceDay, partition_keys
+from export_pipeline.partitions import DeviceDay, device_days_by_key
 from export_pipeline.progress import Progress
 from export_pipeline.slicing import day_start
 
@@ -92,10 +92,10 @@ def latest_checks(
     instance: DagsterInstance, check: AssetCheckKey, devices: Iterable[str], dates: Iterable[date]
 ) -> dict[DeviceDay, CheckPartition]:
     """The latest evaluation of `check` for each of these device-days that has one."""
-    keys = partition_keys(devices, dates)
+    keys = device_days_by_key(devices, dates)
     return {
-        DeviceDay.of(found.partition_key): found
-        for found in latest_check_evaluations(instance, check, keys)
+        keys[found.partition_key]: found
+        for found in latest_check_evaluations(instance, check, list(keys))
     }
 
 
@@ -103,11 +103,11 @@ def latest_materializations(
     instance: DagsterInstance, asset_key: AssetKey, devices: Iterable[str], dates: Iterable[date]
 ) -> dict[DeviceDay, int]:
     """The storage id of the latest materialization of each of these device-days that has one."""
-    keys = set(partition_keys(devices, dates))
+    keys = device_days_by_key(devices, dates)
     if not keys:
         return {}
-    latest = latest_storage_ids(instance, asset_key, keys)
-    return {DeviceDay.of(key): storage_id for key, storage_id in latest.items()}
+    latest = latest_storage_ids(instance, asset_key, set(keys))
+    return {keys[key]: storage_id for key, storage_id in latest.items()}
 
 
 def latest_metadata(

@@ -7,8 +7,9 @@ module depends on how Dagster spells a key (`2026-02-07|device-001`: dimensions 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import date
+from types import MappingProxyType
 from typing import NamedTuple
 
 from dagster import (
@@ -65,6 +66,21 @@ def partition_keys(device_ids: Iterable[str], days: Iterable[date]) -> list[str]
     """The keys of every device-day of these devices and days."""
     day_list = list(days)
     return [DeviceDay(device_id, day).key for device_id in device_ids for day in day_list]
+
+
+def device_days_by_key(device_ids: Iterable[str], days: Iterable[date]) -> Mapping[str, DeviceDay]:
+    """Every device-day of these devices and days, by key: what a storage answers in keys is
+    read back without parsing them (~20 us a key, 2 s a tick for 5,000 devices). A tick asks
+    three times for the same fleet and days, and the next tick mostly again."""
+    return _device_days_by_key(tuple(device_ids), tuple(days))
+
+
+@functools.lru_cache(maxsize=4)
+def _device_days_by_key(
+    device_ids: tuple[str, ...], days: tuple[date, ...]
+) -> Mapping[str, DeviceDay]:
+    found = (DeviceDay(device_id, day) for device_id in device_ids for day in days)
+    return MappingProxyType({device_day.key: device_day for device_day in found})
 
 
 def registered_devices(instance: DagsterInstance, settings: ExportSettings) -> list[str]:

@@ -64,6 +64,14 @@ def test_the_latest_storage_id_of_each_partition_and_only_after_a_cursor(
     assert latest_storage_ids(instance, asset, {"a", "b"}, after_storage_id=latest["b"]) == {
         "a": latest["a"]
     }
+    # Read as a key range: a partition inside it but not asked for is not answered, and keys
+    # compare by code point ("B" < "a" < "é"), whatever the database's collation.
+    for partition in ("B", "é", "a|x"):
+        instance.report_runless_asset_event(
+            AssetMaterialization(asset_key=asset, partition=partition)
+        )
+    assert set(latest_storage_ids(instance, asset, {"B", "é", "c"})) == {"B", "é"}
+    assert set(latest_storage_ids(instance, asset, {"a", "b"})) == {"a", "b"}
 
 
 class Evaluations(Config):
@@ -103,6 +111,8 @@ def test_the_latest_evaluation_of_a_partitioned_check_per_partition(
     assert set(latest) == {first, second}
     assert latest[first].passed is True and latest[second].passed is True
     assert latest[first].storage_id > latest[second].storage_id
+    only = latest_check_evaluations(instance, RECONCILIATION, [first, never])
+    assert [check.partition_key for check in only] == [first]  # `second` lies between them
     found = check_evaluation_metadata(instance, [latest[first].storage_id])
     assert found == {latest[first].storage_id: (first, {"influxdb_field_counts": {"voltage": 3}})}
 

@@ -165,3 +165,22 @@ def test_freshness_fails_naming_the_devices_more_than_three_intervals_behind() -
     assert plan.freshness.metadata["behind"].value == {"D2": 211}
     fresh = plan_tick(NOW, SETTINGS, snapshot(progress=at({"D1": within, "D2": within})))
     assert fresh.freshness.passed is True
+
+
+def test_a_runs_config_is_what_its_config_class_makes_of_the_work() -> None:
+    """The sensor writes run config as plain values (fast at a fleet's size); the op reads it
+    with ExportWorkConfig, so the two must agree field for field."""
+    from export_pipeline.jobs import ExportWorkConfig, WorkItemConfig, run_config_for
+
+    items = [
+        WorkItem("D1", DayRange(date(2026, 2, 7), 600, 660)),
+        WorkItem("D2", DayRange.whole(date(2026, 2, 6)), reexport=True),
+    ]
+    expected = ExportWorkConfig(
+        work=[
+            WorkItemConfig(device_id="D1", date="2026-02-07", start=600, end=660),
+            WorkItemConfig(device_id="D2", date="2026-02-06", reexport=True),
+        ]
+    ).model_dump()
+    assert run_config_for(items) == {"ops": {"export_slices": {"config": expected}}}
+    assert run_config_for(items, "export_days")["ops"]["export_days"]["config"] == expected
