@@ -96,13 +96,14 @@ from export_pipeline.slicing import NS_PER_SECOND, SECONDS_PER_DAY, DayRange, da
 @op
 def add_devices(context: OpExecutionContext, export: ExportResource) -> list[str]:
     """Registers every id in DEVICE_IDS, or none of them if any is unsafe."""
-    if not export.device_ids:
+    device_ids = export.settings().device_ids
+    if not device_ids:
         raise Failure("DEVICE_IDS is empty: set it to the device ids to export, comma-separated")
-    _, refused = admit(export.device_ids)
+    _, refused = admit(device_ids)
     if refused:
         raise Failure("DEVICE_IDS has unsafe ids, none were registered: " + "; ".join(refused))
     known = set(context.instance.get_dynamic_partitions(DEVICES))
-    new = [device_id for device_id in export.device_ids if device_id not in known]
+    new = [device_id for device_id in device_ids if device_id not in known]
     context.instance.add_dynamic_partitions(DEVICES, new)
     context.log.info(f"registered {len(new)} new devices: {', '.join(new) or '(none)'}")
     return new

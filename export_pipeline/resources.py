@@ -34,6 +34,7 @@ from export_pipeline.settings import (
     Layout,
     S3Settings,
     Settings,
+    device_ids_of,
 )
 from export_pipeline.slices import UPLOAD_THREADS, Slices
 from export_pipeline.writers import ObjectStore
@@ -190,7 +191,7 @@ class ExportResource(ConfigurableResource):
         return _settings_of(
             self,
             ExportSettings,
-            device_ids=tuple(d for d in self.device_ids.split(",") if d),
+            device_ids=device_ids_of(self.device_ids),
             start_date=date.fromisoformat(self.start_date),
         )
 

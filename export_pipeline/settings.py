@@ -310,8 +310,12 @@ class _Parser:
         return value
 
     def device_ids(self) -> tuple[str, ...]:
-        raw = self.env.get("DEVICE_IDS", "")
-        # Ids are validated where they are registered, so one bad id is refused by name without
-        # stopping the code location from loading.
-        ids = [part.strip() for part in raw.split(",") if part.strip()]
-        return () if ids == ["*"] else tuple(dict.fromkeys(ids))
+        return device_ids_of(self.env.get("DEVICE_IDS", ""))
+
+
+def device_ids_of(raw: str) -> tuple[str, ...]:
+    """DEVICE_IDS as ids: comma-separated, trimmed, first occurrence kept; "*" or nothing means
+    every device found. Ids are validated where they are registered, so one bad id is refused
+    by name without stopping the code location from loading."""
+    ids = [part.strip() for part in raw.split(",") if part.strip()]
+    return () if ids == ["*"] else tuple(dict.fromkeys(ids))
