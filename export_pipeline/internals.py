@@ -70,7 +70,7 @@ def latest_storage_ids(
         return {}
     storage: Any = instance.event_log_storage
     with storage.index_connection() as conn:
-        rows = _execute(
+        rows = _read(
             conn,
             _LATEST_MATERIALIZATIONS,
             {
@@ -117,7 +117,7 @@ def latest_check_evaluations(
         return []
     storage: Any = instance.event_log_storage
     with storage.index_connection() as conn:
-        rows = _execute(
+        rows = _read(
             conn,
             _LATEST_CHECK_EVALUATIONS,
             {
@@ -348,11 +348,16 @@ def prune_ledger(
     return pruned
 
 
-def _execute(connection: Any, statement: str, parameters: Mapping[str, Any]) -> Any:
-    """One statement, one transaction (Dagster's PostgreSQL engines autocommit)."""
+def _read(connection: Any, statement: str, parameters: Mapping[str, Any]) -> Any:
+    """A query of ours on Dagster's tables (kept apart from `_execute`, the pruner's writes)."""
     from sqlalchemy import text
 
     return connection.execute(text(statement), parameters)
+
+
+def _execute(connection: Any, statement: str, parameters: Mapping[str, Any]) -> Any:
+    """One statement of the pruner, one transaction (Dagster's PostgreSQL engines autocommit)."""
+    return _read(connection, statement, parameters)
 
 
 def tag_run(instance: DagsterInstance, run_id: str, tags: Mapping[str, str]) -> None:

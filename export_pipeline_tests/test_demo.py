@@ -49,7 +49,22 @@ class Process:
     cmdline: str
 
     def __str__(self) -> str:
-        return f"{self.pid}: {self.cmdline[:160]}"
+        return f"{self.pid} [{self.state()}]: {self.cmdline[:160]}"
+
+    def state(self) -> str:
+        """Its scheduler state, what it waits in, and its pending, blocked, ignored and caught
+        signals: what a failure message needs to tell a stuck process from a busy one."""
+        try:
+            status = dict(
+                line.split(":", 1)
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines()
+                if ":" in line
+            )
+            wchan = Path(f"/proc/{self.pid}/wchan").read_text()
+        except OSError:
+            return "gone"
+        fields = ("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
+        return " ".join(status[name].strip() for name in fields if name in status) + f" {wchan}"
 
 
 def live_processes() -> Iterator[tuple[Process, str]]:
