@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,14 @@ class Process:
             return "gone"
         fields = ("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
         return " ".join(status[name].strip() for name in fields if name in status) + f" {wchan}"
+
+
+def default_signals() -> None:
+    """In the demo's process before it starts: no signal blocked or ignored, as in a terminal,
+    whatever threads of the test run (Dagster's, the servers') did to the mask it inherits."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL)
 
 
 def live_processes() -> Iterator[tuple[Process, str]]:
@@ -123,6 +132,7 @@ class Demo:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=default_signals,
             )
 
     def log_tail(self) -> str:
@@ -174,6 +184,8 @@ class Demo:
         (the bound and a little more at most). SIGINT goes to scripts/run's process group, as
         Ctrl-C in its terminal does; SIGTERM to scripts/run alone, as `kill` does."""
         assert self.run is not None
+        with self.log.open("a") as log:
+            log.write(f"===== {how.name} at {datetime.now(UTC):%H:%M:%S.%f}\n")
         began = time.monotonic()
         if how == signal.SIGINT:
             os.killpg(self.run.pid, signal.SIGINT)

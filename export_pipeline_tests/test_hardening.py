@@ -340,20 +340,29 @@ def test_late_data_days_after_its_day_is_found_by_the_sweep_and_exported_again(
 def test_points_far_in_the_past_or_future_stay_out_of_the_days_being_exported(
     stack: Stack, instance: DagsterInstance
 ) -> None:
+    """A point ahead of the clock is exported once its slice has closed, never earlier."""
     device = new_device()
     stack.write(every_10s(device, T0 - timedelta(minutes=2), T0))
+    ahead = T0 + timedelta(seconds=90)  # 12:01:30, written while the clock says 12:00:30
     stack.write(
         [
             point(ns(datetime(1980, 1, 1, tzinfo=UTC)), device, {"voltage": 1.0}),
             point(ns(datetime(2200, 1, 1, tzinfo=UTC)), device, {"voltage": 2.0}),
+            point(ns(ahead), device, {"voltage": 3.0}),
         ]
     )
     fleet = Fleet(stack, instance, DEVICE_IDS=device)
     result = fleet.tick_and_run(T0 + timedelta(seconds=30))
     assert work_of(result) == [(device, "2026-02-07", 39_600, 43_200)]
-    assert assert_reconciled(stack, device, [T0.date()]) == 12
-    folders = {key.rsplit("/", 1)[0] for key in stack.objects()}
-    assert folders == {f"telemetry/device_id={device}/date=2026/02/07"}
+    folder = f"telemetry/device_id={device}/date=2026/02/07"
+    assert {key.rsplit("/", 1)[0] for key in stack.objects()} == {folder}
+    assert f"{folder}/export_120100.parquet" not in stack.objects()
+    # Its slice, 12:01-12:02, closes at 12:02 and is due 30 s later (EXPORT_LATENESS_SECONDS).
+    result = fleet.tick_and_run(T0 + timedelta(minutes=2, seconds=31))
+    assert work_of(result) == [(device, "2026-02-07", 43_200, 43_320)]
+    assert f"{folder}/export_120100.parquet" in stack.objects()
+    assert assert_reconciled(stack, device, [T0.date()]) == 12 + 1
+    assert {key.rsplit("/", 1)[0] for key in stack.objects()} == {folder}
 
 
 class LiveFleet:
