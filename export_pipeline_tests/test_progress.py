@@ -1,7 +1,10 @@
 """A device's progress: its checkpoint, and what its current day's slices hold (pure rules)."""
 
+import zlib
 from datetime import UTC, date, datetime
 
+from export_pipeline.export import Exported, ExportReport
+from export_pipeline.metadata import worth_recording
 from export_pipeline.planning import first_due
 from export_pipeline.progress import DayTotals, Progress, carried
 from export_pipeline.settings import ExportSettings
@@ -66,3 +69,28 @@ def test_overlapping_ranges_leave_a_days_totals_unknown_until_it_is_exported_who
 def test_progress_survives_its_round_trip_through_the_ledger() -> None:
     for progress in (Progress(utc(DAY, 7), DAY, totals(3)), Progress(utc(NEXT), DAY, None)):
         assert Progress.from_json(progress.to_json()) == progress
+
+
+def test_a_days_slices_are_recorded_at_its_ends_and_hourly_at_the_devices_own_minute() -> None:
+    def recorded(device: str, start: int, end: int, previous: Progress | None) -> bool:
+        piece = DayRange(DAY, start, end)
+        exported = Exported(piece, ExportReport(device, DAY, "s3://b/p"), None)
+        return worth_recording(exported, previous, interval_seconds=60)
+
+    earlier = Progress(utc(DAY, 12), DAY, None)
+    devices = [f"dev-{n}" for n in range(200)]
+    minutes = {device: zlib.crc32(device.encode()) % 60 for device in devices}
+    assert len(set(minutes.values())) > 30  # a fleet's records spread over the hour
+    for device, minute in minutes.items():
+        mark = 12 * 3600 + minute * 60  # 12:mm, the device's own minute
+        one_minute = [recorded(device, s, s + 60, earlier) for s in range(43_200, 46_800, 60)]
+        assert one_minute.count(True) == 1  # once in every hour of one-minute ticks...
+        assert recorded(device, mark - 60, mark, earlier) is True  # ...the slice ending at it
+        assert recorded(device, mark, mark + 60, earlier) is False
+        assert recorded(device, mark - 120, mark - 60, earlier) is False
+        assert recorded(device, mark - 120, mark + 60, earlier) is True  # a longer tick too
+    # The day's first export, its start and its close are always recorded.
+    assert recorded("dev-0", 43_200, 43_260, None) is True
+    assert recorded("dev-0", 43_200, 43_260, Progress(utc(DAY), date(2026, 2, 6), None)) is True
+    assert recorded("dev-0", 0, 60, earlier) is True
+    assert recorded("dev-0", 86_340, 86_400, earlier) is True

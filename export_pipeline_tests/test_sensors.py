@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -171,10 +172,19 @@ def new_device() -> str:
     return f"dev-{uuid.uuid4().hex[:8]}"
 
 
+def device_marked_at(minute: int) -> str:
+    """A new device whose hourly progress materialization (see `worth_recording`) falls at
+    `minute` past the hour with 60 s slices: a random id would put it anywhere, sometimes in the
+    minutes a test exports."""
+    while zlib.crc32((device := new_device()).encode()) % 60 != minute:
+        pass
+    return device
+
+
 def test_each_tick_exports_exactly_the_slices_that_closed(
     stack: Stack, instance: DagsterInstance
 ) -> None:
-    device = new_device()
+    device = device_marked_at(30)  # its hourly record is at 12:30, after the ticks below
     stack.write(every_10s(device, T0 - timedelta(minutes=10), T0 + timedelta(minutes=5)))
     fleet = Fleet(stack, instance, DEVICE_IDS=device)
 
