@@ -32,6 +32,12 @@ from dagster import (
 
 from export_pipeline.daily import StagedDay, StagedDayFiles
 from export_pipeline.export import Dataset, DeviceOutcome, DeviceWork, export_fleet
+from export_pipeline.influx import shared_count_groups
+from export_pipeline.internals import (
+    add_partition_metadata,
+    batched_event_writes,
+    pool_storage_connections,
+)
 from export_pipeline.ledger import progress_of, record_progress
 from export_pipeline.metadata import (
     DAILY_RECONCILIATION,
@@ -54,7 +60,7 @@ from export_pipeline.resources import (
 )
 from export_pipeline.runs import HEARTBEAT_SECONDS, mark_process
 from export_pipeline.settings import ExportSettings
-from export_pipeline.slicing import DayRange
+from export_pipeline.slicing import DayRange, days_closed_by
 
 influxdb_telemetry = AssetSpec(
     INFLUXDB,
@@ -76,6 +82,7 @@ def export_partitions(
     """Export the run's device-days, several devices at a time, and fail the run naming every
     device-day that failed (a run records its partitions all or none); else their outcomes."""
     mark_process(context.instance, context.run.run_id)
+    pool_storage_connections(context.instance)  # a run records an event per device-day
     outcomes: list[DeviceOutcome] = []
 
     def on_retry(error: BaseException, delay: float) -> None:
@@ -108,10 +115,18 @@ def record(
     check: AssetCheckKey,
 ) -> None:
     """Each exported device-day's metadata on its own materialization, and its reconciliation."""
+    add_partition_metadata(
+        context,
+        check.asset_key,
+        {
+            DeviceDay(outcome.device_id, exported.piece.day).key: materialization_metadata(
+                exported, now
+            )
+            for outcome in outcomes
+            for exported in outcome.exported
+        },
+    )
     for outcome in outcomes:
-        for exported in outcome.exported:
-            key = DeviceDay(outcome.device_id, exported.piece.day).key
-            context.add_asset_metadata(materialization_metadata(exported, now), partition_key=key)
         for result in outcome.reconciliations:
             # log_event records check evaluations too; its type hint is narrower.
             context.log_event(reconciliation_evaluation(result, check))
@@ -172,12 +187,16 @@ def build_telemetry_export(
         days = ranges_by_device(context, lambda day: closed_part(day, now, settings))
         known = progress_of(context.instance, days)
         work = {device: DeviceWork([ranges], known.get(device)) for device, ranges in days.items()}
-        with slices_of(influxdb, s3, settings, settings.concurrency) as slices:
+        counts = shared_count_groups(days_closed_by(days))
+        with slices_of(
+            influxdb, s3, settings, settings.concurrency, shared_counts=counts
+        ) as slices:
             outcomes = export_partitions(context, slices, work, settings=settings, first_due=start)
         moved = {o.device_id: o.exported[-1].progress for o in outcomes if o.exported}
         record_progress(context.instance, {d: p for d, p in moved.items() if p is not None})
         record(context, outcomes, clock.now(), RECONCILIATION)
-        yield MaterializeResult(asset_key=TELEMETRY_EXPORT)
+        with batched_event_writes():  # a materialization per partition, in one INSERT
+            yield MaterializeResult(asset_key=TELEMETRY_EXPORT)
 
     return telemetry_export
 
@@ -234,7 +253,10 @@ def build_telemetry_daily(
         work = {device: DeviceWork([[day] for day in ranges]) for device, ranges in days.items()}
         staging = Path(tempfile.mkdtemp(prefix="telemetry-daily-"))
         try:
-            with day_files_of(influxdb, s3, settings, staging, StagedDayFiles) as files:
+            counts = shared_count_groups(days_closed_by(days))
+            with day_files_of(
+                influxdb, s3, settings, staging, StagedDayFiles, shared_counts=counts
+            ) as files:
                 outcomes = export_partitions(context, files, work, settings=settings, first_due=now)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -243,6 +265,7 @@ def build_telemetry_daily(
         staged: dict[str, StagedDay] = {
             DeviceDay(s.device_id, s.day).key: s for s in files.staged.values()
         }
-        yield MaterializeResult(asset_key=TELEMETRY_DAILY, value=staged)
+        with batched_event_writes():  # a materialization per partition, in one INSERT
+            yield MaterializeResult(asset_key=TELEMETRY_DAILY, value=staged)
 
     return telemetry_daily

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -64,26 +64,31 @@ def devices_query(
     tags = TAG_COLUMNS if len(device_ids) == 1 else ("device_id", *TAG_COLUMNS)
     columns = [f"{quote_identifier(tag)}::tag" for tag in tags]
     columns += [f"{quote_identifier(name)}::field" for name in FIELD_COLUMNS]
-    match = " OR ".join(f'"device_id"::tag = {quote_string(d)}' for d in device_ids)
-    if len(device_ids) > 1:
-        match = f"({match})"
     return (
         f"SELECT {', '.join(columns)} FROM {quote_identifier(measurement)} "
-        f"WHERE {match} AND time >= {int(start_ns)} AND time < {int(end_ns)}"
+        f"WHERE {_device_match(device_ids)}time >= {int(start_ns)} AND time < {int(end_ns)}"
     )
 
 
 def counts_query(
-    measurement: str, *, start_ns: int, end_ns: int, device_id: str | None = None
+    measurement: str, *, start_ns: int, end_ns: int, device_ids: Sequence[str] = ()
 ) -> str:
-    """Every device's (or one device's) non-null count of each exported field in
+    """Every device's (or these devices') non-null count of each exported field in
     `[start_ns, end_ns)`."""
     columns = [f"count({quote_identifier(n)}) AS {quote_identifier(n)}" for n in FIELD_COLUMNS]
-    device = "" if device_id is None else f'"device_id"::tag = {quote_string(device_id)} AND '
     return (
         f"SELECT {', '.join(columns)} FROM {quote_identifier(measurement)} "
-        f'WHERE {device}time >= {int(start_ns)} AND time < {int(end_ns)} GROUP BY "device_id"'
+        f"WHERE {_device_match(device_ids)}time >= {int(start_ns)} AND time < {int(end_ns)} "
+        'GROUP BY "device_id"'
     )
+
+
+def _device_match(device_ids: Sequence[str]) -> str:
+    """The condition on `device_id` that starts a WHERE clause; none for no device."""
+    if not device_ids:
+        return ""
+    match = " OR ".join(f'"device_id"::tag = {quote_string(d)}' for d in device_ids)
+    return f"({match}) AND " if len(device_ids) > 1 else f"{match} AND "
 
 
 class _ChunkStream(io.RawIOBase):
@@ -252,8 +257,27 @@ class InfluxSource:
         late point. It scans every point of the range, so it may be given longer than other
         queries."""
         query = counts_query(
-            self.settings.measurement, start_ns=start_ns, end_ns=end_ns, device_id=device_id
+            self.settings.measurement,
+            start_ns=start_ns,
+            end_ns=end_ns,
+            device_ids=() if device_id is None else [device_id],
         )
+        return self._counts(query, timeout_seconds)
+
+    def field_counts_of(
+        self, device_ids: Sequence[str], *, start_ns: int, end_ns: int
+    ) -> dict[str, dict[str, int]]:
+        """`field_counts` of these devices, with one query; a device without points in the
+        range is not in the answer."""
+        query = counts_query(
+            self.settings.measurement, start_ns=start_ns, end_ns=end_ns, device_ids=device_ids
+        )
+        counts = self._counts(query, None)
+        if not counts.keys() <= set(device_ids):
+            raise InfluxError("InfluxDB counted points of devices that were not asked for")
+        return counts
+
+    def _counts(self, query: str, timeout_seconds: float | None) -> dict[str, dict[str, int]]:
         answer = self._get({"q": query}, "application/json", timeout=timeout_seconds).json()
         result = (answer.get("results") or [{}])[0]
         if result.get("error"):
@@ -328,6 +352,9 @@ class InfluxSource:
 SHARED_READ_DEVICES = 50
 SHARED_READ_DEVICE_SECONDS = 30_000
 SHARED_READ_QUERY_CHARS = 6_000
+# A shared count answers with a row per device, whatever the range: bounded by the query's length
+# (and a device count, so one slow group costs little when it falls back to a query per device).
+SHARED_COUNT_DEVICES = 200
 
 
 def shared_read_groups(
@@ -336,18 +363,35 @@ def shared_read_groups(
     """Group devices due for the same `(start_ns, end_ns)` into shared reads: each group is one
     query, within the bounds above. Devices keep their sorted order, so a group's members are
     exported one after the other and its answer is held briefly."""
+
+    def most(seconds: int) -> int:
+        return max(1, min(SHARED_READ_DEVICES, SHARED_READ_DEVICE_SECONDS // seconds))
+
+    return _groups(((device, *piece) for device, piece in pieces.items()), most)
+
+
+def shared_count_groups(ranges: Iterable[tuple[str, int, int]]) -> list[tuple[list[str], int, int]]:
+    """Group `(device, start_ns, end_ns)` ranges to reconcile into shared counts, one query each
+    (`SharedReads.field_counts`), as `shared_read_groups` groups reads."""
+    return _groups(ranges, lambda seconds: SHARED_COUNT_DEVICES)
+
+
+def _groups(
+    ranges: Iterable[tuple[str, int, int]], most: Callable[[int], int]
+) -> list[tuple[list[str], int, int]]:
+    """Devices of the same range, in sorted order, in groups of at most `most(seconds)` devices
+    and SHARED_READ_QUERY_CHARS of query; groups of one are left out (nothing to share)."""
     by_range: dict[tuple[int, int], list[str]] = {}
-    for device_id in sorted(pieces):
-        by_range.setdefault(pieces[device_id], []).append(device_id)
+    for device_id, start_ns, end_ns in sorted(set(ranges)):
+        by_range.setdefault((start_ns, end_ns), []).append(device_id)
     groups = []
     for (start_ns, end_ns), devices in by_range.items():
-        seconds = max(1, (end_ns - start_ns) // 1_000_000_000)
-        most = max(1, min(SHARED_READ_DEVICES, SHARED_READ_DEVICE_SECONDS // seconds))
+        limit = most(max(1, (end_ns - start_ns) // 1_000_000_000))
         group: list[str] = []
         length = 0
         for device_id in devices:
             cost = len(quote_string(device_id)) + 24
-            if group and (len(group) >= most or length + cost > SHARED_READ_QUERY_CHARS):
+            if group and (len(group) >= limit or length + cost > SHARED_READ_QUERY_CHARS):
                 groups.append((group, start_ns, end_ns))
                 group, length = [], 0
             group.append(device_id)
@@ -356,32 +400,51 @@ def shared_read_groups(
     return [group for group in groups if len(group[0]) > 1]
 
 
-class _SharedRead:
+class _Shared:
+    """One group's answer, fetched once, by whichever member asks first; each member takes its
+    part once."""
+
     def __init__(self, device_ids: list[str]) -> None:
         self.device_ids = device_ids
         self.lock = threading.Lock()
         self.done = False
-        self.tables: dict[str, pa.Table] | None = None
+        self.parts: dict[str, Any] | None = None
 
 
 class SharedReads:
     """A source that answers each group of `shared_read_groups` with one query, handing each
-    device its part; every other read goes to `source` as it is.
+    device its part, and each group of `shared_count_groups` with one count; every other read
+    and count goes to `source` as it is.
 
-    A group whose query fails, and a device reading its range a second time (a retry), read on
-    their own instead: one bad device (a string where a number belongs, say) still fails alone,
-    by name, and a transient error is retried per device.
+    A group whose query fails, and a device reading or counting its range a second time (a
+    retry, a day exported again), go on their own instead: one bad device (a string where a
+    number belongs, say) still fails alone, by name, and a transient error is retried per device.
+    A shared count is taken when the group's first device reconciles, within seconds of the
+    others' reads (as near as a count per device is): a point landing in between makes a day
+    fail its reconciliation, which exports it again.
     """
 
-    def __init__(self, source: InfluxSource, groups: Iterable[tuple[list[str], int, int]]) -> None:
+    def __init__(
+        self,
+        source: InfluxSource,
+        groups: Iterable[tuple[list[str], int, int]] = (),
+        *,
+        counts: Iterable[tuple[list[str], int, int]] = (),
+    ) -> None:
         self.source = source
         self.shared_queries = 0
         self.fallbacks = 0
-        self._reads: dict[tuple[str, int, int], _SharedRead] = {}
+        self._reads = self._index(groups)
+        self._counts = self._index(counts)
+
+    @staticmethod
+    def _index(groups: Iterable[tuple[list[str], int, int]]) -> dict[tuple[str, int, int], _Shared]:
+        index = {}
         for device_ids, start_ns, end_ns in groups:
-            shared = _SharedRead(device_ids)
+            shared = _Shared(device_ids)
             for device_id in device_ids:
-                self._reads[(device_id, start_ns, end_ns)] = shared
+                index[(device_id, start_ns, end_ns)] = shared
+        return index
 
     def field_counts(
         self,
@@ -391,14 +454,25 @@ class SharedReads:
         device_id: str | None = None,
         timeout_seconds: float | None = None,
     ) -> dict[str, dict[str, int]]:
+        if device_id is not None:
+            counts = self._take(self._counts, self._count_group, device_id, start_ns, end_ns)
+            if counts is not None:
+                return {device_id: counts}
         return self.source.field_counts(
             start_ns=start_ns, end_ns=end_ns, device_id=device_id, timeout_seconds=timeout_seconds
         )
 
+    def _count_group(
+        self, device_ids: list[str], *, start_ns: int, end_ns: int
+    ) -> dict[str, dict[str, int]]:
+        counts = self.source.field_counts_of(device_ids, start_ns=start_ns, end_ns=end_ns)
+        # A device without points is in no series of the answer: it counted none.
+        return {d: counts.get(d, dict.fromkeys(FIELD_COLUMNS, 0)) for d in device_ids}
+
     def read(
         self, device_id: str, *, start_ns: int, end_ns: int, batch_rows: int = 50_000
     ) -> Iterator[pa.RecordBatch]:
-        table = self._take(device_id, start_ns, end_ns)
+        table = self._take(self._reads, self.source.read_many, device_id, start_ns, end_ns)
         if table is None:
             yield from self.source.read(
                 device_id, start_ns=start_ns, end_ns=end_ns, batch_rows=batch_rows
@@ -406,23 +480,30 @@ class SharedReads:
         else:
             yield from (b for b in table.to_batches(max_chunksize=batch_rows) if b.num_rows)
 
-    def _take(self, device_id: str, start_ns: int, end_ns: int) -> pa.Table | None:
-        shared = self._reads.get((device_id, start_ns, end_ns))
+    def _take(
+        self,
+        index: dict[tuple[str, int, int], _Shared],
+        fetch: Callable[..., dict[str, Any]],
+        device_id: str,
+        start_ns: int,
+        end_ns: int,
+    ) -> Any:
+        """The device's part of its group's answer (fetched now if it is the first to ask), or
+        None: not in a group, asked before, or the group's query failed."""
+        shared = index.get((device_id, start_ns, end_ns))
         if shared is None:
             return None
         with shared.lock:
             if not shared.done:
                 shared.done = True
                 try:
-                    shared.tables = self.source.read_many(
-                        shared.device_ids, start_ns=start_ns, end_ns=end_ns
-                    )
+                    shared.parts = fetch(shared.device_ids, start_ns=start_ns, end_ns=end_ns)
                     self.shared_queries += 1
                 except Exception:
                     self.fallbacks += 1  # each device reads (and fails, or not) on its own
-            if shared.tables is None:
+            if shared.parts is None:
                 return None
-            return shared.tables.pop(device_id, None)
+            return shared.parts.pop(device_id, None)
 
 
 def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from dagster import (
     AssetCheckKey,
+    AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
     DagsterEventType,
@@ -26,7 +27,12 @@ from dagster import (
     EventRecordsFilter,
     OpExecutionContext,
 )
+from dagster._core.errors import DagsterInvariantViolationError
 from dagster._core.events import DagsterEvent, DagsterEventBatchMetadata
+from dagster._core.execution.context.metadata_logging import (
+    AssetMetadataHandle,
+    OutputMetadataAccumulator,
+)
 from dagster._core.storage.asset_check_execution_record import (
     AssetCheckExecutionRecordStatus,
 )
@@ -202,9 +208,12 @@ def write_values(instance: DagsterInstance, values: Mapping[str, str]) -> None:
 
 
 @contextmanager
-def _batched_event_writes() -> Iterator[None]:
-    # Dagster stores events that carry batch metadata together when DAGSTER_EVENT_BATCH_SIZE is
-    # set (it reads the variable at each event); the batch is flushed at its last event.
+def batched_event_writes() -> Iterator[None]:
+    """Events that carry batch metadata are stored together while this is open: Dagster does so
+    when DAGSTER_EVENT_BATCH_SIZE is set (it reads the variable at each event) and flushes a
+    batch at its last event. Dagster gives batch metadata to the materializations of a
+    many-partition output, so an asset that yields its output inside this block has them stored
+    in one INSERT (the output is stored while the asset's generator waits at its `yield`)."""
     previous = os.environ.get("DAGSTER_EVENT_BATCH_SIZE")
     os.environ["DAGSTER_EVENT_BATCH_SIZE"] = str(1 << 30)
     try:
@@ -225,13 +234,39 @@ def log_materializations(
         return
     step = context._step_execution_context
     batch = uuid.uuid4().hex
-    with _batched_event_writes():
+    with batched_event_writes():
         for index, materialization in enumerate(materializations):
             last = index == len(materializations) - 1
             event = DagsterEvent.asset_materialization(
                 step, materialization, DagsterEventBatchMetadata(batch, last)
             )
             context._events.append(event)
+
+
+def add_partition_metadata(
+    context: AssetExecutionContext,
+    asset_key: AssetKey,
+    by_partition: Mapping[str, Mapping[str, Any]],
+) -> None:
+    """Each partition's own metadata on its materialization, as `context.add_asset_metadata(...,
+    partition_key=)` gives it, for many partitions at once.
+
+    Dagster's method checks the key against every partition of the run's range, each call
+    computed anew with a query for the dynamic partitions: quadratic in the run's partitions,
+    measured at ~100 s of a 1,000 device-day backfill run. Here the keys are checked once.
+    """
+    targeted = set(context.partition_keys)
+    strays = sorted(key for key in by_partition if key not in targeted)
+    if strays:
+        raise DagsterInvariantViolationError(
+            f"Attempted to add metadata for partition keys {strays[:5]} that are not targeted."
+        )
+    step = context.op_execution_context._step_execution_context
+    accumulated = dict(step._metadata_accumulator.per_output_metadata)
+    for partition_key, metadata in by_partition.items():
+        handle = AssetMetadataHandle(asset_key=asset_key, partition_key=partition_key)
+        accumulated[handle] = {**accumulated.get(handle, {}), **metadata}
+    step._metadata_accumulator = OutputMetadataAccumulator(per_output_metadata=accumulated)
 
 
 @dataclass

@@ -8,6 +8,7 @@ declares `telemetry_daily` as an input; it never needs a key.
 
 import shutil
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -32,8 +33,9 @@ class DayFilesIOManager(ConfigurableIOManager):
     def handle_output(self, context: OutputContext, obj: StagedDays) -> None:
         store = self.s3.store(connections=UPLOAD_THREADS)
         try:
-            for partition_key in context.asset_partition_keys:
-                publish(store, obj[partition_key])
+            with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="publish") as pool:
+                # list(): the first failed upload is raised, after the others have ended.
+                list(pool.map(lambda key: publish(store, obj[key]), context.asset_partition_keys))
         finally:
             for directory in {staged.path.parent for staged in obj.values() if staged.path}:
                 shutil.rmtree(directory, ignore_errors=True)

@@ -27,7 +27,7 @@ from dagster import (
 
 from export_pipeline.daily import DayFiles
 from export_pipeline.export import Dataset, DeviceOutcome, DeviceWork, export_fleet
-from export_pipeline.influx import shared_read_groups
+from export_pipeline.influx import shared_count_groups, shared_read_groups
 from export_pipeline.internals import (
     log_materializations,
     pool_storage_connections,
@@ -90,7 +90,13 @@ from export_pipeline.runs import (
     runs_in_flight,
 )
 from export_pipeline.settings import ExportSettings
-from export_pipeline.slicing import NS_PER_SECOND, SECONDS_PER_DAY, DayRange, day_bounds_ns
+from export_pipeline.slicing import (
+    NS_PER_SECOND,
+    SECONDS_PER_DAY,
+    DayRange,
+    day_bounds_ns,
+    days_closed_by,
+)
 
 
 @op
@@ -248,8 +254,11 @@ def export_slices(
         )
         for device_id, ranges in due.items()
     }
-    groups = shared_read_groups(single_ranges(due, again))
-    with slices_of(influxdb, s3, settings, settings.concurrency, shared_reads=groups) as slices:
+    reads = shared_read_groups(single_ranges(due, again))
+    counts = shared_count_groups(days_closed_by(due) + days_closed_by(again))
+    with slices_of(
+        influxdb, s3, settings, settings.concurrency, shared_reads=reads, shared_counts=counts
+    ) as slices:
         run_exports(
             context,
             slices,
@@ -300,9 +309,15 @@ def export_days(
     for item in config.work:
         days.setdefault(item.device_id, []).append([DayRange.whole(date.fromisoformat(item.date))])
     work = {device_id: DeviceWork(chains) for device_id, chains in days.items()}
+    closing = {
+        device_id: [r for chain in chains for r in chain] for device_id, chains in days.items()
+    }
+    counts = shared_count_groups(days_closed_by(closing))
     with (
         tempfile.TemporaryDirectory(prefix="telemetry-daily-") as staging,
-        day_files_of(influxdb, s3, settings, Path(staging), DayFiles) as files,
+        day_files_of(
+            influxdb, s3, settings, Path(staging), DayFiles, shared_counts=counts
+        ) as files,
     ):
         run_exports(
             context,

@@ -232,15 +232,18 @@ def slices_of(
     devices_at_once: int = 1,
     *,
     shared_reads: Iterable[tuple[list[str], int, int]] = (),
+    shared_counts: Iterable[tuple[list[str], int, int]] = (),
 ) -> Iterator[Slices]:
     """The slice dataset on these resources, once InfluxDB and the bucket have answered (with
     retries): a wrong INFLUXDB_BUCKET or S3_BUCKET fails here, by name, before any export.
-    `shared_reads`: groups of devices whose one range is read with one query (`SharedReads`)."""
+    `shared_reads`, `shared_counts`: groups of devices whose one range is read, or counted,
+    with one query (`SharedReads`)."""
     store = s3.store(connections=devices_at_once * UPLOAD_THREADS)
     with influxdb.source(connections=devices_at_once) as source:
         with_retries(source.check, settings.retries)
         with_retries(store.check, settings.retries)
-        yield Slices(SharedReads(source, shared_reads), store, s3.prefix, settings)
+        shared = SharedReads(source, shared_reads, counts=shared_counts)
+        yield Slices(shared, store, s3.prefix, settings)
 
 
 @contextmanager
@@ -250,10 +253,14 @@ def day_files_of(
     settings: ExportSettings,
     staging: Path,
     kind: type[DayFilesT],
+    *,
+    shared_counts: Iterable[tuple[list[str], int, int]] = (),
 ) -> Iterator[DayFilesT]:
-    """The daily dataset on these resources, once InfluxDB and the bucket have answered."""
+    """The daily dataset on these resources, once InfluxDB and the bucket have answered;
+    `shared_counts` as for `slices_of`."""
     store = s3.store(connections=settings.concurrency * UPLOAD_THREADS)
     with influxdb.source(connections=settings.concurrency) as source:
         with_retries(source.check, settings.retries)
         with_retries(store.check, settings.retries)
-        yield kind(source, store, s3.daily_prefix, settings.batch_size, staging)
+        shared = SharedReads(source, counts=shared_counts)
+        yield kind(shared, store, s3.daily_prefix, settings.batch_size, staging)

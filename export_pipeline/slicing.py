@@ -6,6 +6,7 @@ the same day always maps to the same keys and a rerun overwrites rather than dup
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
@@ -118,3 +119,14 @@ def day_ranges(*, start: datetime, end: datetime) -> list[DayRange]:
         )
         cursor = stop
     return ranges
+
+
+def days_closed_by(ranges: Mapping[str, Iterable[DayRange]]) -> list[tuple[str, int, int]]:
+    """`(device, start_ns, end_ns)` of each device-day that these ranges close (a closed day is
+    reconciled with InfluxDB's count), for counting many devices with one query."""
+    return [
+        (device_id, *day_bounds_ns(piece.day))
+        for device_id, pieces in ranges.items()
+        for piece in pieces
+        if piece.end == SECONDS_PER_DAY
+    ]

@@ -1,5 +1,7 @@
 """The reader against a real InfluxDB 1.6 server."""
 
+from datetime import date, timedelta
+
 import pyarrow as pa
 import pytest
 
@@ -10,14 +12,17 @@ from export_pipeline.influx import (
     SharedReads,
     device_query,
     quote_string,
+    shared_count_groups,
     shared_read_groups,
 )
 from export_pipeline.schema import SOURCE_SCHEMA
 from export_pipeline.settings import InfluxSettings
+from export_pipeline.slicing import DayRange, day_bounds_ns, days_closed_by
 from export_pipeline_tests.conftest import Stack
 from export_pipeline_tests.services import free_port, point
 
 T0 = 1_770_465_600_000_000_000  # 2026-02-07T12:00:00Z
+DAY = date(2026, 2, 7)
 NS = 1_000_000_000
 
 
@@ -138,15 +143,20 @@ def test_field_counts_are_per_device_and_field_within_the_range(stack: Stack) ->
 ODD_IDS = ["温度计-1", "it's", 'say "hi"', "back\\slash", "a,b c=d", "D1"]
 
 
-def test_a_shared_read_gives_each_device_exactly_what_its_own_read_gives(stack: Stack) -> None:
+def write_odd_ids(stack: Stack, **fields: float) -> None:
+    """A minute of ODD_IDS at various rates, D1 in two series, and a device no test asks for."""
     points = [
         point(T0 + i * NS, device_id, {"voltage": float(i), "power": float(n)})
         for n, device_id in enumerate(ODD_IDS)
         for i in range(0, 60, 1 + n)
     ]
-    points.append(point(T0 + 5 * NS, "D1", {"voltage": 9.0}, location="yard"))  # a second series
+    points.append(point(T0 + 5 * NS, "D1", fields, location="yard"))  # a second series
     points.append(point(T0 + 5 * NS, "not-asked", {"voltage": 1.0}))
     stack.write(points)
+
+
+def test_a_shared_read_gives_each_device_exactly_what_its_own_read_gives(stack: Stack) -> None:
+    write_odd_ids(stack, voltage=9.0)
     source = source_for(stack)
     shared = source.read_many([*ODD_IDS, "silent"], start_ns=T0, end_ns=T0 + 60 * NS)
     assert set(shared) == {*ODD_IDS, "silent"} and shared["silent"].num_rows == 0
@@ -191,3 +201,44 @@ def test_shared_read_groups_share_a_range_and_stay_within_their_bounds() -> None
     )
     long_ids = {"x" * 1000 + str(n): minute for n in range(10)}
     assert all(len(group) <= 6 for group, *_ in shared_read_groups(long_ids))
+
+
+def test_a_shared_count_gives_each_device_exactly_what_its_own_count_gives(stack: Stack) -> None:
+    write_odd_ids(stack, current=9.0)
+    source, span = source_for(stack), (T0, T0 + 60 * NS)
+    devices = [*ODD_IDS, "silent"]
+    shared = SharedReads(source, counts=[(devices, *span)])
+    for device_id in devices:
+        own = source.field_counts(start_ns=span[0], end_ns=span[1], device_id=device_id)
+        mine = shared.field_counts(start_ns=span[0], end_ns=span[1], device_id=device_id)
+        zeros = dict.fromkeys(["voltage", "current", "power", "temperature"], 0)
+        assert mine[device_id] == own.get(device_id, zeros), device_id
+    assert shared.shared_queries == 1 and shared.fallbacks == 0
+    assert own == {} and mine == {"silent": zeros}  # a device without points counted none
+    # Asked again (a day exported again, a retry): counted on its own, afresh.
+    before = source.field_counts(start_ns=span[0], end_ns=span[1], device_id="D1")["D1"]
+    stack.write([point(T0 + 7 * NS, "D1", {"voltage": 1.0})])
+    again = shared.field_counts(start_ns=span[0], end_ns=span[1], device_id="D1")
+    assert again["D1"] == {**before, "voltage": before["voltage"] + 1}
+    assert shared.shared_queries == 1
+
+
+def test_shared_count_groups_group_the_days_a_run_closes_within_their_bounds() -> None:
+    day, next_day = DayRange.whole(DAY), DayRange.whole(DAY + timedelta(days=1))
+    ranges = {f"d{n:03d}": [day, next_day] for n in range(450)}
+    ranges["open"] = [DayRange(DAY, 0, 3600)]  # not closed: not counted
+    ranges["closing"] = [DayRange(DAY, 82_800, 86_400)]  # closes its day
+    closed = days_closed_by(ranges)
+    assert ("open", *day_bounds_ns(DAY)) not in closed
+    assert ("closing", *day_bounds_ns(DAY)) in closed and len(closed) == 901
+    groups = shared_count_groups(closed)
+    sizes = {start: [len(g) for g, s, _ in groups if s == start] for _, start, _ in groups}
+    assert sizes == {
+        day_bounds_ns(DAY)[0]: [199, 200, 52],
+        day_bounds_ns(next_day.day)[0]: [200] * 2 + [50],
+    }
+    for group, *_ in groups:  # at most 200 devices, and 6,000 characters of query
+        assert len(group) <= 200 and sum(len(quote_string(d)) + 24 for d in group) <= 6_000
+    assert sorted((d, s, e) for group, s, e in groups for d in group) == sorted(closed)
+    long_ids = [("x" * 1000 + str(n), *day_bounds_ns(DAY)) for n in range(10)]
+    assert all(len(group) <= 6 for group, *_ in shared_count_groups(long_ids))

@@ -3,22 +3,34 @@ PostgreSQL storage: a Dagster upgrade that changes one of them fails here, by na
 
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from dagster import (
     AssetCheckEvaluation,
+    AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetRecordsFilter,
     Config,
     DagsterInstance,
     DagsterRunStatus,
+    MaterializeResult,
     MetadataValue,
     OpExecutionContext,
+    StaticPartitionsDefinition,
+    asset,
     job,
+    materialize,
     op,
 )
+from dagster._core.errors import DagsterInvariantViolationError
+from sqlalchemy import text
 
 from export_pipeline.internals import (
+    add_partition_metadata,
+    batched_event_writes,
     check_evaluation_metadata,
     is_valid_cron,
     last_event_time,
@@ -131,3 +143,42 @@ def test_a_runs_last_event_time_and_marking_it_failed_from_outside(
     last = instance.get_records_for_run(run.run_id, limit=1, ascending=False).records[0]
     assert "presumed dead in a test" in str(last.event_log_entry.message)
     assert last_event_time(instance, str(uuid.uuid4())) is None
+
+
+def test_per_partition_metadata_and_one_insert_for_a_many_partition_output(
+    instance: DagsterInstance,
+) -> None:
+    key, partitions = unique_asset(), StaticPartitionsDefinition(["a", "b", "c"])
+
+    @asset(key=key, partitions_def=partitions)
+    def pinned(context: AssetExecutionContext) -> Iterator[MaterializeResult]:
+        with pytest.raises(DagsterInvariantViolationError, match="not targeted"):
+            add_partition_metadata(context, key, {"z": {"n": 0}})
+        add_partition_metadata(context, key, {"a": {"n": 1}, "c": {"n": 3}})
+        add_partition_metadata(context, key, {"b": {"n": 2}, "c": {"m": 4}})
+        with batched_event_writes():
+            yield MaterializeResult()
+
+    range_tags = {
+        "dagster/asset_partition_range_start": "a",
+        "dagster/asset_partition_range_end": "c",
+    }
+    assert materialize([pinned], instance=instance, tags=range_tags).success
+    found = {}
+    for partition in ("a", "b", "c"):
+        only = AssetRecordsFilter(asset_key=key, asset_partitions=[partition])
+        (record,) = instance.fetch_materializations(only, limit=2).records
+        materialization = record.asset_materialization
+        assert materialization is not None
+        found[partition] = {k: v.value for k, v in materialization.metadata.items()}
+    assert found == {"a": {"n": 1}, "b": {"n": 2}, "c": {"n": 3, "m": 4}}
+    # One INSERT: the three rows were written by one transaction.
+    with instance.event_log_storage.index_connection() as connection:  # type: ignore[attr-defined]
+        transactions = connection.execute(
+            text(
+                "SELECT count(DISTINCT xmin::text) FROM event_logs "
+                "WHERE asset_key = :key AND dagster_event_type = 'ASSET_MATERIALIZATION'"
+            ),
+            {"key": key.to_string()},
+        ).scalar()
+    assert transactions == 1
