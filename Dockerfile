@@ -9,7 +9,8 @@ RUN pip install --no-cache-dir .
 COPY dagster.yaml workspace.yaml ./
 COPY deploy ./deploy
 ENV DAGSTER_HOME=/opt/dagster/home
-# One "planned" event per asset run instead of one per partition (README: Backfills).
+# One "planned" event per asset run, not one per partition (README: "What a thousand-partition
+# run costs").
 ENV DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS=true
 RUN mkdir -p "$DAGSTER_HOME" && cp dagster.yaml "$DAGSTER_HOME/dagster.yaml"
 RUN useradd --system --uid 10001 exporter && chown -R exporter "$DAGSTER_HOME"

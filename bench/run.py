@@ -101,7 +101,7 @@ class Bench:
             "CHECKPOINT_DB_USER": str(POSTGRES["user"]),
             "CHECKPOINT_DB_PASSWORD": "",
             "DAGSTER_HOME": str(self.home),
-            # As the image and scripts/run deploy it (README: Backfills).
+            # As the image and scripts/run set it (README: "What a thousand-partition run costs").
             "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS": "true",
             **overrides,
         }
