@@ -28,6 +28,9 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from bench.run import REPO, Bench, machine
 from export_pipeline.ledger import checkpoints
 
+JOB_NAME = "export_due_slices"
+JOB = RunsFilter(job_name=JOB_NAME)
+
 
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
@@ -87,7 +90,15 @@ def sustained(bench: Bench, devices: int, minutes: float, interval: int) -> dict
                 lags += [
                     (now - done[d]).total_seconds() if d in done else float("inf") for d in fleet
                 ]
-            runs = instance.get_run_records(RunsFilter(job_name="export_due_slices"))
+            # The runs asked for while measuring are let finish before the daemon stops (a run
+            # cut by the stop is not a failed one); up to two minutes.
+            asked = [r.dagster_run.run_id for r in instance.get_run_records(JOB)]
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                runs = instance.get_run_records(RunsFilter(job_name=JOB_NAME, run_ids=asked))
+                if all(r.dagster_run.is_finished for r in runs):
+                    break
+                time.sleep(2)
     finally:
         daemon.send_signal(signal.SIGTERM)
         simulator.terminate()
@@ -95,13 +106,22 @@ def sustained(bench: Bench, devices: int, minutes: float, interval: int) -> dict
         simulator.wait(timeout=30)
     finished = [r for r in runs if r.dagster_run.status == DagsterRunStatus.SUCCESS]
     durations = [r.end_time - r.start_time for r in finished if r.end_time and r.start_time]
+    delays = [r.start_time - r.create_timestamp.timestamp() for r in finished if r.start_time]
     p99 = percentile(lags, 0.99) if lags else float("inf")
     return {
         "devices": devices,
         "minutes": minutes,
         "runs_succeeded": len(finished),
         "runs_total": len(runs),
+        "runs_not_succeeded": sorted(
+            f"{r.dagster_run.run_id[:8]} {r.dagster_run.status.value}"
+            for r in runs
+            if r.dagster_run.status != DagsterRunStatus.SUCCESS
+        ),
         "run_seconds_median": round(statistics.median(durations), 1) if durations else None,
+        "run_seconds_max": round(max(durations), 1) if durations else None,
+        # From the sensor's request to the run's process starting: the daemon's share of the lag.
+        "run_start_delay_seconds_median": round(statistics.median(delays), 1) if delays else None,
         "lag_p50_seconds": round(percentile(lags, 0.5), 1) if lags else None,
         # JSON has no infinity: a device not yet exported at a sample makes the p99 unbounded.
         "lag_p99_seconds": round(p99, 1) if p99 != float("inf") else None,
@@ -126,7 +146,12 @@ def main() -> None:
             bench.close()
     path = REPO / "bench" / "results.json"
     report = json.loads(path.read_text()) if path.exists() else {"results": {}}
-    report.setdefault("results", {})[f"P3 sustained, {args.devices} devices"] = result
+    name = f"P3 sustained, {args.devices} devices"
+    if "EXPORT_DEVICES_PER_RUN" in os.environ:  # a tuned run is a row of its own
+        name += f", EXPORT_DEVICES_PER_RUN={os.environ['EXPORT_DEVICES_PER_RUN']}"
+        result["devices_per_run"] = int(os.environ["EXPORT_DEVICES_PER_RUN"])
+    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    report.setdefault("results", {})[name] = result
     report["machine"] = machine()
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(result, indent=2))

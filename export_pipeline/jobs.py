@@ -177,7 +177,7 @@ def run_exports(
         if keeps_progress:
             record_progress(context.instance, progress)
         progress.clear()
-        stored = float("-inf")  # the first device to finish is stored at once
+        stored = time.monotonic()
 
     def record(outcome: DeviceOutcome) -> None:
         device_id, previous = outcome.device_id, work[outcome.device_id].progress

@@ -25,11 +25,12 @@ from dagster import (
     build_sensor_context,
     materialize,
 )
+from sqlalchemy import text
 
 from export_pipeline.influx import InfluxSource
-from export_pipeline.internals import last_event_time
+from export_pipeline.internals import KVS_PREFIX, last_event_time
 from export_pipeline.jobs import export_day_files, export_due_slices, sweep_late_data
-from export_pipeline.ledger import checkpoints
+from export_pipeline.ledger import PROGRESS, checkpoints
 from export_pipeline.resources import ClockResource, build_resources
 from export_pipeline.runs import HOST_TAG, run_devices
 from export_pipeline.schema import SOURCE_SCHEMA
@@ -206,6 +207,29 @@ def test_each_tick_exports_exactly_the_slices_that_closed(
     # The first export of the day is a materialization; the next ones of the hour are progress
     # only (see worth_recording), each tick's lag in the freshness check.
     assert latest.asset_materialization.metadata["export_lag_seconds"].value == 31.0
+
+
+def test_a_runs_progress_is_stored_in_batches_not_a_statement_per_device(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    """Progress is upserted with the first device to finish, then at most once a second: a
+    statement per device costs a round trip each (seconds a tick at thousands of devices)."""
+    devices = [new_device() for _ in range(30)]
+    stack.write([p for d in devices for p in every_10s(d, T0 - timedelta(minutes=3), T0)])
+    fleet = Fleet(stack, instance, DEVICE_IDS=",".join(devices))
+
+    started = time.monotonic()
+    fleet.tick_and_run(T0 + timedelta(seconds=31))
+    elapsed = time.monotonic() - started
+
+    assert checkpoints(instance, devices) == dict.fromkeys(devices, T0)
+    keys = [KVS_PREFIX + PROGRESS + device for device in devices]
+    with instance.run_storage.connect() as connection:  # type: ignore[attr-defined]
+        statements = connection.execute(
+            text("SELECT count(DISTINCT xmin::text) FROM kvs WHERE key = ANY(:keys)"),
+            {"keys": keys},
+        ).scalar()
+    assert 1 <= statements <= 2 + elapsed  # rows upserted together share a transaction id
 
 
 def test_a_device_that_appears_mid_stream_is_registered_and_exported(
