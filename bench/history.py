@@ -130,9 +130,16 @@ class _Day:
 
 
 def load_history(
-    instance: DagsterInstance, devices: list[str], end: datetime, days: int, retention_days: int
+    instance: DagsterInstance,
+    devices: list[str],
+    end: datetime,
+    days: int,
+    retention_days: int,
+    real_days: int | None = None,
 ) -> dict[str, int]:
-    """COPY `days` days of a fleet's ledger ending at `end` (see the module's docstring)."""
+    """COPY `days` days of a fleet's ledger ending at `end` (see the module's docstring). Only
+    the last `real_days` days (all if None) carry real event bodies: a year of a large fleet's
+    bodies is gigabytes that the partition status queries never read."""
     bodies = {key: template_event(instance, key) for key in (TELEMETRY_EXPORT, TELEMETRY_DAILY)}
     counts = {"materializations": 0, "evaluations": 0}
     connection = psycopg2.connect(dbname=database_of(instance), **POSTGRES)
@@ -143,6 +150,7 @@ def load_history(
             day = (end - timedelta(days=day_index)).date()
             midnight = datetime(day.year, day.month, day.day, tzinfo=UTC)
             rows = _Day(next_id, bodies)
+            real = real_days is None or day_index < real_days
             recorded = RECORDED_PER_DAY if day_index <= retention_days else 1
             if day_index == 0:
                 recorded = max(1, RECORDED_PER_DAY * end.hour // 24)
@@ -157,7 +165,7 @@ def load_history(
                         partition,
                         moment,
                         "ASSET_MATERIALIZATION",
-                        n == recorded - 1,
+                        real and n == recorded - 1,
                     )
             if day_index:  # closed: reconciled, then its day file written and reconciled
                 later = midnight + timedelta(days=1, minutes=2)
@@ -167,7 +175,7 @@ def load_history(
                     )
                 for device in devices:
                     partition = DeviceDay(device, day).key
-                    rows.event(TELEMETRY_DAILY, partition, later, "ASSET_MATERIALIZATION", True)
+                    rows.event(TELEMETRY_DAILY, partition, later, "ASSET_MATERIALIZATION", real)
                     rows.check(TELEMETRY_DAILY, DAILY_RECONCILIATION.name, partition, later)
             rows.copy(cursor)
             connection.commit()
