@@ -52,7 +52,7 @@ from export_pipeline.internals import prune_ledger
 from export_pipeline.jobs import export_day_files, export_due_slices, retain_ledger, sweep_late_data
 from export_pipeline.ledger import record_progress
 from export_pipeline.metadata import TELEMETRY_DAILY, TELEMETRY_EXPORT, worth_recording
-from export_pipeline.partitions import DEVICES
+from export_pipeline.partitions import DEVICES, first_window_day, keys_before
 from export_pipeline.progress import DayTotals, Progress
 from export_pipeline.resources import ClockResource, build_resources
 from export_pipeline.runs import HEARTBEAT_SECONDS
@@ -780,11 +780,14 @@ class Simulation:
             retention = [r for r in runs if r.kind == retain_ledger.name and begin <= r.start < end]
             if self.retention and retention:
                 started = time.perf_counter()
-                before = datetime.fromtimestamp(retention[0].start, UTC) - timedelta(
-                    days=self.settings.ledger_retention_days
-                )
+                now = datetime.fromtimestamp(retention[0].start, UTC)
+                before = now - timedelta(days=self.settings.ledger_retention_days)
+                first_day = first_window_day(self.settings, now.date())
                 pruned = prune_ledger(
-                    self.instance, asset_keys=[TELEMETRY_EXPORT, TELEMETRY_DAILY], before=before
+                    self.instance,
+                    asset_keys=[TELEMETRY_EXPORT, TELEMETRY_DAILY],
+                    before=before,
+                    forget_before={TELEMETRY_EXPORT: keys_before(first_day)},
                 )
                 self.pruned.append({**vars(pruned), "seconds": time.perf_counter() - started})
                 spent["prune"] += time.perf_counter() - started

@@ -1,19 +1,20 @@
 """P10: the assets' Partitions tab at a large fleet with a year of history, timed through the
 GraphQL queries the tab sends to a real `dagster-webserver`.
 
-    .venv/bin/python -m bench.partitions [--devices 5000 --days 365 --window-days 0]
+    .venv/bin/python -m bench.partitions [--devices 5000 --days 365 --partition-days 30]
 
 The history is bulk-loaded as P5 loads it (`bench.history.load_history`: per closed device-day
 the materializations the pipeline keeps, its reconciliation, the day file and its
-reconciliation). Then the webserver serves the project's workspace against that storage and each
-query is timed cold (Dagster's asset status cache emptied, the server just started) and warm
-(the median of three more; one more when the first took over 10 s). The queries are the UI's
-own, as its bundle spells them: `PartitionHealthQuery` (the asset's partition bar and grid) and
-`AssetCheckPartitionHealthQuery` (a partitioned check's statuses) for both datasets.
-
-`--window-days N` starts the partitions N days back (EXPORT_START_DATE) with the whole history
-still stored; `--prune` also deletes what is stored of the days before the window, which is what
-a date window tied to retention would leave.
+reconciliation), from EXPORT_START_DATE `--days` back. The ledger retention then runs as its
+schedule would (`internals.prune_ledger`, which forgets the slices' device-days before their
+window of EXPORT_PARTITION_DAYS=`--partition-days`; 0: no window, nothing forgotten). Then the
+webserver serves the project's workspace against that storage and each query is timed cold
+(Dagster's asset status cache emptied, the server just started) and warm (the median of three
+more; one more when the first took over 10 s). The queries are the UI's own, as its bundle
+spells them: `PartitionHealthQuery` (an asset's partition bar and grid) and `AssetChecksQuery`
+(an asset's checks tab) for both datasets, and `AssetCheckDetailsQuery` (a check's page) for
+each `reconciled` check. (Before the reconciliations left Dagster's partitioned checks, the tab
+also sent `AssetCheckPartitionHealthQuery`: 94 s a check at 5,000 devices x 365 days.)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -37,56 +39,65 @@ from dagster import DagsterInstance
 
 from bench.history import database_of, load_history
 from bench.run import REPO, Bench
+from export_pipeline.internals import prune_ledger
 from export_pipeline.metadata import (
-    DAILY_RECONCILIATION,
-    RECONCILIATION,
+    DAILY_RECONCILED,
+    RECONCILED,
     TELEMETRY_DAILY,
     TELEMETRY_EXPORT,
 )
-from export_pipeline.partitions import DEVICES
+from export_pipeline.partitions import DEVICES, first_window_day, keys_before
+from export_pipeline.settings import ExportSettings, Settings
 from export_pipeline_tests.services import POSTGRES, free_port, wait_until
 
 WEBAPP_CHUNKS = "dagster_webserver/webapp/build/_next/static/chunks"
 
 
 def ui_query(name: str) -> str:
-    """The query as the installed UI sends it (found in its bundle, so an upgrade is followed)."""
+    """The query as the installed UI sends it (found in its bundle, so an upgrade is followed),
+    with the fragments it spreads, and theirs."""
     import dagster_webserver
 
     chunks = Path(dagster_webserver.__file__).parent.parent / WEBAPP_CHUNKS
-    for chunk in sorted(chunks.glob("*.js")):
-        text = chunk.read_text(errors="replace")
-        start = text.find(f"query {name}(")
-        if start >= 0:
-            end = min(i for i in (text.find(q, start) for q in '`"') if i >= 0)
-            return text[start:end].encode().decode("unicode_escape")
-    raise LookupError(f"{name} is not in the UI bundle under {chunks}")
+    bundle = [chunk.read_text(errors="replace") for chunk in sorted(chunks.glob("*.js"))]
+
+    def definition(head: str) -> str:
+        for text in bundle:
+            start = text.find(head)
+            if start >= 0:
+                end = min(i for i in (text.find(q, start) for q in '`"') if i >= 0)
+                return text[start:end].encode().decode("unicode_escape")
+        raise LookupError(f"{head!r} is not in the UI bundle under {chunks}")
+
+    query = definition(f"query {name}(")
+    while True:
+        used = set(re.findall(r"\.\.\.([A-Za-z_]\w*)", query))
+        missing = sorted(used - set(re.findall(r"fragment (\w+) on ", query)))
+        if not missing:
+            return query
+        query += "\n" + definition(f"fragment {missing[0]} on ")
 
 
 def key_input(path: Sequence[str]) -> dict[str, Any]:
     return {"path": list(path)}
 
 
-def prune_before(instance: DagsterInstance, first_day: str) -> int:
-    """Delete the stored events and check rows of the days before the window."""
+def retain(instance: DagsterInstance, settings: ExportSettings, now: datetime) -> int:
+    """The ledger retention's pass (`jobs.prune_ledger_events`), then VACUUM ANALYZE as
+    PostgreSQL's autovacuum would after it: the events it removed."""
+    pruned = prune_ledger(
+        instance,
+        asset_keys=[TELEMETRY_EXPORT, TELEMETRY_DAILY],
+        before=now - timedelta(days=settings.ledger_retention_days),
+        forget_before={TELEMETRY_EXPORT: keys_before(first_window_day(settings, now.date()))},
+    )
     connection = psycopg2.connect(dbname=database_of(instance), **POSTGRES)
-    with connection, connection.cursor() as cursor:
-        cursor.execute(
-            "DELETE FROM asset_check_executions WHERE split_part(partition, '|', 1) < %s",
-            (first_day,),
-        )
-        cursor.execute(
-            "DELETE FROM event_logs WHERE partition IS NOT NULL "
-            "AND split_part(partition, '|', 1) < %s",
-            (first_day,),
-        )
-        deleted = int(cursor.rowcount)
     connection.autocommit = True
     with connection.cursor() as cursor:
         cursor.execute("VACUUM ANALYZE event_logs")
         cursor.execute("VACUUM ANALYZE asset_check_executions")
     connection.close()
-    return deleted
+    return pruned.forgotten + pruned.materializations + pruned.evaluations
 
 
 def empty_status_cache(instance: DagsterInstance) -> None:
@@ -161,51 +172,46 @@ def measured(server: Webserver, query: str, variables: dict[str, Any]) -> dict[s
 
 def p10(args: argparse.Namespace) -> dict[str, Any]:
     now = datetime.now(UTC).replace(microsecond=0)
-    window = args.window_days or args.days
-    first_day = (now - timedelta(days=window)).date()
+    start_day = (now - timedelta(days=args.days)).date()
     devices = [f"p10-{i:05d}" for i in range(args.devices)]
     with tempfile.TemporaryDirectory(prefix="bench-p10-") as root:
         bench = Bench(Path(root))
         try:
-            env = bench.env(EXPORT_START_DATE=first_day.isoformat(), LOG_LEVEL="WARNING")
+            env = bench.env(
+                EXPORT_START_DATE=start_day.isoformat(),
+                EXPORT_PARTITION_DAYS=str(args.partition_days),
+                LOG_LEVEL="WARNING",
+            )
             os.environ.update(env)  # dagster.yaml reads the CHECKPOINT_DB_* variables
+            settings = Settings.from_env(env).export
             with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
                 instance.add_dynamic_partitions(DEVICES, devices)
                 started = time.perf_counter()
                 loaded = load_history(instance, devices, now, args.days, 7, real_days=2)
                 load_seconds = time.perf_counter() - started
-                pruned = prune_before(instance, first_day.isoformat()) if args.prune else 0
+                started = time.perf_counter()
+                pruned = retain(instance, settings, now)
+                retention_seconds = time.perf_counter() - started
                 empty_status_cache(instance)
             server = Webserver(env, Path(root) / "webserver.log")
             try:
-                health, check = (
+                health, checks, check = (
                     ui_query("PartitionHealthQuery"),
-                    ui_query("AssetCheckPartitionHealthQuery"),
+                    ui_query("AssetChecksQuery"),
+                    ui_query("AssetCheckDetailsQuery"),
                 )
-                queries: dict[str, tuple[str, dict[str, Any]]] = {
-                    f"{TELEMETRY_EXPORT.to_user_string()} partition health": (
-                        health,
-                        {"assetKey": key_input(TELEMETRY_EXPORT.path)},
-                    ),
-                    f"{TELEMETRY_DAILY.to_user_string()} partition health": (
-                        health,
-                        {"assetKey": key_input(TELEMETRY_DAILY.path)},
-                    ),
-                    f"{RECONCILIATION.to_user_string()} statuses": (
+                queries: dict[str, tuple[str, dict[str, Any]]] = {}
+                for asset, summary in (
+                    (TELEMETRY_EXPORT, RECONCILED),
+                    (TELEMETRY_DAILY, DAILY_RECONCILED),
+                ):
+                    asset_key = {"assetKey": key_input(asset.path)}
+                    queries[f"{asset.to_user_string()} partition health"] = (health, asset_key)
+                    queries[f"{asset.to_user_string()} checks"] = (checks, asset_key)
+                    queries[f"{summary.to_user_string()} executions"] = (
                         check,
-                        {
-                            "assetKey": key_input(TELEMETRY_EXPORT.path),
-                            "checkName": RECONCILIATION.name,
-                        },
-                    ),
-                    f"{DAILY_RECONCILIATION.to_user_string()} statuses": (
-                        check,
-                        {
-                            "assetKey": key_input(TELEMETRY_DAILY.path),
-                            "checkName": DAILY_RECONCILIATION.name,
-                        },
-                    ),
-                }
+                        {**asset_key, "checkName": summary.name, "limit": 25},
+                    )
                 timings = {name: measured(server, *query) for name, query in queries.items()}
             finally:
                 server.stop()
@@ -215,10 +221,14 @@ def p10(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "devices": args.devices,
         "history_days": args.days,
-        "partition_days": window,
-        "partitions_per_asset": args.devices * (window + 1),
-        "pruned_before_window": args.prune,
-        "rows_pruned": pruned,
+        "export_partition_days": settings.partition_window_days or args.days + 1,
+        "partitions": {
+            TELEMETRY_EXPORT.to_user_string(): args.devices
+            * (settings.partition_window_days or args.days + 1),
+            TELEMETRY_DAILY.to_user_string(): args.devices * (args.days + 1),
+        },
+        "rows_removed_by_retention": pruned,
+        "retention_seconds": round(retention_seconds),
         "history_materializations": loaded["materializations"],
         "history_evaluations": loaded["evaluations"],
         "load_seconds": round(load_seconds),
@@ -234,8 +244,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=5_000)
     parser.add_argument("--days", type=int, default=365, help="of history, ending now")
-    parser.add_argument("--window-days", type=int, default=0, help="0: every day of history")
-    parser.add_argument("--prune", action="store_true", help="delete the days before the window")
+    parser.add_argument(
+        "--partition-days",
+        type=int,
+        default=ExportSettings.partition_days,
+        help="EXPORT_PARTITION_DAYS (0: no window)",
+    )
     parser.add_argument("--no-save", action="store_true", help="print, do not write results")
     args = parser.parse_args()
     result = p10(args)
@@ -243,8 +257,7 @@ def main() -> None:
     if args.no_save:
         return
     name = f"P10 Partitions tab, {args.devices} devices x {args.days} days"
-    if args.window_days:
-        name += f", {args.window_days}-day window" + (" pruned" if args.prune else "")
+    name += f", EXPORT_PARTITION_DAYS={args.partition_days}"
     path = REPO / "bench" / "results.json"
     report = json.loads(path.read_text())
     report["results"][name] = result

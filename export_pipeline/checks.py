@@ -1,21 +1,31 @@
-"""Asset checks on `telemetry_export` besides the per-partition `reconciliation` (which the asset
-and the continuous runs evaluate themselves when a device-day closes, see `assets.py`).
+"""The asset checks the UI shows. Each is evaluated by the continuous_export sensor (freshness
+once a slice, the summaries when they change) and can be executed from the UI.
 
-- `freshness`: no device is more than three intervals behind real time. The sensor evaluates it
-  every tick; it can also be executed from the UI.
+- `freshness` (telemetry_export): no device is more than three intervals behind real time.
+- `reconciled` (both datasets): no device-day closed in the last week failed its latest
+  reconciliation. The reconciliations themselves are recorded per device-day under
+  `reconciliation` by the runs that close a day (see `metadata.py`), not as a partitioned check:
+  the UI would read those one device at a time.
 """
 
 from dagster import (
     AssetCheckExecutionContext,
+    AssetCheckKey,
     AssetCheckResult,
     AssetChecksDefinition,
     AssetsDefinition,
     asset_check,
 )
 
-from export_pipeline.ledger import checkpoints
-from export_pipeline.metadata import FRESHNESS, freshness_evaluation
+from export_pipeline.ledger import checkpoints, latest_checks
+from export_pipeline.metadata import (
+    FRESHNESS,
+    SUMMARY_OF,
+    freshness_evaluation,
+    reconciled_evaluation,
+)
 from export_pipeline.partitions import registered_devices
+from export_pipeline.planning import closed_window
 from export_pipeline.resources import ClockResource, ExportResource
 
 
@@ -40,3 +50,34 @@ def build_freshness_check(telemetry_export: AssetsDefinition) -> AssetChecksDefi
         )
 
     return telemetry_export_freshness
+
+
+def build_reconciled_check(
+    asset: AssetsDefinition, reconciliation: AssetCheckKey
+) -> AssetChecksDefinition:
+    summary = SUMMARY_OF[reconciliation]
+
+    @asset_check(
+        asset=asset,
+        name=summary.name,
+        description="No device-day closed in the last week failed its latest reconciliation "
+        "with InfluxDB (those that did are exported again, and named here until they pass).",
+    )
+    def reconciled(
+        context: AssetCheckExecutionContext, export: ExportResource, clock: ClockResource
+    ) -> AssetCheckResult:
+        settings, now = export.settings(), clock.now()
+        closed = closed_window(now, settings)
+        fleet = registered_devices(context.instance, settings)
+        latest = latest_checks(context.instance, reconciliation, fleet, closed)
+        evaluation = reconciled_evaluation(
+            summary, {device_day: found.passed for device_day, found in latest.items()}, closed
+        )
+        return AssetCheckResult(
+            passed=evaluation.passed,
+            metadata=evaluation.metadata,
+            severity=evaluation.severity,
+            description=evaluation.description,
+        )
+
+    return reconciled

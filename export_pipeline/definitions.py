@@ -1,6 +1,7 @@
 """The code location: `dagster ... -m export_pipeline.definitions`."""
 
 import logging
+from datetime import UTC, datetime
 
 from dagster import Definitions, in_process_executor
 
@@ -9,7 +10,7 @@ from export_pipeline.assets import (
     build_telemetry_export,
     influxdb_telemetry,
 )
-from export_pipeline.checks import build_freshness_check
+from export_pipeline.checks import build_freshness_check, build_reconciled_check
 from export_pipeline.io_managers import with_io_managers
 from export_pipeline.jobs import (
     export_day_files,
@@ -18,7 +19,8 @@ from export_pipeline.jobs import (
     retain_ledger,
     sweep_late_data,
 )
-from export_pipeline.partitions import device_days
+from export_pipeline.metadata import DAILY_RECONCILIATION, RECONCILIATION
+from export_pipeline.partitions import device_days, first_window_day
 from export_pipeline.resources import build_resources
 from export_pipeline.schedules import build_late_data_sweep, build_ledger_retention
 from export_pipeline.sensors import build_continuous_export
@@ -29,16 +31,25 @@ settings = Settings.from_env()
 # (dagster.yaml forwards them into Dagster's run logs).
 logging.getLogger("export_pipeline").setLevel(settings.log_level)
 
-partitions = device_days(settings.export)
-telemetry_export = build_telemetry_export(partitions, settings.export)
+# The slices' dates are a window of the last EXPORT_PARTITION_DAYS; the day files' go back to
+# EXPORT_START_DATE (history). See `partitions.first_window_day`.
+today = datetime.now(UTC).date()
+telemetry_export = build_telemetry_export(
+    device_days(settings.export, first_window_day(settings.export, today)), settings.export
+)
+telemetry_daily = build_telemetry_daily(device_days(settings.export), settings.export)
 
 defs = Definitions(
     assets=[
         influxdb_telemetry,
         telemetry_export,
-        build_telemetry_daily(partitions, settings.export),
+        telemetry_daily,
     ],
-    asset_checks=[build_freshness_check(telemetry_export)],
+    asset_checks=[
+        build_freshness_check(telemetry_export),
+        build_reconciled_check(telemetry_export, RECONCILIATION),
+        build_reconciled_check(telemetry_daily, DAILY_RECONCILIATION),
+    ],
     jobs=[register_devices, export_due_slices, export_day_files, sweep_late_data, retain_ledger],
     sensors=[build_continuous_export(settings)],
     schedules=[build_late_data_sweep(settings), build_ledger_retention(settings)],

@@ -277,6 +277,7 @@ class Pruned:
     evaluations: int = 0
     events: int = 0
     runs: int = 0
+    forgotten: int = 0  # materializations and evaluations of partitions out of their window
 
 
 # Each statement below is one transaction: a pass killed between two leaves the ledger consistent
@@ -312,6 +313,25 @@ WITH latest AS (
 ), events AS (DELETE FROM event_logs WHERE id IN (SELECT event_id FROM doomed))
 DELETE FROM asset_check_executions WHERE id IN (SELECT id FROM doomed) RETURNING id
 """
+# The partitions of an asset that fell out of its date window (keys below :bound), with the
+# evaluations of its checks for them: nothing reads them any more, and the UI shows none.
+_FORGOTTEN_MATERIALIZATIONS = """
+WITH doomed AS (
+    SELECT e.id FROM event_logs e
+    WHERE e.asset_key = :key AND e.dagster_event_type = 'ASSET_MATERIALIZATION'
+      AND e.partition COLLATE "C" < :bound
+    LIMIT :batch
+), tags AS (DELETE FROM asset_event_tags WHERE event_id IN (SELECT id FROM doomed))
+DELETE FROM event_logs WHERE id IN (SELECT id FROM doomed) RETURNING id
+"""
+_FORGOTTEN_EVALUATIONS = """
+WITH doomed AS (
+    SELECT c.id, c.evaluation_event_storage_id AS event_id FROM asset_check_executions c
+    WHERE c.asset_key = :key AND c.partition COLLATE "C" < :bound
+    LIMIT :batch
+), events AS (DELETE FROM event_logs WHERE id IN (SELECT event_id FROM doomed))
+DELETE FROM asset_check_executions WHERE id IN (SELECT id FROM doomed) RETURNING id
+"""
 _OLD_RUNS = """
 SELECT run_id, id FROM runs
 WHERE status IN ('SUCCESS', 'FAILURE', 'CANCELED') AND update_timestamp < :before AND id > :after
@@ -341,13 +361,16 @@ def prune_ledger(
     *,
     asset_keys: Sequence[AssetKey],
     before: datetime,
+    forget_before: Mapping[AssetKey, str] | None = None,
     batch: int = 5_000,
 ) -> Pruned:
     """Remove from Dagster's storage what nothing needs any more, up to `before`: materializations
     of a partition that a later one superseded, evaluations of a check superseded likewise, the
     logs and bookkeeping events of finished runs, and finished runs left with no event. The
     latest materialization of every partition and evaluation of every check stay, with their
-    metadata, so the UI still shows each partition as it last was.
+    metadata, so the UI still shows each partition as it last was. `forget_before` names, per
+    asset, the key below which its partitions are no longer partitions (its date window): their
+    events and evaluations go too, whatever their age.
 
     Dagster has no retention for asset events (its `retention:` covers ticks only, deleting a run
     deletes its materializations, and wiping partitions is not implemented on PostgreSQL), so
@@ -359,14 +382,20 @@ def prune_ledger(
     storage: Any = instance.event_log_storage
     with storage.index_connection() as conn:
 
-        def drain(statement: str) -> int:
+        def drain(statement: str, **parameters: Any) -> int:
             removed = 0
             while True:
-                found = _execute(conn, statement, {"keys": keys, "before": moment, "batch": batch})
+                found = _execute(
+                    conn, statement, {"keys": keys, "before": moment, "batch": batch, **parameters}
+                )
                 removed += found.rowcount
                 if found.rowcount < batch:
                     return removed
 
+        for asset_key, bound in (forget_before or {}).items():
+            parameters = {"key": asset_key.to_string(), "bound": bound}
+            pruned.forgotten += drain(_FORGOTTEN_MATERIALIZATIONS, **parameters)
+            pruned.forgotten += drain(_FORGOTTEN_EVALUATIONS, **parameters)
         pruned.materializations = drain(_SUPERSEDED_MATERIALIZATIONS)
         pruned.evaluations = drain(_SUPERSEDED_EVALUATIONS)
         after = 0

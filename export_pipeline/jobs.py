@@ -41,7 +41,6 @@ from export_pipeline.layout import (
     slice_offset_of,
 )
 from export_pipeline.ledger import (
-    checkpoint_dates,
     latest_checks,
     latest_metadata,
     progress_of,
@@ -59,12 +58,17 @@ from export_pipeline.metadata import (
     reconciliation_evaluation,
     worth_recording,
 )
-from export_pipeline.partitions import DEVICES, DeviceDay, registered_devices
+from export_pipeline.partitions import (
+    DEVICES,
+    DeviceDay,
+    first_window_day,
+    keys_before,
+    registered_devices,
+)
 from export_pipeline.planning import (
     WorkItem,
     admit,
-    closed_days,
-    first_due,
+    closed_window,
     slices_kept_from,
 )
 from export_pipeline.progress import Progress
@@ -384,10 +388,7 @@ def find_late_data(
     """
     settings, now, instance = export.settings(), clock.now(), context.instance
     fleet = registered_devices(instance, settings)
-    window = checkpoint_dates(
-        now, first_due=first_due(now, settings), start_date=settings.start_date
-    )
-    closed = closed_days(window, now, settings)
+    closed = closed_window(now, settings)
     kept_from = slices_kept_from(now, settings)
     by_check = {
         RECONCILIATION: [day for day in closed if day >= kept_from],
@@ -481,17 +482,23 @@ def prune_ledger_events(
 ) -> None:
     """Removes from Dagster's storage what nothing needs any more, older than
     EXPORT_LEDGER_RETENTION_DAYS: superseded materializations and evaluations, old run logs,
-    and old runs left with nothing (see `internals.prune_ledger`). Each device's progress, and
-    the latest materialization and evaluation of every partition, stay."""
-    settings = export.settings()
-    before = clock.now() - timedelta(days=settings.ledger_retention_days)
+    and old runs left with nothing (see `internals.prune_ledger`); and the events of
+    telemetry_export's device-days older than its partitions (EXPORT_PARTITION_DAYS). Each
+    device's progress, and the latest materialization and evaluation of every partition, stay."""
+    settings, now = export.settings(), clock.now()
+    before = now - timedelta(days=settings.ledger_retention_days)
+    first_day = first_window_day(settings, now.date())
     pruned = prune_ledger(
-        context.instance, asset_keys=[TELEMETRY_EXPORT, TELEMETRY_DAILY], before=before
+        context.instance,
+        asset_keys=[TELEMETRY_EXPORT, TELEMETRY_DAILY],
+        before=before,
+        forget_before={TELEMETRY_EXPORT: keys_before(first_day)},
     )
     context.log.info(
         f"before {before.isoformat()}: removed {pruned.materializations} superseded "
         f"materializations, {pruned.evaluations} superseded evaluations, {pruned.events} run "
-        f"events and {pruned.runs} runs"
+        f"events and {pruned.runs} runs; {pruned.forgotten} events of telemetry_export's "
+        f"device-days before {first_day}, its first partition"
     )
 
 

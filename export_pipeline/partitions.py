@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
-from datetime import date
+from datetime import date, timedelta
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -26,13 +26,36 @@ DEVICES = "devices"
 devices = DynamicPartitionsDefinition(name=DEVICES)
 
 
-def device_days(settings: ExportSettings) -> MultiPartitionsDefinition:
-    """UTC dates from EXPORT_START_DATE to today (end_offset=1: the open day is a partition too,
-    so it can be exported as it fills) x the registered devices."""
-    dates = DailyPartitionsDefinition(
-        start_date=settings.start_date.isoformat(), timezone="UTC", end_offset=1
-    )
+def device_days(
+    settings: ExportSettings, first_day: date | None = None
+) -> MultiPartitionsDefinition:
+    """UTC dates from `first_day` (EXPORT_START_DATE) to today (end_offset=1: the open day is a
+    partition too, so it can be exported as it fills) x the registered devices."""
+    start = first_day or settings.start_date
+    dates = DailyPartitionsDefinition(start_date=start.isoformat(), timezone="UTC", end_offset=1)
     return MultiPartitionsDefinition({"date": dates, "device": devices})
+
+
+def first_window_day(settings: ExportSettings, today: date) -> date:
+    """The first date of telemetry_export's partitions on `today`: the last
+    EXPORT_PARTITION_DAYS, not before EXPORT_START_DATE (which it is with no window).
+
+    Partitions are devices x days, so without a window they grow by the fleet every day, and
+    Dagster's UI reads them all: at 5,000 devices a year is 1.83 M partitions, and the
+    Partitions tab takes 15 s to 50 s. The window keeps them to what the fleet exports now;
+    an older day is exported again by config (`export_due_slices`), its day file stays a
+    partition of telemetry_daily. The definition is fixed when the code location loads: the
+    daemon reloads it every minute, the webserver when told to (README, Deployment).
+    """
+    days = settings.partition_window_days
+    if not days:
+        return settings.start_date
+    return max(settings.start_date, today - timedelta(days=days - 1))
+
+
+def keys_before(day: date) -> str:
+    """A bound below which, in byte order, sort exactly the keys of the days before `day`."""
+    return day.isoformat()  # keys start with their date: `2026-02-07|device-001`
 
 
 # Reading a key needs only the dimensions' names, not the date range.

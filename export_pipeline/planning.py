@@ -17,6 +17,7 @@ from dagster import AssetCheckEvaluation
 
 from export_pipeline.internals import CheckPartition
 from export_pipeline.layout import DeviceIdError, validate_device_id
+from export_pipeline.ledger import checkpoint_dates
 from export_pipeline.metadata import freshness_evaluation
 from export_pipeline.partitions import DeviceDay
 from export_pipeline.progress import Progress
@@ -140,6 +141,15 @@ def slices_kept_from(now: datetime, settings: ExportSettings) -> date:
 def closed_days(dates: Iterable[date], now: datetime, settings: ExportSettings) -> list[date]:
     until = due_until(now, settings)
     return [day for day in dates if day < until.date()]
+
+
+def closed_window(now: datetime, settings: ExportSettings) -> list[date]:
+    """The closed days the sensor, the late-data sweep and the `reconciled` checks look at: a
+    week, or the lookback if longer."""
+    dates = checkpoint_dates(
+        now, first_due=first_due(now, settings), start_date=settings.start_date
+    )
+    return closed_days(dates, now, settings)
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,7 @@ class ExportResource(ConfigurableResource):
     stale_run_seconds: int
     sweep_cron: str
     slice_retention_days: int
+    partition_days: int
     ledger_retention_days: int
     retention_cron: str
 

@@ -1,9 +1,12 @@
 """`continuous_export`: decides every export. Each tick reads a snapshot (the fleet, the ledger,
 the runs in flight), reaps dead runs, and acts on the plan `planning.plan_tick` makes of it:
 new devices registered, batched runs for the slices that are due and for closed device-days whose
-reconciliation failed, day files for closed device-days, the freshness check reported."""
+reconciliation failed, day files for closed device-days, the freshness check reported, and the
+`reconciled` summaries when they change."""
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple, Self
 
 from dagster import (
     DefaultSensorStatus,
@@ -14,19 +17,27 @@ from dagster import (
     sensor,
 )
 
+from export_pipeline.internals import CheckPartition
 from export_pipeline.jobs import export_day_files, export_due_slices, run_config_for
 from export_pipeline.ledger import (
-    checkpoint_dates,
     latest_checks,
     latest_materializations,
     progress_of,
 )
-from export_pipeline.metadata import DAILY_RECONCILIATION, RECONCILIATION, TELEMETRY_DAILY
-from export_pipeline.partitions import DEVICES, devices
+from export_pipeline.metadata import (
+    DAILY_RECONCILED,
+    DAILY_RECONCILIATION,
+    RECONCILED,
+    RECONCILIATION,
+    TELEMETRY_DAILY,
+    reconciled_evaluation,
+    summary_digest,
+)
+from export_pipeline.partitions import DEVICES, DeviceDay, devices
 from export_pipeline.planning import (
     Snapshot,
     admit,
-    closed_days,
+    closed_window,
     first_due,
     plan_tick,
     registered,
@@ -46,6 +57,27 @@ from export_pipeline.settings import Settings
 from export_pipeline.slicing import NS_PER_SECOND
 
 TICK_SECONDS = 10
+
+
+class SensorCursor(NamedTuple):
+    """What the sensor last reported: the slice its freshness was for, and a digest of the
+    reconciliation summaries."""
+
+    until: str
+    summaries: str = ""
+
+    @property
+    def text(self) -> str:
+        return f"{self.until} {self.summaries}"
+
+    @classmethod
+    def of(cls, text: str | None) -> Self:
+        until, _, summaries = (text or "").partition(" ")  # before 2026-12: the slice alone
+        return cls(until, summaries)
+
+
+def outcomes(checks: Mapping[DeviceDay, CheckPartition]) -> dict[DeviceDay, bool | None]:
+    return {device_day: found.passed for device_day, found in checks.items()}
 
 
 def build_continuous_export(settings: Settings) -> SensorDefinition:
@@ -83,31 +115,35 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
             context.log.warning(f"run {run.run.run_id} presumed dead and marked failed")
         live = [run for run in runs if run not in dead]
 
-        dates = checkpoint_dates(
-            now, first_due=first_due(now, config), start_date=config.start_date
-        )
         fleet_ever = sorted(registered(fleet, known, config))
-        closed = closed_days(dates, now, config)
-        plan = plan_tick(
-            now,
-            config,
-            Snapshot(
-                fleet=fleet,
-                known=known,
-                progress=progress_of(instance, fleet),
-                slice_checks=latest_checks(instance, RECONCILIATION, fleet_ever, closed),
-                day_checks=latest_checks(instance, DAILY_RECONCILIATION, fleet_ever, closed),
-                day_files=latest_materializations(instance, TELEMETRY_DAILY, fleet_ever, closed),
-                busy=frozenset(busy_devices(live, SLICES)),
-                busy_days=frozenset(busy_devices(live, DAILY)),
-            ),
+        closed = closed_window(now, config)
+        snapshot = Snapshot(
+            fleet=fleet,
+            known=known,
+            progress=progress_of(instance, fleet),
+            slice_checks=latest_checks(instance, RECONCILIATION, fleet_ever, closed),
+            day_checks=latest_checks(instance, DAILY_RECONCILIATION, fleet_ever, closed),
+            day_files=latest_materializations(instance, TELEMETRY_DAILY, fleet_ever, closed),
+            busy=frozenset(busy_devices(live, SLICES)),
+            busy_days=frozenset(busy_devices(live, DAILY)),
         )
+        plan = plan_tick(now, config, snapshot)
 
         for warning in skipped + plan.warnings:
             context.log.warning(warning)
-        # Once a slice, not every tick: the sensor ticks several times a slice.
-        if context.cursor != plan.until.isoformat():
+        summaries = [
+            reconciled_evaluation(RECONCILED, outcomes(snapshot.slice_checks), closed),
+            reconciled_evaluation(DAILY_RECONCILED, outcomes(snapshot.day_checks), closed),
+        ]
+        reported = SensorCursor.of(context.cursor)
+        cursor = SensorCursor(plan.until.isoformat(), summary_digest(summaries))
+        # Freshness once a slice, not every tick: the sensor ticks several times a slice. The
+        # summaries when they change (a failure, a fix, a new day).
+        if reported.until != cursor.until:
             instance.report_runless_asset_event(plan.freshness)
+        if reported.summaries != cursor.summaries:
+            for summary in summaries:
+                instance.report_runless_asset_event(summary)
         context.log.info(plan.summary)
         return SensorResult(
             run_requests=[
@@ -130,7 +166,7 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
             dynamic_partitions_requests=(
                 [devices.build_add_request(plan.new_devices)] if plan.new_devices else []
             ),
-            cursor=plan.until.isoformat(),  # when the freshness check was last reported
+            cursor=cursor.text,
         )
 
     return continuous_export

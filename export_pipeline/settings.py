@@ -66,6 +66,9 @@ class CheckpointSettings:
     password: str = field(default="", repr=False)
 
 
+MIN_PARTITION_DAYS = 8
+
+
 @dataclass(frozen=True)
 class ExportSettings:
     interval_seconds: int = 300
@@ -82,12 +85,23 @@ class ExportSettings:
     stale_run_seconds: int = 0  # 0: STALE_RUN_SECONDS
     sweep_cron: str = "20 * * * *"  # when closed days are searched for late data (UTC)
     slice_retention_days: int = 0  # 0: keep slices; N: delete them N days after a daily file
+    partition_days: int = 14  # telemetry_export's dates: the last N (0: all from start_date)
     ledger_retention_days: int = 7  # how long Dagster keeps superseded events and run logs
     retention_cron: str = "40 3 * * *"  # when the ledger's retention runs (UTC)
 
     @property
     def stale_run_after(self) -> int:
         return self.stale_run_seconds or STALE_RUN_SECONDS
+
+    @property
+    def partition_window_days(self) -> int:
+        """telemetry_export's dates, today included (0: every day from start_date): at least
+        EXPORT_PARTITION_DAYS, and longer than what the sensor, the sweep and slice retention
+        read of the slices' ledger (the lookback, a week, retention's week past its days)."""
+        if not self.partition_days:
+            return 0
+        retention = self.slice_retention_days + 8 if self.slice_retention_days else 0
+        return max(self.partition_days, retention, self.lookback_hours // 24 + 9)
 
 
 @dataclass(frozen=True)
@@ -246,6 +260,7 @@ class _Parser:
             stale_run_seconds=self.integer("EXPORT_STALE_RUN_SECONDS", 0, 0),
             sweep_cron=self.cron("EXPORT_SWEEP_CRON", ExportSettings.sweep_cron),
             slice_retention_days=self.integer("EXPORT_SLICE_RETENTION_DAYS", 0, 0, 36_500),
+            partition_days=self.partition_days(),
             ledger_retention_days=self.integer(
                 "EXPORT_LEDGER_RETENTION_DAYS", ExportSettings.ledger_retention_days, 1, 36_500
             ),
@@ -276,6 +291,16 @@ class _Parser:
             self.problems.append(
                 f"EXPORT_INTERVAL_SECONDS={value} does not divide a day (86400 s) evenly; "
                 "choose a divisor such as 60, 300, 900 or 3600"
+            )
+        return value
+
+    def partition_days(self) -> int:
+        value = self.integer("EXPORT_PARTITION_DAYS", ExportSettings.partition_days, 0, 36_500)
+        if 0 < value < MIN_PARTITION_DAYS:
+            self.problems.append(
+                f"EXPORT_PARTITION_DAYS={value} is shorter than the week the sensor and the "
+                f"late-data sweep look back: use 0 (every day since EXPORT_START_DATE) or at "
+                f"least {MIN_PARTITION_DAYS}"
             )
         return value
 

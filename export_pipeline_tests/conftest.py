@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 CLI_CWD = Path(tempfile.mkdtemp(prefix="export-pipeline-cli-"))
 # One database per test session, so concurrent sessions on one machine never share storage.
 TEST_DATABASE = f"export_pipeline_test_{os.getpid()}"
-# The assets as the code location builds them (the default EXPORT_START_DATE, 2026-01-01).
+# The assets as the code location builds them with EXPORT_PARTITION_DAYS=0 (every day from the
+# default EXPORT_START_DATE, 2026-01-01).
 device_days = device_days_of(ExportSettings())
 telemetry_export = build_telemetry_export(device_days, ExportSettings())
 telemetry_daily = build_telemetry_daily(device_days, ExportSettings())
@@ -128,6 +129,9 @@ class Stack:
             "S3_ENDPOINT_URL": self.s3_url,
             "S3_REGION": "us-east-1",
             "EXPORT_INTERVAL_SECONDS": "300",
+            # The tests' days are in February 2026 (the clock resource is frozen there), and
+            # telemetry_export's window of dates is taken from the real date: every day.
+            "EXPORT_PARTITION_DAYS": "0",
             **AWS_ENV,
         }
         values.update(overrides)

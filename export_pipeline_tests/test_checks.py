@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster import (
     AssetCheckKey,
+    AssetSelection,
     DagsterEventType,
     DagsterInstance,
     EventRecordsFilter,
@@ -17,6 +18,7 @@ from dagster import (
 )
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
+from export_pipeline.checks import build_reconciled_check
 from export_pipeline.daily import DayFiles
 from export_pipeline.influx import InfluxSource
 from export_pipeline.jobs import export_due_slices
@@ -24,10 +26,15 @@ from export_pipeline.ledger import checkpoints
 from export_pipeline.metadata import (
     DAILY_RECONCILIATION,
     FRESHNESS,
+    RECONCILED,
     RECONCILIATION,
+    reconciled_evaluation,
     reconciliation_evaluation,
+    summary_digest,
 )
+from export_pipeline.partitions import DeviceDay
 from export_pipeline.resources import ClockResource
+from export_pipeline.sensors import SensorCursor
 from export_pipeline.slices import Slices
 from export_pipeline.slicing import DayRange
 from export_pipeline.writers import ObjectStore
@@ -104,8 +111,8 @@ def test_the_reconciliation_check_reports_a_missing_object(
     assert status == SUCCEEDED
     assert (evaluation.metadata["s3_rows"].value, evaluation.metadata["files"].value) == (60, 10)
 
-    # A check-only run of a partitioned check is not supported by Dagster 1.13 (preview), so the
-    # reconciliation it runs is called directly here, with what the day's export wrote.
+    # The reconciliation the closing export runs, called directly here with what the day's
+    # export wrote.
     with InfluxSource(fleet.settings.influx) as source:
         store = ObjectStore(stack.s3, stack.bucket)
         slices = Slices(source, store, "telemetry", fleet.settings.export)
@@ -160,9 +167,36 @@ def test_a_lost_or_a_leftover_object_fails_the_days_check_and_the_day_is_exporte
     result = export_slices_due(fleet, MIDNIGHT + timedelta(seconds=90))
     whole_days = {item[0] for item in work_of(result) if item[1:] == ("2026-02-07", 0, 86_400)}
     assert whole_days == {lost, leftover}
+    # The tick that planned the re-exports reported the summary the UI shows, naming both.
+    summary = latest_summary(instance, RECONCILED)
+    assert not summary.passed
+    assert summary.metadata["failed"].value == sorted(
+        [f"{lost} 2026-02-07", f"{leftover} 2026-02-07"]
+    )
     for device in devices:
         assert latest_check(instance, RECONCILIATION, partition.format(device))[0] == SUCCEEDED
         assert assert_reconciled(stack, device, [DAY], settings=fleet.settings) == 360
+    fleet.tick(MIDNIGHT + timedelta(seconds=100))  # the summary changed: reported again
+    summary = latest_summary(instance, RECONCILED)
+    assert summary.passed
+    assert summary.metadata["device_days_failed"].value == 0
+    assert summary.metadata["device_days_reconciled"].value >= 3
+    # Unchanged, it is not reported again (a tick every ten seconds would fill the ledger).
+    before = latest_summary_id(instance, RECONCILED)
+    fleet.tick(MIDNIGHT + timedelta(seconds=160))
+    assert latest_summary_id(instance, RECONCILED) == before
+
+
+def latest_summary_id(instance: DagsterInstance, key: AssetCheckKey) -> int:
+    storage = instance.event_log_storage
+    return storage.get_latest_asset_check_execution_by_key([key])[key].id
+
+
+def latest_summary(instance: DagsterInstance, key: AssetCheckKey) -> Any:
+    """The latest evaluation of an unpartitioned check, as the UI shows it."""
+    storage = instance.event_log_storage
+    record = storage.get_latest_asset_check_execution_by_key([key])[key]
+    return record.event.dagster_event.asset_check_evaluation_data  # type: ignore[union-attr]
 
 
 def test_a_day_file_replaced_by_one_of_another_schema_fails_its_check(
@@ -207,6 +241,31 @@ def reported_freshness(fleet: Fleet, now: datetime) -> Any:
     after = storage.get_latest_asset_check_execution_by_key([FRESHNESS])[FRESHNESS]
     assert before is None or after.id > before.id, "the tick reported no freshness"
     return after.event.dagster_event.asset_check_evaluation_data  # type: ignore[union-attr]
+
+
+def test_the_reconciled_check_executed_from_the_ui_names_a_failed_device_day(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    device = new_device()
+    stack.write(every_10s(device, MIDNIGHT - timedelta(hours=1), MIDNIGHT))
+    fleet = Fleet(stack, instance, DEVICE_IDS=device, LOOKBACK_HOURS="24")
+    export_slices_due(fleet, MIDNIGHT - timedelta(minutes=30))
+    folder = f"telemetry/device_id={device}/date=2026/02/07/"
+    stack.s3.delete_object(Bucket=stack.bucket, Key=folder + "export_231000.parquet")
+    export_slices_due(fleet, MIDNIGHT + timedelta(seconds=30))  # the day closes: it fails
+    check = build_reconciled_check(telemetry_export, RECONCILIATION)
+    now = MIDNIGHT + timedelta(minutes=1)
+    resources = {**fleet.resources, "clock": ClockResource(frozen_at=now.isoformat())}
+    run = materialize(
+        [telemetry_export, check],
+        selection=AssetSelection.checks(check),
+        resources=resources,
+        instance=instance,
+    )
+    (evaluation,) = run.get_asset_check_evaluations()
+    assert evaluation.asset_check_key == RECONCILED
+    assert not evaluation.passed
+    assert evaluation.metadata["failed"].value == [f"{device} 2026-02-07"]
 
 
 def test_the_sensor_reports_freshness_and_names_devices_that_fall_behind(
@@ -264,3 +323,36 @@ def test_freshness_fails_only_past_three_intervals_and_the_lateness_allowance(
     assert data.metadata["devices_behind"].value == 1
     assert dict(data.metadata["behind"].value) == {behind: 211}
     assert data.severity.value == "WARN"
+
+
+def test_the_reconciled_summary_names_failed_device_days_and_changes_only_with_them() -> None:
+    day, other = DAY, DAY - timedelta(days=1)
+    latest: dict[DeviceDay, bool | None] = {
+        DeviceDay("a", day): True,
+        DeviceDay("b", day): False,
+        DeviceDay("c", other): False,
+        DeviceDay("d", day): None,  # being evaluated
+    }
+    failing = reconciled_evaluation(RECONCILED, latest, [other, day])
+    assert not failing.passed
+    assert failing.metadata["failed"].value == ["c 2026-02-06", "b 2026-02-07"]
+    assert failing.metadata["device_days_reconciled"].value == 1
+    assert failing.description is not None and "b 2026-02-07" in failing.description
+    repaired = {**latest, DeviceDay("b", day): True, DeviceDay("c", other): True}
+    fixed = reconciled_evaluation(RECONCILED, repaired, [other, day])
+    assert fixed.passed
+    assert fixed.metadata["device_days_reconciled"].value == 3
+    assert summary_digest([fixed]) != summary_digest([failing])
+    more = reconciled_evaluation(RECONCILED, {**latest, DeviceDay("e", day): True}, [other, day])
+    assert summary_digest([more]) == summary_digest([failing])  # counts alone: not reported
+    later = reconciled_evaluation(RECONCILED, latest, [day])
+    assert summary_digest([later]) != summary_digest([failing])  # a new window: reported
+    many = {DeviceDay(f"dev-{n:02d}", day): False for n in range(25)}
+    assert len(list(reconciled_evaluation(RECONCILED, many, [day]).metadata["failed"].value)) == 20  # type: ignore[arg-type]
+
+
+def test_the_sensor_cursor_reads_the_format_before_the_summaries() -> None:
+    assert SensorCursor.of(None) == SensorCursor("", "")
+    assert SensorCursor.of("2026-02-07T12:00:00+00:00") == SensorCursor("2026-02-07T12:00:00+00:00")
+    cursor = SensorCursor("2026-02-07T12:00:00+00:00", "0a1b2c3d")
+    assert SensorCursor.of(cursor.text) == cursor

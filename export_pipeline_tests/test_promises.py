@@ -17,19 +17,22 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 from dagster import (
+    AssetKey,
     DagsterInstance,
     DagsterRunStatus,
     DefaultScheduleStatus,
     Definitions,
+    MultiPartitionsDefinition,
     RunsFilter,
     job,
     materialize,
     op,
 )
+from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
 from export_pipeline.jobs import export_due_slices
 from export_pipeline.ledger import checkpoints
-from export_pipeline.metadata import RECONCILIATION
+from export_pipeline.metadata import RECONCILIATION, TELEMETRY_DAILY, TELEMETRY_EXPORT
 from export_pipeline.resources import ClockResource, build_resources
 from export_pipeline.runs import RunInFlight, is_dead, run_devices
 from export_pipeline_tests.audit import assert_reconciled
@@ -295,6 +298,35 @@ def test_the_late_data_sweep_runs_by_default_on_export_sweep_cron_in_utc(
     assert schedule.execution_timezone == "UTC"
     assert schedule.default_status == DefaultScheduleStatus.RUNNING
     assert schedule.job_name == "sweep_late_data"
+
+
+def test_the_slices_partitions_are_a_window_and_the_day_files_go_back_to_the_start(
+    code_location: CodeLocation,
+) -> None:
+    """What keeps the Partitions tab fast at a large fleet (README, P10): telemetry_export's
+    dates are the last EXPORT_PARTITION_DAYS, telemetry_daily's every day since
+    EXPORT_START_DATE; no check is partitioned (the UI reads those one device at a time)."""
+    today = datetime.now(UTC).date()
+    graph = code_location(EXPORT_PARTITION_DAYS="30").get_repository_def().asset_graph
+
+    def dates_of(graph: BaseAssetGraph, key: AssetKey) -> list[str]:
+        partitions = graph.get(key).partitions_def
+        assert isinstance(partitions, MultiPartitionsDefinition)
+        return list(partitions.get_partitions_def_for_dimension("date").get_partition_keys())
+
+    window = dates_of(graph, TELEMETRY_EXPORT)
+    assert (window[0], window[-1]) == (str(today - timedelta(days=29)), str(today))
+    assert dates_of(graph, TELEMETRY_DAILY)[0] == "2026-01-01"
+    checks = {key.to_user_string(): graph.get(key) for key in graph.asset_check_keys}
+    assert sorted(checks) == [
+        "telemetry_daily:reconciled",
+        "telemetry_export:freshness",
+        "telemetry_export:reconciled",
+    ]
+    assert all(check.partitions_def is None for check in checks.values())
+    # EXPORT_PARTITION_DAYS=0: every day since EXPORT_START_DATE, as before the window.
+    unbounded = code_location(EXPORT_PARTITION_DAYS="0").get_repository_def().asset_graph
+    assert dates_of(unbounded, TELEMETRY_EXPORT)[0] == "2026-01-01"
 
 
 def test_late_data_older_than_the_sweeps_window_is_not_swept(

@@ -12,6 +12,7 @@ from dagster import DagsterEventType, DagsterInstance
 
 import export_pipeline.internals
 from export_pipeline.internals import latest_check_evaluations, prune_ledger
+from export_pipeline.jobs import retain_ledger
 from export_pipeline.ledger import progress_of
 from export_pipeline.metadata import (
     DAILY_RECONCILIATION,
@@ -20,6 +21,7 @@ from export_pipeline.metadata import (
     TELEMETRY_EXPORT,
 )
 from export_pipeline.partitions import partition_keys
+from export_pipeline.resources import ClockResource, build_resources
 from export_pipeline_tests.audit import assert_reconciled
 from export_pipeline_tests.conftest import TEST_DATABASE, Stack
 from export_pipeline_tests.services import POSTGRES
@@ -221,22 +223,59 @@ def test_the_ledger_retention_schedule_runs_daily_by_default(stack: Stack) -> No
     assert stack.settings(EXPORT_LEDGER_RETENTION_DAYS="2").export.ledger_retention_days == 2
 
 
-def test_a_check_left_planned_by_a_failed_run_keeps_its_event(
-    stack: Stack, instance: DagsterInstance
-) -> None:
+def test_a_failed_run_leaves_no_check_planned(stack: Stack, instance: DagsterInstance) -> None:
+    """The assets declare no partitioned check (a run used to plan one per partition, left
+    PLANNED when it failed); a device-day's reconciliation is recorded when it is evaluated."""
     from export_pipeline_tests.test_daily import registered, write_days
 
     (device,) = registered(instance, new_device())
     stack.write(every_10s(device, CLOSE - timedelta(hours=1), CLOSE))
-    # The run fails before it evaluates the check it planned: InfluxDB has no such bucket.
+    # The run fails before it reconciles anything: InfluxDB has no such bucket.
     partition = f"{DAYS[0]}|{device}"
     assert not write_days(stack, instance, partition, INFLUXDB_BUCKET="missing").success
-    planned = query(
+    rows = query(
         "SELECT execution_status FROM asset_check_executions WHERE partition = %s", partition
     )
-    assert planned == [("PLANNED",)]
-    prune_ledger(instance, asset_keys=KEYS, before=everything())
-    consistent()
+    assert rows == []
+    assert latest_check_evaluations(instance, DAILY_RECONCILIATION, [partition]) == []
+    assert write_days(stack, instance, partition).success
     assert [
         c.passed for c in latest_check_evaluations(instance, DAILY_RECONCILIATION, [partition])
-    ] == [None]
+    ] == [True]
+
+
+def test_retention_forgets_the_slices_device_days_out_of_their_window_and_nothing_else(
+    instance: DagsterInstance, history: tuple[Fleet, list[str]]
+) -> None:
+    """With EXPORT_PARTITION_DAYS, a device-day of telemetry_export older than its partitions
+    loses its events and reconciliations; its day file's, the newer days' and every device's
+    progress stay, and the sensor resumes exactly."""
+    fleet, devices = history
+    before = ledger_state(instance, devices)
+    old, kept = (partition_keys(devices, [day]) for day in DAYS)
+    # The job on 2026-02-17 with a 10-day window: its partitions start on 02-08.
+    settings = fleet.stack.settings(EXPORT_PARTITION_DAYS="10")
+    resources = {
+        **build_resources(settings),
+        "clock": ClockResource(frozen_at="2026-02-17T12:00:00+00:00"),
+    }
+    assert retain_ledger.execute_in_process(instance=instance, resources=resources).success
+    after = ledger_state(instance, devices)
+    assert after["materializations"][TELEMETRY_EXPORT] == {
+        key: storage_id
+        for key, storage_id in before["materializations"][TELEMETRY_EXPORT].items()
+        if key in kept
+    }
+    assert before["materializations"][TELEMETRY_EXPORT].keys() > set(kept)  # 02-07 was there
+    assert after["materializations"][TELEMETRY_DAILY] == before["materializations"][TELEMETRY_DAILY]
+    assert [e for e in after["evaluations"] if e[0] in old] == []
+    assert [e for e in after["evaluations"] if e[0] in kept] == [
+        e for e in before["evaluations"] if e[0] in kept
+    ]
+    assert latest_check_evaluations(instance, DAILY_RECONCILIATION, old)  # the day files' stay
+    assert after["progress"] == before["progress"]
+    consistent()
+    resumed = fleet.tick_and_run(CLOSE + timedelta(minutes=4, seconds=30))
+    assert {(item[0], item[2], item[3]) for item in work_of(resumed)} == {
+        (device, 180, 240) for device in devices
+    }

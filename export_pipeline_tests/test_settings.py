@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from export_pipeline.partitions import first_window_day
 from export_pipeline.settings import Settings, SettingsError, load_env_file
 
 BASE = {"S3_BUCKET": "exports"}
@@ -43,6 +44,8 @@ def test_defaults_need_only_a_bucket() -> None:
         ("CHECKPOINT_DB_PORT", "x", "CHECKPOINT_DB_PORT='x' is not a whole number"),
         ("EXPORT_SWEEP_CRON", "hourly", "EXPORT_SWEEP_CRON='hourly' is not a five-field cron"),
         ("EXPORT_SWEEP_CRON", "0 * * * * *", "EXPORT_SWEEP_CRON='0 * * * * *' is not a five"),
+        ("EXPORT_PARTITION_DAYS", "7", "EXPORT_PARTITION_DAYS=7 is shorter than the week"),
+        ("EXPORT_PARTITION_DAYS", "-1", "EXPORT_PARTITION_DAYS=-1 must be at least 0"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_the_variable(name: str, value: str, message: str) -> None:
@@ -85,3 +88,22 @@ def test_a_dotenv_in_the_working_directory_fills_in_what_the_environment_does_no
     monkeypatch.setattr(os, "environ", {})
     load_env_file()
     assert os.environ == {}
+
+
+def test_telemetry_exports_partitions_are_a_window_longer_than_what_reads_its_ledger() -> None:
+    """EXPORT_PARTITION_DAYS (14), lengthened past slice retention's week after its days and
+    the sensor's lookback; 0 is every day since EXPORT_START_DATE."""
+    window = {
+        (): 14,
+        (("EXPORT_PARTITION_DAYS", "8"),): 10,  # the default day of lookback and a week
+        (("EXPORT_SLICE_RETENTION_DAYS", "30"),): 38,
+        (("LOOKBACK_HOURS", "720"),): 39,
+        (("EXPORT_PARTITION_DAYS", "0"), ("EXPORT_SLICE_RETENTION_DAYS", "30")): 0,
+    }
+    for overrides, days in window.items():
+        assert Settings.from_env({**BASE, **dict(overrides)}).export.partition_window_days == days
+    export = Settings.from_env(BASE).export
+    assert first_window_day(export, date(2026, 12, 1)) == date(2026, 11, 18)
+    assert first_window_day(export, date(2026, 1, 10)) == date(2026, 1, 1)  # not before the start
+    unbounded = Settings.from_env({**BASE, "EXPORT_PARTITION_DAYS": "0"}).export
+    assert first_window_day(unbounded, date(2026, 12, 1)) == date(2026, 1, 1)
