@@ -12,13 +12,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from typing import NamedTuple
 
 from dagster import AssetCheckEvaluation
 
 from export_pipeline.internals import CheckPartition
 from export_pipeline.layout import DeviceIdError, validate_device_id
 from export_pipeline.ledger import checkpoint_dates
-from export_pipeline.metadata import freshness_evaluation
+from export_pipeline.metadata import (
+    DAILY_RECONCILED,
+    RECONCILED,
+    freshness_evaluation,
+    reconciled_evaluation,
+    summary_digest,
+)
 from export_pipeline.partitions import DeviceDay
 from export_pipeline.progress import Progress
 from export_pipeline.settings import ExportSettings
@@ -166,6 +173,7 @@ class Snapshot:
     day_files: Mapping[DeviceDay, int]
     busy: frozenset[str]  # devices whose slices runs in flight hold
     busy_days: frozenset[str] = frozenset()  # devices whose day files runs in flight hold
+    closed: Sequence[date] = ()  # the closed days of the window the checks above cover
 
 
 @dataclass(frozen=True)
@@ -175,8 +183,33 @@ class TickPlan:
     day_runs: list[list[WorkItem]]  # day files to write
     until: datetime
     freshness: AssetCheckEvaluation
+    reconciled: list[AssetCheckEvaluation]  # each dataset's summary of the window
     warnings: list[str]
     summary: str
+
+    def cursor(self) -> SensorCursor:
+        return SensorCursor(self.until.isoformat(), summary_digest(self.reconciled))
+
+
+class SensorCursor(NamedTuple):
+    """What the sensor last reported: the slice its freshness was for (reported once a slice,
+    not every tick), and a digest of the `reconciled` summaries (reported when it changes)."""
+
+    until: str
+    summaries: str = ""
+
+    @property
+    def text(self) -> str:
+        return f"{self.until} {self.summaries}"
+
+    @classmethod
+    def of(cls, text: str | None) -> SensorCursor:
+        until, _, summaries = (text or "").partition(" ")  # before 2026-12: the slice alone
+        return cls(until, summaries)
+
+
+def outcomes(checks: Mapping[DeviceDay, CheckPartition]) -> dict[DeviceDay, bool | None]:
+    return {device_day: found.passed for device_day, found in checks.items()}
 
 
 def plan_tick(now: datetime, settings: ExportSettings, snapshot: Snapshot) -> TickPlan:
@@ -203,6 +236,10 @@ def plan_tick(now: datetime, settings: ExportSettings, snapshot: Snapshot) -> Ti
         day_runs=batches(days, settings.devices_per_run),
         until=until,
         freshness=freshness_evaluation(done, fleet, now, settings),
+        reconciled=[
+            reconciled_evaluation(RECONCILED, outcomes(snapshot.slice_checks), snapshot.closed),
+            reconciled_evaluation(DAILY_RECONCILED, outcomes(snapshot.day_checks), snapshot.closed),
+        ],
         warnings=warnings,
         summary=(
             f"{len(fleet)} devices ({len(new)} new, {len(busy)} busy): {len(work)} device-day "

@@ -4,9 +4,7 @@ new devices registered, batched runs for the slices that are due and for closed 
 reconciliation failed, day files for closed device-days, the freshness check reported, and the
 `reconciled` summaries when they change."""
 
-from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import NamedTuple, Self
 
 from dagster import (
     DefaultSensorStatus,
@@ -17,7 +15,6 @@ from dagster import (
     sensor,
 )
 
-from export_pipeline.internals import CheckPartition
 from export_pipeline.jobs import export_day_files, export_due_slices, run_config_for
 from export_pipeline.ledger import (
     latest_checks,
@@ -25,16 +22,13 @@ from export_pipeline.ledger import (
     progress_of,
 )
 from export_pipeline.metadata import (
-    DAILY_RECONCILED,
     DAILY_RECONCILIATION,
-    RECONCILED,
     RECONCILIATION,
     TELEMETRY_DAILY,
-    reconciled_evaluation,
-    summary_digest,
 )
-from export_pipeline.partitions import DEVICES, DeviceDay, devices
+from export_pipeline.partitions import DEVICES, devices
 from export_pipeline.planning import (
+    SensorCursor,
     Snapshot,
     admit,
     closed_window,
@@ -57,27 +51,6 @@ from export_pipeline.settings import Settings
 from export_pipeline.slicing import NS_PER_SECOND
 
 TICK_SECONDS = 10
-
-
-class SensorCursor(NamedTuple):
-    """What the sensor last reported: the slice its freshness was for, and a digest of the
-    reconciliation summaries."""
-
-    until: str
-    summaries: str = ""
-
-    @property
-    def text(self) -> str:
-        return f"{self.until} {self.summaries}"
-
-    @classmethod
-    def of(cls, text: str | None) -> Self:
-        until, _, summaries = (text or "").partition(" ")  # before 2026-12: the slice alone
-        return cls(until, summaries)
-
-
-def outcomes(checks: Mapping[DeviceDay, CheckPartition]) -> dict[DeviceDay, bool | None]:
-    return {device_day: found.passed for device_day, found in checks.items()}
 
 
 def build_continuous_export(settings: Settings) -> SensorDefinition:
@@ -126,23 +99,17 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
             day_files=latest_materializations(instance, TELEMETRY_DAILY, fleet_ever, closed),
             busy=frozenset(busy_devices(live, SLICES)),
             busy_days=frozenset(busy_devices(live, DAILY)),
+            closed=closed,
         )
         plan = plan_tick(now, config, snapshot)
 
         for warning in skipped + plan.warnings:
             context.log.warning(warning)
-        summaries = [
-            reconciled_evaluation(RECONCILED, outcomes(snapshot.slice_checks), closed),
-            reconciled_evaluation(DAILY_RECONCILED, outcomes(snapshot.day_checks), closed),
-        ]
-        reported = SensorCursor.of(context.cursor)
-        cursor = SensorCursor(plan.until.isoformat(), summary_digest(summaries))
-        # Freshness once a slice, not every tick: the sensor ticks several times a slice. The
-        # summaries when they change (a failure, a fix, a new day).
+        reported, cursor = SensorCursor.of(context.cursor), plan.cursor()
         if reported.until != cursor.until:
             instance.report_runless_asset_event(plan.freshness)
         if reported.summaries != cursor.summaries:
-            for summary in summaries:
+            for summary in plan.reconciled:
                 instance.report_runless_asset_event(summary)
         context.log.info(plan.summary)
         return SensorResult(

@@ -33,8 +33,8 @@ from export_pipeline.metadata import (
     summary_digest,
 )
 from export_pipeline.partitions import DeviceDay
+from export_pipeline.planning import SensorCursor
 from export_pipeline.resources import ClockResource
-from export_pipeline.sensors import SensorCursor
 from export_pipeline.slices import Slices
 from export_pipeline.slicing import DayRange
 from export_pipeline.writers import ObjectStore

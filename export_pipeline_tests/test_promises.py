@@ -329,6 +329,31 @@ def test_the_slices_partitions_are_a_window_and_the_day_files_go_back_to_the_sta
     assert dates_of(unbounded, TELEMETRY_EXPORT)[0] == "2026-01-01"
 
 
+def test_a_day_before_the_window_is_exported_again_by_config(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    """README, Partitions: `export_due_slices` with a whole-day item rewrites a day that is no
+    longer a partition, and leaves the device's checkpoint where it was."""
+    device, midnight = new_device(), datetime(2026, 2, 8, tzinfo=UTC)
+    stack.write(every_10s(device, midnight - timedelta(hours=1), midnight + timedelta(minutes=5)))
+    fleet = Fleet(stack, instance, DEVICE_IDS=device, LOOKBACK_HOURS="24")
+    fleet.tick_and_run(midnight + timedelta(minutes=2))  # 02-07 closed, 02-08 begun
+    through = checkpoints(instance, [device])[device]
+    folder = f"telemetry/device_id={device}/date=2026/02/07/"
+    lost = folder + "export_231000.parquet"
+    stack.s3.delete_object(Bucket=stack.bucket, Key=lost)
+    config = {"work": [{"device_id": device, "date": "2026-02-07", "reexport": True}]}
+    resources = {**fleet.resources, "clock": ClockResource(frozen_at="2026-03-20T00:00:00+00:00")}
+    assert export_due_slices.execute_in_process(
+        run_config={"ops": {"export_slices": {"config": config}}},
+        instance=instance,
+        resources=resources,
+    ).success
+    stack.s3.head_object(Bucket=stack.bucket, Key=lost)  # written again
+    assert assert_reconciled(stack, device, [DAY], settings=fleet.settings) == 360
+    assert checkpoints(instance, [device])[device] == through
+
+
 def test_late_data_older_than_the_sweeps_window_is_not_swept(
     stack: Stack, instance: DagsterInstance
 ) -> None:
