@@ -1,14 +1,15 @@
 """P5: a sensor tick over a large fleet with weeks of history in Dagster's PostgreSQL storage.
 
-The history is what the pipeline leaves with the ledger retention in force, bulk-loaded with COPY
-into Dagster's own tables: each device's progress (a key-value row); for every device-day of the
-retention window the materializations a continuous run records (`worth_recording`: the first,
-about one an hour, the close), and one for each older day (the latest, which retention keeps);
-for every closed device-day a passed reconciliation of its slices, its day file's
-materialization and the day file's passed reconciliation. What the sensor reads back (the latest
-event of a partition, a check's latest status) carries a real serialized event recorded through
-Dagster, with partition and times substituted; older rows carry a placeholder body and exist for
-their index entries, which is what the sensor's queries scan.
+The history is what the pipeline leaves with the ledger retention in force, bulk-loaded with
+COPY into Dagster's own tables: each device's progress (a key-value row); for every device-day
+of the retention window the materializations a continuous run records (`worth_recording`: the
+first, about one an hour, the close), and one for each older day (the latest, which retention
+keeps); for every closed device-day a passed reconciliation of its slices and its day file's
+passed reconciliation, and for every closed date telemetry_daily's materialization. What the
+sensor reads back (the latest event of a partition, a check's latest status) carries a real
+serialized event recorded through Dagster, with partition and times substituted; older rows
+carry a placeholder body and exist for their index entries, which is what the sensor's queries
+scan.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from export_pipeline.metadata import (
     TELEMETRY_DAILY,
     TELEMETRY_EXPORT,
 )
-from export_pipeline.partitions import DeviceDay
+from export_pipeline.partitions import DeviceDay, date_key
 from export_pipeline.progress import DayTotals, Progress
 from export_pipeline.resources import ClockResource, build_resources
 from export_pipeline.sensors import build_continuous_export
@@ -175,8 +176,9 @@ def load_history(
                     )
                 for device in devices:
                     partition = DeviceDay(device, day).key
-                    rows.event(TELEMETRY_DAILY, partition, later, "ASSET_MATERIALIZATION", real)
                     rows.check(TELEMETRY_DAILY, DAILY_RECONCILIATION.name, partition, later)
+                # The day files' partition is the date: one materialization sums up the fleet's.
+                rows.event(TELEMETRY_DAILY, date_key(day), later, "ASSET_MATERIALIZATION", real)
             rows.copy(cursor)
             connection.commit()
             next_id = rows.next_id

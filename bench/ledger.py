@@ -384,8 +384,12 @@ def capture(bench: Bench) -> Captured:
     device = devices[0]
     values = {"device": device, "date": CAPTURED_DAY, "datepath": CAPTURED_DAY.replace("-", "/")}
 
-    def content(run_id: str, event_type: str) -> EventRow:
-        rows = [r for r in run_events(db, run_id) if r[1] == event_type and device in r[5]]
+    def content(run_id: str, event_type: str, of_device: bool = True) -> EventRow:
+        rows = [
+            r
+            for r in run_events(db, run_id)
+            if r[1] == event_type and (device in r[5] or not of_device)
+        ]
         return event_row(db, rows[0], {"run": run_id, **values})
 
     close_run = next(
@@ -490,7 +494,7 @@ def capture(bench: Bench) -> Captured:
         snapshot_id=launched["snapshot_id"],
         materialization=content(close_run, "ASSET_MATERIALIZATION"),
         evaluation=content(close_run, "ASSET_CHECK_EVALUATION"),
-        day_file=content(day_run, "ASSET_MATERIALIZATION"),
+        day_file=content(day_run, "ASSET_MATERIALIZATION", of_device=False),  # the date's
         day_evaluation=content(day_run, "ASSET_CHECK_EVALUATION"),
         heartbeat=heartbeat,
         freshness=event_row(db, freshness, {}),
@@ -602,8 +606,8 @@ class Simulation:
         days = Run(export_day_files.name, start + lateness + TICK_SECONDS, self.day_file_seconds)
         days.work = (yesterday, 0, SECONDS_PER_DAY)
         for device in self.fleet:
-            values = self.values(device, yesterday)
-            days.content += [(c.day_file, values), (c.day_evaluation, values)]
+            days.content.append((c.day_evaluation, self.values(device, yesterday)))
+        days.content.append((c.day_file, self.values(self.fleet[0], yesterday)))  # the date
         days.content += self.heartbeats(days.seconds)
         runs.append(days)
         for job, cron in (
@@ -788,6 +792,7 @@ class Simulation:
                     asset_keys=[TELEMETRY_EXPORT, TELEMETRY_DAILY],
                     before=before,
                     forget_before={TELEMETRY_EXPORT: keys_before(first_day)},
+                    dated=[TELEMETRY_DAILY],
                 )
                 self.pruned.append({**vars(pruned), "seconds": time.perf_counter() - started})
                 spent["prune"] += time.perf_counter() - started

@@ -4,17 +4,18 @@ GraphQL queries the tab sends to a real `dagster-webserver`.
     .venv/bin/python -m bench.partitions [--devices 5000 --days 365 --partition-days 30]
 
 The history is bulk-loaded as P5 loads it (`bench.history.load_history`: per closed device-day
-the materializations the pipeline keeps, its reconciliation, the day file and its
-reconciliation), from EXPORT_START_DATE `--days` back. The ledger retention then runs as its
-schedule would (`internals.prune_ledger`, which forgets the slices' device-days before their
-window of EXPORT_PARTITION_DAYS=`--partition-days`; 0: no window, nothing forgotten). Then the
-webserver serves the project's workspace against that storage and each query is timed cold
-(Dagster's asset status cache emptied, the server just started) and warm (the median of three
-more; one more when the first took over 10 s). The queries are the UI's own, as its bundle
-spells them: `PartitionHealthQuery` (an asset's partition bar and grid) and `AssetChecksQuery`
-(an asset's checks tab) for both datasets, and `AssetCheckDetailsQuery` (a check's page) for
-each `reconciled` check. (Before the reconciliations left Dagster's partitioned checks, the tab
-also sent `AssetCheckPartitionHealthQuery`: 94 s a check at 5,000 devices x 365 days.)
+the materializations the pipeline keeps, its reconciliation and its day file's; per closed date
+telemetry_daily's materialization), from EXPORT_START_DATE `--days` back. The ledger retention
+then runs as its schedule would (`internals.prune_ledger`, which forgets the slices' device-days
+before their window of EXPORT_PARTITION_DAYS=`--partition-days`; 0: no window, nothing
+forgotten). Then the webserver serves the project's workspace against that storage and each
+query is timed cold (Dagster's asset status cache emptied, the server just started) and warm
+(the median of three more; one more when the first took over 10 s). The queries are the UI's
+own, as its bundle spells them: `PartitionHealthQuery` (an asset's partition bar and grid) and
+`AssetChecksQuery` (an asset's checks tab) for both datasets, and `AssetCheckDetailsQuery` (a
+check's page) for each `reconciled` check. (Before the reconciliations left Dagster's
+partitioned checks, the tab also sent `AssetCheckPartitionHealthQuery`: 94 s a check at 5,000
+devices x 365 days.)
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def retain(instance: DagsterInstance, settings: ExportSettings, now: datetime) -
         asset_keys=[TELEMETRY_EXPORT, TELEMETRY_DAILY],
         before=now - timedelta(days=settings.ledger_retention_days),
         forget_before={TELEMETRY_EXPORT: keys_before(first_window_day(settings, now.date()))},
+        dated=[TELEMETRY_DAILY],
     )
     connection = psycopg2.connect(dbname=database_of(instance), **POSTGRES)
     connection.autocommit = True
@@ -225,7 +227,7 @@ def p10(args: argparse.Namespace) -> dict[str, Any]:
         "partitions": {
             TELEMETRY_EXPORT.to_user_string(): args.devices
             * (settings.partition_window_days or args.days + 1),
-            TELEMETRY_DAILY.to_user_string(): args.devices * (args.days + 1),
+            TELEMETRY_DAILY.to_user_string(): args.days,  # the closed dates
         },
         "rows_removed_by_retention": pruned,
         "retention_seconds": round(retention_seconds),

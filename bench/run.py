@@ -287,12 +287,13 @@ def peak_rss_mib(bench: Bench, device: str, asset: str = "telemetry_export") -> 
         "--select",
         asset,
         "--partition",
-        f"{DAY}|{device}",
+        # telemetry_daily's partitions are dates: the date of the fleet, DEVICE_IDS.
+        f"{DAY}|{device}" if asset == "telemetry_export" else str(DAY),
     ]
     answer = subprocess.run(
         [sys.executable, "-c", PEAK_RSS, *command],
         cwd=bench.root,
-        env={**os.environ, **bench.env()},
+        env={**os.environ, **bench.env(DEVICE_IDS=device)},
         check=True,
         capture_output=True,
         text=True,

@@ -1,20 +1,18 @@
-"""The datasets, as Dagster assets on device x date partitions, fed by InfluxDB:
+"""The datasets, as Dagster assets fed by InfluxDB:
 
-- `telemetry_export`: the slices, one file per interval of a device-day (fresh data);
-- `telemetry_daily`: one file per closed device-day (analytics and history), through the
-  `day_files` IO manager, so downstream assets take it as an input;
+- `telemetry_export`: the slices, one file per interval of a device-day (fresh data), on
+  device x date partitions;
+- `telemetry_daily`: one file per closed device-day (analytics and history), on date
+  partitions, each the fleet's day; downstream assets take it as an input (`day_files`);
 - `influxdb_telemetry`: InfluxDB's measurement, an external asset both are read from.
 
 A run of either asset may cover many partitions (a backfill runs as few runs, see the backfill
-policy): their device-days are exported `EXPORT_CONCURRENCY` devices at a time through the one
+policies): their device-days are exported `EXPORT_CONCURRENCY` devices at a time through the one
 routine, `export.export_device`, and a device-day that fails is named in the run's failure.
 """
 
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import date, datetime
-from pathlib import Path
 
 from dagster import (
     AssetCheckKey,
@@ -23,13 +21,13 @@ from dagster import (
     AssetsDefinition,
     AssetSpec,
     BackfillPolicy,
+    DailyPartitionsDefinition,
     Failure,
     MaterializeResult,
     MultiPartitionsDefinition,
     multi_asset,
 )
 
-from export_pipeline.daily import StagedDay, StagedDayFiles
 from export_pipeline.export import Dataset, DeviceOutcome, DeviceWork, export_fleet
 from export_pipeline.influx import shared_count_groups
 from export_pipeline.internals import (
@@ -37,9 +35,9 @@ from export_pipeline.internals import (
     batched_event_writes,
     pool_storage_connections,
 )
+from export_pipeline.jobs import date_metadata, write_day_files
 from export_pipeline.ledger import progress_of, record_progress
 from export_pipeline.metadata import (
-    DAILY_RECONCILIATION,
     INFLUXDB,
     RECONCILIATION,
     TELEMETRY_DAILY,
@@ -47,14 +45,13 @@ from export_pipeline.metadata import (
     materialization_metadata,
     reconciliation_evaluation,
 )
-from export_pipeline.partitions import DeviceDay
+from export_pipeline.partitions import DeviceDay, date_key, registered_devices
 from export_pipeline.planning import closed_part, due_until, first_due
 from export_pipeline.resources import (
     ClockResource,
     ExportBucketResource,
     ExportResource,
     InfluxDBResource,
-    day_files_of,
     slices_of,
 )
 from export_pipeline.runs import HEARTBEAT_SECONDS, mark_process
@@ -194,25 +191,27 @@ def build_telemetry_export(
 
 
 def build_telemetry_daily(
-    device_days: MultiPartitionsDefinition, settings: ExportSettings
+    dates: DailyPartitionsDefinition, settings: ExportSettings
 ) -> AssetsDefinition:
     @multi_asset(
         name=TELEMETRY_DAILY.path[-1],
         outs={
             TELEMETRY_DAILY.path[-1]: AssetOut(
                 key=TELEMETRY_DAILY,
+                # Loads a date's day files for downstream assets; the asset publishes them.
                 io_manager_key="day_files",
                 kinds={"s3", "parquet"},
                 group_name="telemetry",
-                description="One device's telemetry for one closed UTC day, as one Parquet "
-                "file: for analytics and history.",
+                description="The fleet's telemetry for one closed UTC day, one Parquet file per "
+                "device: for analytics and history.",
                 is_required=False,
             )
         },
         deps=[INFLUXDB],
-        partitions_def=device_days,
+        partitions_def=dates,
         can_subset=True,
-        backfill_policy=BackfillPolicy.multi_run(settings.devices_per_run),
+        # A date per run: a run is the fleet's day, EXPORT_CONCURRENCY devices at a time.
+        backfill_policy=BackfillPolicy.multi_run(1),
     )
     def telemetry_daily(
         context: AssetExecutionContext,
@@ -221,35 +220,37 @@ def build_telemetry_daily(
         export: ExportResource,
         clock: ClockResource,
     ) -> Iterator[MaterializeResult]:
-        """Writes each closed device-day, read from InfluxDB in one streamed query, as one
-        Parquet file; the `day_files` IO manager publishes them, each in one upload under its
-        fixed key. A day without rows has no file."""
+        """Writes each device's day file of each closed date, read from InfluxDB in one streamed
+        query and published in one upload under its fixed key, then reconciled. A device-day
+        without rows has no file. The fleet is DEVICE_IDS, or every registered device."""
         settings, now = export.settings(), clock.now()
         closed = due_until(now, settings).date()
-        open_days = [key for key in context.partition_keys if DeviceDay.of(key).day >= closed]
+        days = [date.fromisoformat(key) for key in context.partition_keys]
+        open_days = [day.isoformat() for day in days if day >= closed]
         if open_days:
             raise Failure(
                 f"{', '.join(open_days[:5])}: not closed yet; a day file is written once its day "
                 f"has ended and EXPORT_LATENESS_SECONDS={settings.lateness_seconds} have passed"
             )
-        days = ranges_by_device(context, DayRange.whole)
-        # Each day on its own: a day file does not depend on the day before.
-        work = {device: DeviceWork([[day] for day in ranges]) for device, ranges in days.items()}
-        staging = Path(tempfile.mkdtemp(prefix="telemetry-daily-"))
-        try:
-            counts = shared_count_groups(days_closed_by(days))
-            with day_files_of(
-                influxdb, s3, settings, staging, StagedDayFiles, shared_counts=counts
-            ) as files:
-                outcomes = export_partitions(context, files, work, settings=settings, first_due=now)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        record(context, outcomes, clock.now(), DAILY_RECONCILIATION)
-        staged: dict[str, StagedDay] = {
-            DeviceDay(s.device_id, s.day).key: s for s in files.staged.values()
-        }
-        with batched_event_writes():  # a materialization per partition, in one INSERT
-            yield MaterializeResult(asset_key=TELEMETRY_DAILY, value=staged)
+        fleet = registered_devices(context.instance, settings)
+        if not fleet:
+            raise Failure(
+                "no devices to write day files for: set DEVICE_IDS, or let the continuous_export "
+                "sensor register the devices InfluxDB has"
+            )
+        write_day_files(
+            context.op_execution_context,
+            dict.fromkeys(fleet, days),
+            influxdb=influxdb,
+            s3=s3,
+            settings=settings,
+            clock=clock,
+            retry="materialize the dates again to retry them",
+        )
+        found = date_metadata(context.instance, s3, settings, days)
+        add_partition_metadata(
+            context, TELEMETRY_DAILY, {date_key(day): metadata for day, metadata in found.items()}
+        )
+        yield MaterializeResult(asset_key=TELEMETRY_DAILY)
 
     return telemetry_daily

@@ -25,7 +25,7 @@ from export_pipeline.metadata import (
     reconciled_evaluation,
 )
 from export_pipeline.partitions import registered_devices
-from export_pipeline.planning import closed_window
+from export_pipeline.planning import closed_window, outcomes
 from export_pipeline.resources import ClockResource, ExportResource
 
 
@@ -70,9 +70,7 @@ def build_reconciled_check(
         closed = closed_window(now, settings)
         fleet = registered_devices(context.instance, settings)
         latest = latest_checks(context.instance, reconciliation, fleet, closed)
-        evaluation = reconciled_evaluation(
-            summary, {device_day: found.passed for device_day, found in latest.items()}, closed
-        )
+        evaluation = reconciled_evaluation(summary, outcomes(latest), closed)
         return AssetCheckResult(
             passed=evaluation.passed,
             metadata=evaluation.metadata,

@@ -1,4 +1,5 @@
-"""The daily dataset (`telemetry_daily`): one Parquet object per closed device-day.
+"""The daily dataset (`telemetry_daily`): one Parquet object per closed device-day (its
+partitions are dates, each the fleet's day files of that date).
 
 It reads InfluxDB itself, one streamed query per device-day, never the slices, so a year of history
 can be exported without writing a slice first. The day is written to local disk row group by row
@@ -13,7 +14,7 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -142,8 +143,8 @@ def reconcile_day_file(
 
 @dataclass(frozen=True)
 class DayFiles:
-    """`telemetry_daily` as a `Dataset` for continuous runs: each day file is published as soon
-    as it is written, then reconciled from its footer in S3 (one ranged GET)."""
+    """`telemetry_daily` as a `Dataset`: each day file is published as soon as it is written,
+    then reconciled from its footer in S3 (one ranged GET)."""
 
     source: CountingSource
     store: ObjectStore
@@ -192,27 +193,3 @@ class DayFiles:
         return reconcile_day_file(
             self.source, device_id=device_id, day=day, key=key, footer=self.footer(key)
         )
-
-
-@dataclass(frozen=True)
-class StagedDayFiles(DayFiles):
-    """`telemetry_daily` as a `Dataset` for the asset: day files are left staged, for the asset's
-    IO manager to publish with its output, and reconciled from the staged file."""
-
-    staged: dict[str, StagedDay] = field(default_factory=dict)
-
-    def export(
-        self,
-        device_id: str,
-        piece: DayRange,
-        stop: threading.Event | None = None,
-        *,
-        fresh: bool = False,
-    ) -> ExportReport:
-        staged = self.stage(device_id, piece, stop)
-        self.staged[staged.key] = staged  # one device's days are staged by one thread
-        return staged.report
-
-    def footer(self, key: str) -> pq.FileMetaData | None:
-        staged = self.staged.get(key)
-        return None if staged is None or staged.path is None else pq.read_metadata(staged.path)

@@ -20,7 +20,7 @@ from export_pipeline.jobs import (
     sweep_late_data,
 )
 from export_pipeline.metadata import DAILY_RECONCILIATION, RECONCILIATION
-from export_pipeline.partitions import device_days, first_window_day
+from export_pipeline.partitions import closed_dates, device_days, first_window_day
 from export_pipeline.resources import build_resources
 from export_pipeline.schedules import build_late_data_sweep, build_ledger_retention
 from export_pipeline.sensors import build_continuous_export
@@ -31,13 +31,13 @@ settings = Settings.from_env()
 # (dagster.yaml forwards them into Dagster's run logs).
 logging.getLogger("export_pipeline").setLevel(settings.log_level)
 
-# The slices' dates are a window of the last EXPORT_PARTITION_DAYS; the day files' go back to
-# EXPORT_START_DATE (history). See `partitions.first_window_day`.
+# The slices' partitions are devices x the last EXPORT_PARTITION_DAYS (`first_window_day`); the
+# day files' are dates back to EXPORT_START_DATE, each the fleet's (`closed_dates`).
 today = datetime.now(UTC).date()
 telemetry_export = build_telemetry_export(
     device_days(settings.export, first_window_day(settings.export, today)), settings.export
 )
-telemetry_daily = build_telemetry_daily(device_days(settings.export), settings.export)
+telemetry_daily = build_telemetry_daily(closed_dates(settings.export), settings.export)
 
 defs = Definitions(
     assets=[

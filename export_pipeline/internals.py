@@ -324,6 +324,21 @@ WITH doomed AS (
 ), tags AS (DELETE FROM asset_event_tags WHERE event_id IN (SELECT id FROM doomed))
 DELETE FROM event_logs WHERE id IN (SELECT id FROM doomed) RETURNING id
 """
+# Materializations of an asset whose partitions became dates from device-days (telemetry_daily
+# before its partitions were dates): each device-day's state is its reconciliation, which stays.
+_DEVICE_DAY_MATERIALIZATIONS = """
+WITH doomed AS (
+    SELECT e.id FROM event_logs e
+    WHERE e.asset_key = :key AND e.dagster_event_type = 'ASSET_MATERIALIZATION'
+      AND e.partition LIKE '%|%'
+    LIMIT :batch
+), tags AS (DELETE FROM asset_event_tags WHERE event_id IN (SELECT id FROM doomed))
+DELETE FROM event_logs WHERE id IN (SELECT id FROM doomed) RETURNING id
+"""
+_DEVICE_DAY_DATES = """
+SELECT DISTINCT split_part(partition, '|', 1) FROM event_logs
+WHERE asset_key = :key AND dagster_event_type = 'ASSET_MATERIALIZATION' AND partition LIKE '%|%'
+"""
 _FORGOTTEN_EVALUATIONS = """
 WITH doomed AS (
     SELECT c.id, c.evaluation_event_storage_id AS event_id FROM asset_check_executions c
@@ -356,12 +371,22 @@ DELETE FROM runs r WHERE r.run_id = ANY(:runs)
 """
 
 
+def device_day_dates(instance: DagsterInstance, asset_key: AssetKey) -> list[str]:
+    """The dates of the device-day materializations of an asset whose partitions are now dates
+    (see `prune_ledger`'s `dated`), for their dates to be recorded before they go."""
+    storage: Any = instance.event_log_storage
+    with storage.index_connection() as conn:
+        rows = _read(conn, _DEVICE_DAY_DATES, {"key": asset_key.to_string()}).fetchall()
+    return sorted(str(row[0]) for row in rows)
+
+
 def prune_ledger(
     instance: DagsterInstance,
     *,
     asset_keys: Sequence[AssetKey],
     before: datetime,
     forget_before: Mapping[AssetKey, str] | None = None,
+    dated: Sequence[AssetKey] = (),
     batch: int = 5_000,
 ) -> Pruned:
     """Remove from Dagster's storage what nothing needs any more, up to `before`: materializations
@@ -370,7 +395,8 @@ def prune_ledger(
     latest materialization of every partition and evaluation of every check stay, with their
     metadata, so the UI still shows each partition as it last was. `forget_before` names, per
     asset, the key below which its partitions are no longer partitions (its date window): their
-    events and evaluations go too, whatever their age.
+    events and evaluations go too, whatever their age. `dated` names assets whose partitions
+    are dates: their materializations of device-days (from before) go, whatever their age.
 
     Dagster has no retention for asset events (its `retention:` covers ticks only, deleting a run
     deletes its materializations, and wiping partitions is not implemented on PostgreSQL), so
@@ -396,6 +422,8 @@ def prune_ledger(
             parameters = {"key": asset_key.to_string(), "bound": bound}
             pruned.forgotten += drain(_FORGOTTEN_MATERIALIZATIONS, **parameters)
             pruned.forgotten += drain(_FORGOTTEN_EVALUATIONS, **parameters)
+        for asset_key in dated:
+            pruned.forgotten += drain(_DEVICE_DAY_MATERIALIZATIONS, key=asset_key.to_string())
         pruned.materializations = drain(_SUPERSEDED_MATERIALIZATIONS)
         pruned.evaluations = drain(_SUPERSEDED_EVALUATIONS)
         after = 0

@@ -6,7 +6,7 @@ past EXPORT_SLICE_RETENTION_DAYS."""
 
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -17,6 +17,7 @@ from dagster import (
     AssetKey,
     AssetMaterialization,
     Config,
+    DagsterInstance,
     Failure,
     MetadataValue,
     OpExecutionContext,
@@ -29,18 +30,22 @@ from export_pipeline.daily import DayFiles
 from export_pipeline.export import Dataset, DeviceOutcome, DeviceWork, export_fleet
 from export_pipeline.influx import shared_count_groups, shared_read_groups
 from export_pipeline.internals import (
+    device_day_dates,
+    latest_storage_ids,
     log_materializations,
     pool_storage_connections,
     prune_ledger,
 )
 from export_pipeline.layout import (
     day_file_key,
+    day_files_glob,
     device_folder,
     device_root,
     devices_root,
     slice_offset_of,
 )
 from export_pipeline.ledger import (
+    day_file_records,
     latest_checks,
     latest_metadata,
     progress_of,
@@ -53,6 +58,7 @@ from export_pipeline.metadata import (
     SLICES_REMOVED,
     TELEMETRY_DAILY,
     TELEMETRY_EXPORT,
+    day_files_metadata,
     late_data_evaluation,
     materialization,
     reconciliation_evaluation,
@@ -61,6 +67,7 @@ from export_pipeline.metadata import (
 from export_pipeline.partitions import (
     DEVICES,
     DeviceDay,
+    date_key,
     first_window_day,
     keys_before,
     registered_devices,
@@ -159,15 +166,17 @@ def run_exports(
     *,
     settings: ExportSettings,
     clock: ClockResource,
-    asset_key: AssetKey,
+    asset_key: AssetKey | None,
     check: AssetCheckKey,
     keeps_progress: bool,
+    retry: str = "what they left is requested again on the next tick",
 ) -> None:
-    """Export the run's work. As devices finish: a materialization for each range worth one in
-    the UI (`worth_recording`; every range of a dataset without progress), an evaluation for
-    every day that closed, and each device's new progress; stored in batches, with every
-    heartbeat and at the end. A failing device does not hold back the others; the run fails at
-    the end, naming it. The heartbeat lets the sensor tell a slow run from a dead one."""
+    """Export the run's work. As devices finish: a materialization of `asset_key` (None: none)
+    for each range worth one in the UI (`worth_recording`; every range of a dataset without
+    progress), an evaluation for every day that closed, and each device's new progress; stored
+    in batches, with every heartbeat and at the end. A failing device does not hold back the
+    others; the run fails at the end, naming it (`retry`: what becomes of it). The heartbeat lets
+    the sensor tell a slow run from a dead one."""
     mark_process(context.instance, context.run.run_id)
     failures: list[str] = []
     materializations: list[AssetMaterialization] = []
@@ -186,7 +195,9 @@ def run_exports(
     def record(outcome: DeviceOutcome) -> None:
         device_id, previous = outcome.device_id, work[outcome.device_id].progress
         for exported in outcome.exported:
-            if not keeps_progress or worth_recording(exported, previous, settings.interval_seconds):
+            if asset_key is not None and (
+                not keeps_progress or worth_recording(exported, previous, settings.interval_seconds)
+            ):
                 materializations.append(materialization(exported, clock.now(), asset_key))
             previous = exported.progress or previous
             if previous is not None:
@@ -223,8 +234,8 @@ def run_exports(
         store()  # what finished is kept, also when the run is stopped
     if failures:
         raise Failure(
-            f"{len(failures)} errors in {len(work)} devices; what they left is requested again "
-            "on the next tick: " + "; ".join(failures[:20])
+            f"{len(failures)} errors in {len(work)} devices (the others are done); {retry}: "
+            + "; ".join(failures[:20])
         )
 
 
@@ -296,25 +307,28 @@ def export_due_slices() -> None:
     export_slices()
 
 
-@op
-def export_days(
+def write_day_files(
     context: OpExecutionContext,
-    config: ExportWorkConfig,
+    days: Mapping[str, Iterable[date]],
+    *,
     influxdb: InfluxDBResource,
     s3: ExportBucketResource,
-    export: ExportResource,
+    settings: ExportSettings,
     clock: ClockResource,
+    retry: str = "the sensor writes them again when their slices reconcile",
 ) -> None:
-    """Writes the day files of closed device-days, several devices at a time, each day on its
-    own: read from InfluxDB, written, published in one upload, reconciled."""
+    """Writes the day files of these closed device-days, several devices at a time, each day on
+    its own: read from InfluxDB, written, published in one upload, reconciled. The
+    reconciliation is the ledger's record of the device-day (telemetry_daily's partitions are
+    dates); a device that fails is named in the run's failure, the others are written."""
     pool_storage_connections(context.instance)
-    settings = export.settings()
-    days: dict[str, list[list[DayRange]]] = {}
-    for item in config.work:
-        days.setdefault(item.device_id, []).append([DayRange.whole(date.fromisoformat(item.date))])
-    work = {device_id: DeviceWork(chains) for device_id, chains in days.items()}
+    wanted = {device_id: sorted(set(found)) for device_id, found in days.items()}
+    work = {
+        device_id: DeviceWork([[DayRange.whole(day)] for day in found])
+        for device_id, found in wanted.items()
+    }
     closing = {
-        device_id: [r for chain in chains for r in chain] for device_id, chains in days.items()
+        device_id: [DayRange.whole(day) for day in found] for device_id, found in wanted.items()
     }
     counts = shared_count_groups(days_closed_by(closing))
     with (
@@ -329,10 +343,78 @@ def export_days(
             work,
             settings=settings,
             clock=clock,
-            asset_key=TELEMETRY_DAILY,
+            asset_key=None,
             check=DAILY_RECONCILIATION,
             keeps_progress=False,
+            retry=retry,
         )
+
+
+def date_metadata(
+    instance: DagsterInstance,
+    s3: ExportBucketResource,
+    settings: ExportSettings,
+    dates: Iterable[date],
+) -> dict[date, dict[str, Any]]:
+    """Each date's metadata as telemetry_daily's partition: its fleet's day files, from the
+    ledger (a date is written by several runs, a batch of devices each)."""
+    wanted = sorted(set(dates))
+    if not wanted:
+        return {}  # the usual tick's case: no read, no S3 client
+    fleet = registered_devices(instance, settings)
+    records = day_file_records(instance, fleet, wanted)
+    store = s3.store()
+    return {
+        day: day_files_metadata(
+            day, fleet, records, store.uri(day_files_glob(s3.daily_prefix, day=day))
+        )
+        for day in wanted
+    }
+
+
+@op
+def export_days(
+    context: OpExecutionContext,
+    config: ExportWorkConfig,
+    influxdb: InfluxDBResource,
+    s3: ExportBucketResource,
+    export: ExportResource,
+    clock: ClockResource,
+) -> None:
+    """Writes the day files of closed device-days (`write_day_files`), then records each of
+    their dates as telemetry_daily's materialization, also when a device failed: the date's
+    metadata names it, and the sensor writes it again."""
+    settings = export.settings()
+    days: dict[str, list[date]] = {}
+    for item in config.work:
+        days.setdefault(item.device_id, []).append(date.fromisoformat(item.date))
+    try:
+        write_day_files(context, days, influxdb=influxdb, s3=s3, settings=settings, clock=clock)
+    finally:
+        record_dates(context, s3, settings, {day for found in days.values() for day in found})
+
+
+def date_materializations(
+    instance: DagsterInstance,
+    s3: ExportBucketResource,
+    settings: ExportSettings,
+    dates: Iterable[date],
+) -> list[AssetMaterialization]:
+    """Each date as telemetry_daily's materialization, with its fleet's day files."""
+    return [
+        AssetMaterialization(TELEMETRY_DAILY, partition=date_key(day), metadata=metadata)
+        for day, metadata in date_metadata(instance, s3, settings, dates).items()
+    ]
+
+
+def record_dates(
+    context: OpExecutionContext,
+    s3: ExportBucketResource,
+    settings: ExportSettings,
+    dates: Iterable[date],
+) -> None:
+    for event in date_materializations(context.instance, s3, settings, dates):
+        context.log_event(event)
 
 
 @job(name=DAILY_JOB, executor_def=in_process_executor)
@@ -478,14 +560,26 @@ def sweep_late_data() -> None:
 
 @op
 def prune_ledger_events(
-    context: OpExecutionContext, export: ExportResource, clock: ClockResource
+    context: OpExecutionContext,
+    s3: ExportBucketResource,
+    export: ExportResource,
+    clock: ClockResource,
 ) -> None:
     """Removes from Dagster's storage what nothing needs any more, older than
     EXPORT_LEDGER_RETENTION_DAYS: superseded materializations and evaluations, old run logs,
-    and old runs left with nothing (see `internals.prune_ledger`); and the events of
-    telemetry_export's device-days older than its partitions (EXPORT_PARTITION_DAYS). Each
-    device's progress, and the latest materialization and evaluation of every partition, stay."""
+    and old runs left with nothing (see `internals.prune_ledger`); the events of
+    telemetry_export's device-days older than its partitions (EXPORT_PARTITION_DAYS); and
+    telemetry_daily's materializations of device-days, from before its partitions were dates,
+    once each of their dates is recorded. Each device's progress, and the latest
+    materialization and evaluation of every partition, stay."""
     settings, now = export.settings(), clock.now()
+    upgraded = [
+        date.fromisoformat(day) for day in device_day_dates(context.instance, TELEMETRY_DAILY)
+    ]
+    recorded = latest_storage_ids(
+        context.instance, TELEMETRY_DAILY, {d.isoformat() for d in upgraded}
+    )
+    record_dates(context, s3, settings, [day for day in upgraded if date_key(day) not in recorded])
     before = now - timedelta(days=settings.ledger_retention_days)
     first_day = first_window_day(settings, now.date())
     pruned = prune_ledger(
@@ -493,12 +587,14 @@ def prune_ledger_events(
         asset_keys=[TELEMETRY_EXPORT, TELEMETRY_DAILY],
         before=before,
         forget_before={TELEMETRY_EXPORT: keys_before(first_day)},
+        dated=[TELEMETRY_DAILY],
     )
     context.log.info(
         f"before {before.isoformat()}: removed {pruned.materializations} superseded "
         f"materializations, {pruned.evaluations} superseded evaluations, {pruned.events} run "
         f"events and {pruned.runs} runs; {pruned.forgotten} events of telemetry_export's "
-        f"device-days before {first_day}, its first partition"
+        f"device-days before {first_day}, its first partition, and of telemetry_daily's "
+        "device-days (its partitions are dates)"
     )
 
 

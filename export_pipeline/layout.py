@@ -105,3 +105,8 @@ def slice_offset_of(name: str) -> int | None:
     if hours > 23 or minutes > 59 or seconds > 59:
         return None
     return hours * 3600 + minutes * 60 + seconds
+
+
+def day_files_glob(daily_prefix: str, *, day: date) -> str:
+    """Every device's day file of `day`, as a glob for query engines: a date of telemetry_daily."""
+    return f"{devices_root(daily_prefix)}*/date={day.isoformat()}/{DAY_FILE_NAME}"

@@ -29,9 +29,11 @@ from export_pipeline.internals import (
 )
 from export_pipeline.metadata import (
     CHECKED_THROUGH,
+    DAILY_RECONCILIATION,
     EXPORTED_THROUGH,
     FIELD_COUNTS,
     TELEMETRY_EXPORT,
+    DayFileRecord,
 )
 from export_pipeline.partitions import DeviceDay, device_days_by_key
 from export_pipeline.progress import Progress
@@ -149,3 +151,23 @@ def reconciled_counts(
             continue  # only part of the day was reconciled
         found_counts[device_day] = {str(name): int(value) for name, value in dict(counts).items()}
     return found_counts
+
+
+def day_file_records(
+    instance: DagsterInstance, devices: Iterable[str], dates: Iterable[date]
+) -> dict[DeviceDay, DayFileRecord]:
+    """Each of these device-days whose day file was ever written (or found without rows), as its
+    latest reconciliation says: telemetry_daily's partitions are dates, this is a device's part."""
+    latest = latest_checks(instance, DAILY_RECONCILIATION, devices, dates)
+    values = check_evaluation_metadata(instance, [found.storage_id for found in latest.values()])
+
+    def number(found: Mapping[str, Any], name: str) -> int | None:
+        return int(found[name]) if name in found else None
+
+    records = {}
+    for device_day, check in latest.items():
+        found = values.get(check.storage_id, (None, {}))[1]
+        records[device_day] = DayFileRecord(
+            check.passed, number(found, "s3_rows"), number(found, "files")
+        )
+    return records

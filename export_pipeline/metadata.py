@@ -9,12 +9,15 @@ export or a sweep found. `ledger.py` reads the same names back.
   device-day under `reconciliation` (the ledger's record, read by key), and summed up for the UI
   by the `reconciled` check of each dataset: Dagster's UI reads a partitioned check's statuses
   one device at a time on every visit (94 s at 5,000 devices x a year, see the README's P10).
+- A date of telemetry_daily (its partitions are dates) is materialized with its fleet's state:
+  the day files' reconciliations of that date, summed up and the failed or missing named.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -112,6 +115,38 @@ def materialization(
         partition=DeviceDay(exported.report.device_id, exported.piece.day).key,
         metadata=materialization_metadata(exported, now),
     )
+
+
+@dataclass(frozen=True)
+class DayFileRecord:
+    """What the ledger holds of a device-day's day file: its latest reconciliation (None while
+    one runs), and the rows and files it found; None where the latest is the late-data sweep's,
+    which counts InfluxDB only."""
+
+    passed: bool | None
+    rows: int | None
+    files: int | None
+
+
+def day_files_metadata(
+    day: date, fleet: Sequence[str], records: Mapping[DeviceDay, DayFileRecord], uri: str
+) -> dict[str, Any]:
+    """The metadata of a date of telemetry_daily (the fleet's day files of `day`), from each
+    device-day's record: what the UI shows of the date, and which devices it still lacks."""
+    of_day = {device_day.device_id: r for device_day, r in records.items() if device_day.day == day}
+    failed = sorted(device for device, r in of_day.items() if r.passed is False)
+    missing = sorted(device for device in fleet if device not in of_day)
+    return {
+        "dagster/row_count": sum(r.rows or 0 for r in of_day.values()),
+        "dagster/uri": MetadataValue.path(uri),
+        "devices": len(fleet),
+        "day_files": sum(r.files or 0 for r in of_day.values()),
+        "device_days_reconciled": sum(1 for r in of_day.values() if r.passed),
+        "device_days_failed": len(failed),
+        "failed": MetadataValue.json(failed[:20]),
+        "device_days_missing": len(missing),
+        "missing": MetadataValue.json(missing[:20]),
+    }
 
 
 def reconciliation_metadata(result: Reconciliation) -> dict[str, Any]:

@@ -10,7 +10,7 @@ UTC midnights so each piece belongs to one device-day partition.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import NamedTuple
 
@@ -166,14 +166,15 @@ class Snapshot:
     fleet: Sequence[str]  # admitted ids of DEVICE_IDS, or of the devices InfluxDB lists
     known: frozenset[str]  # registered `devices` partitions
     progress: Mapping[str, Progress]  # each device's, where it has some
-    # The latest reconciliation of the slices, and of the day file, of each closed device-day
-    # in the window, and the storage id of its day file's latest materialization.
+    # The latest reconciliation of the slices, and of the day file (the ledger's record of it,
+    # written with it), of each closed device-day in the window.
     slice_checks: Mapping[DeviceDay, CheckPartition]
     day_checks: Mapping[DeviceDay, CheckPartition]
-    day_files: Mapping[DeviceDay, int]
     busy: frozenset[str]  # devices whose slices runs in flight hold
     busy_days: frozenset[str] = frozenset()  # devices whose day files runs in flight hold
     closed: Sequence[date] = ()  # the closed days of the window the checks above cover
+    # The storage id of telemetry_daily's latest materialization of each of those dates.
+    dates_recorded: Mapping[date, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ class TickPlan:
     new_devices: list[str]
     runs: list[list[WorkItem]]
     day_runs: list[list[WorkItem]]  # day files to write
+    dates: list[date]  # dates of telemetry_daily to record (`dates_to_record`)
     until: datetime
     freshness: AssetCheckEvaluation
     reconciled: list[AssetCheckEvaluation]  # each dataset's summary of the window
@@ -234,6 +236,7 @@ def plan_tick(now: datetime, settings: ExportSettings, snapshot: Snapshot) -> Ti
         new_devices=new,
         runs=runs,
         day_runs=batches(days, settings.devices_per_run),
+        dates=dates_to_record(snapshot),
         until=until,
         freshness=freshness_evaluation(done, fleet, now, settings),
         reconciled=[
@@ -261,13 +264,27 @@ def failed_slices(snapshot: Snapshot, settings: ExportSettings, now: datetime) -
     ]
 
 
+def dates_to_record(snapshot: Snapshot) -> list[date]:
+    """The closed dates whose day files were written or judged since telemetry_daily last
+    recorded them: a day-files run records its dates as it ends, so these are those of a run
+    that died first (or a sweep's verdict). None while a day-files run is in flight."""
+    if snapshot.busy_days:
+        return []
+    newest: dict[date, int] = {}
+    for device_day, check in snapshot.day_checks.items():
+        newest[device_day.day] = max(newest.get(device_day.day, 0), check.storage_id)
+    recorded = snapshot.dates_recorded
+    return sorted(day for day, storage_id in newest.items() if storage_id > recorded.get(day, 0))
+
+
 def due_day_files(snapshot: Snapshot) -> list[WorkItem]:
     """The closed device-days whose day file is to be written: their slices reconciled after
-    the day file was last written (or it never was), or the day file's reconciliation failed
+    the day file was last written and reconciled (or it never was), or that reconciliation failed
     (late data found by the sweep). A device with a day-files run in flight waits."""
     due = set()
     for device_day, check in snapshot.slice_checks.items():
-        if check.passed and check.storage_id > snapshot.day_files.get(device_day, 0):
+        day_file = snapshot.day_checks.get(device_day)
+        if check.passed and check.storage_id > (day_file.storage_id if day_file else 0):
             due.add(device_day)
     for device_day, check in snapshot.day_checks.items():
         if check.passed is False:

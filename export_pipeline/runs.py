@@ -27,7 +27,7 @@ from export_pipeline.partitions import DEVICES, DeviceDay
 SLICES, DAILY = "slices", "daily"
 CONTINUOUS_JOB = "export_due_slices"
 DAILY_JOB = "export_day_files"
-DEVICE_TAG = "dagster/partition/device"  # on runs materializing one device-day partition
+DEVICE_TAG = "dagster/partition/device"  # on runs of one device-day of telemetry_export
 RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
 IN_FLIGHT = [
     DagsterRunStatus.QUEUED,
@@ -37,8 +37,9 @@ IN_FLIGHT = [
 ]
 # Every export run logs a heartbeat this often, whatever its devices do (`export_fleet`).
 HEARTBEAT_SECONDS = 5.0
-# A run of an asset publishes its day files after its last heartbeat (the IO manager), so it is
-# given this many times as long as a continuous run before it is presumed dead.
+# A run of an asset records its partitions after its last heartbeat (thousands in one write,
+# with their metadata), so it is given this many times as long as a continuous run before it is
+# presumed dead.
 ASSET_RUN_PATIENCE = 4
 _NEVER = datetime.fromtimestamp(0, UTC)
 
@@ -110,6 +111,8 @@ def datasets_of(run: DagsterRun) -> frozenset[str]:
 
 
 def devices_of(run: DagsterRun, registered: Sequence[str]) -> frozenset[str]:
+    if run.job_name not in (CONTINUOUS_JOB, DAILY_JOB) and datasets_of(run) == {DAILY}:
+        return frozenset(registered)  # telemetry_daily's partitions are the fleet's dates
     if DEVICE_TAG in run.tags:
         return frozenset({run.tags[DEVICE_TAG]})
     if run.job_name in (CONTINUOUS_JOB, DAILY_JOB):

@@ -1,8 +1,9 @@
 """`continuous_export`: decides every export. Each tick reads a snapshot (the fleet, the ledger,
 the runs in flight), reaps dead runs, and acts on the plan `planning.plan_tick` makes of it:
 new devices registered, batched runs for the slices that are due and for closed device-days whose
-reconciliation failed, day files for closed device-days, the freshness check reported, and the
-`reconciled` summaries when they change."""
+reconciliation failed, day files for closed device-days, the freshness check reported, the
+`reconciled` summaries when they change, and the dates of telemetry_daily that a day-files run
+which died left unrecorded."""
 
 from datetime import UTC, datetime, timedelta
 
@@ -15,18 +16,16 @@ from dagster import (
     sensor,
 )
 
-from export_pipeline.jobs import export_day_files, export_due_slices, run_config_for
-from export_pipeline.ledger import (
-    latest_checks,
-    latest_materializations,
-    progress_of,
+from export_pipeline.internals import latest_storage_ids
+from export_pipeline.jobs import (
+    date_materializations,
+    export_day_files,
+    export_due_slices,
+    run_config_for,
 )
-from export_pipeline.metadata import (
-    DAILY_RECONCILIATION,
-    RECONCILIATION,
-    TELEMETRY_DAILY,
-)
-from export_pipeline.partitions import DEVICES, devices
+from export_pipeline.ledger import latest_checks, progress_of
+from export_pipeline.metadata import DAILY_RECONCILIATION, RECONCILIATION, TELEMETRY_DAILY
+from export_pipeline.partitions import DEVICES, date_key, devices
 from export_pipeline.planning import (
     SensorCursor,
     Snapshot,
@@ -36,7 +35,12 @@ from export_pipeline.planning import (
     plan_tick,
     registered,
 )
-from export_pipeline.resources import ClockResource, ExportResource, InfluxDBResource
+from export_pipeline.resources import (
+    ClockResource,
+    ExportBucketResource,
+    ExportResource,
+    InfluxDBResource,
+)
 from export_pipeline.runs import (
     CONTINUOUS_JOB,
     DAILY,
@@ -64,6 +68,7 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
     def continuous_export(
         context: SensorEvaluationContext,
         influxdb: InfluxDBResource,
+        s3: ExportBucketResource,
         export: ExportResource,
         clock: ClockResource,
     ) -> SensorResult:
@@ -90,16 +95,19 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
 
         fleet_ever = sorted(registered(fleet, known, config))
         closed = closed_window(now, config)
+        recorded = latest_storage_ids(instance, TELEMETRY_DAILY, set(map(date_key, closed)))
         snapshot = Snapshot(
             fleet=fleet,
             known=known,
             progress=progress_of(instance, fleet),
             slice_checks=latest_checks(instance, RECONCILIATION, fleet_ever, closed),
             day_checks=latest_checks(instance, DAILY_RECONCILIATION, fleet_ever, closed),
-            day_files=latest_materializations(instance, TELEMETRY_DAILY, fleet_ever, closed),
             busy=frozenset(busy_devices(live, SLICES)),
             busy_days=frozenset(busy_devices(live, DAILY)),
             closed=closed,
+            dates_recorded={
+                day: recorded[date_key(day)] for day in closed if date_key(day) in recorded
+            },
         )
         plan = plan_tick(now, config, snapshot)
 
@@ -111,6 +119,8 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
         if reported.summaries != cursor.summaries:
             for summary in plan.reconciled:
                 instance.report_runless_asset_event(summary)
+        for event in date_materializations(instance, s3, config, plan.dates):
+            instance.report_runless_asset_event(event)
         context.log.info(plan.summary)
         return SensorResult(
             run_requests=[

@@ -12,7 +12,7 @@ from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
 from dagster._core.utils import make_new_backfill_id
 
 from export_pipeline.assets import build_telemetry_daily, build_telemetry_export
-from export_pipeline.partitions import device_days
+from export_pipeline.partitions import closed_dates, device_days
 from export_pipeline.settings import ExportSettings
 
 DONE = {
@@ -32,9 +32,11 @@ def submit_backfill(
 ) -> str:
     """Add a backfill of `partition_keys` of `asset_key`, as the UI's "Launch backfill" does."""
     settings = settings or ExportSettings()
-    partitions = device_days(settings)
     graph = AssetGraph.from_assets(
-        [build_telemetry_export(partitions, settings), build_telemetry_daily(partitions, settings)]
+        [
+            build_telemetry_export(device_days(settings), settings),
+            build_telemetry_daily(closed_dates(settings), settings),
+        ]
     )
     backfill = PartitionBackfill.from_asset_partitions(
         backfill_id=make_new_backfill_id(),

@@ -25,6 +25,7 @@ import pytest
 from dagster import DagsterInstance
 
 from export_pipeline.assets import build_telemetry_daily, build_telemetry_export
+from export_pipeline.partitions import closed_dates
 from export_pipeline.partitions import device_days as device_days_of
 from export_pipeline.settings import ExportSettings, Settings
 from export_pipeline_tests.services import (
@@ -47,7 +48,7 @@ TEST_DATABASE = f"export_pipeline_test_{os.getpid()}"
 # default EXPORT_START_DATE, 2026-01-01).
 device_days = device_days_of(ExportSettings())
 telemetry_export = build_telemetry_export(device_days, ExportSettings())
-telemetry_daily = build_telemetry_daily(device_days, ExportSettings())
+telemetry_daily = build_telemetry_daily(closed_dates(ExportSettings()), ExportSettings())
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-key-id",
     "AWS_SECRET_ACCESS_KEY": "testing-secret",

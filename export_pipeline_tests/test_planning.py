@@ -6,6 +6,8 @@ from export_pipeline.planning import (
     Snapshot,
     WorkItem,
     batches,
+    dates_to_record,
+    due_day_files,
     due_work,
     plan_tick,
     with_reexports,
@@ -100,7 +102,6 @@ def snapshot(**changes: object) -> Snapshot:
         "progress": {},
         "slice_checks": {},
         "day_checks": {},
-        "day_files": {},
         "busy": frozenset(),
     }
     values.update(changes)
@@ -184,3 +185,47 @@ def test_a_runs_config_is_what_its_config_class_makes_of_the_work() -> None:
     ).model_dump()
     assert run_config_for(items) == {"ops": {"export_slices": {"config": expected}}}
     assert run_config_for(items, "export_days")["ops"]["export_days"]["config"] == expected
+
+
+def test_a_day_file_is_due_when_its_slices_reconciled_after_it_or_it_failed() -> None:
+    """The day file's own reconciliation is its record (telemetry_daily's partitions are dates):
+    slices reconciled after it make it due, as does its failure; a busy device waits."""
+    day = date(2026, 2, 6)
+
+    def check(passed: bool | None, storage_id: int) -> CheckPartition:
+        return CheckPartition("", passed=passed, storage_id=storage_id)
+
+    slices = {DeviceDay(d, day): check(True, 10) for d in ("D1", "D2", "D3", "D4", "D5")}
+    files = {
+        DeviceDay("D2", day): check(True, 9),  # written before its slices last reconciled
+        DeviceDay("D3", day): check(True, 11),  # written after: done
+        DeviceDay("D4", day): check(False, 12),  # late data found by the sweep
+        DeviceDay("D5", day): check(True, 11),
+    }
+    found = snapshot(slice_checks=slices, day_checks=files, busy_days=frozenset({"D1"}))
+    assert due_day_files(found) == [
+        WorkItem(device, DayRange.whole(day)) for device in ("D2", "D4")
+    ]  # D1 never written, but a run in flight holds it
+
+
+def test_a_date_is_recorded_when_its_day_files_changed_after_its_record_and_no_run_holds_it() -> (
+    None
+):
+    """telemetry_daily's dates are recorded by the day-files run that writes them; one that died
+    first leaves the date for the sensor to record, once no day-files run is in flight."""
+    first, second = date(2026, 2, 5), date(2026, 2, 6)
+
+    def check(storage_id: int) -> CheckPartition:
+        return CheckPartition("", passed=True, storage_id=storage_id)
+
+    files = {
+        DeviceDay("D1", first): check(5),
+        DeviceDay("D2", first): check(7),
+        DeviceDay("D1", second): check(9),
+    }
+    # `first` was recorded after its last day file (8 > 7); `second` never was.
+    found = snapshot(day_checks=files, dates_recorded={first: 8})
+    assert dates_to_record(found) == [second]
+    assert dates_to_record(snapshot(day_checks=files, dates_recorded={first: 6})) == [first, second]
+    assert dates_to_record(snapshot(day_checks=files, busy_days=frozenset({"D2"}))) == []
+    assert plan_tick(NOW, SETTINGS, found).dates == [second]

@@ -8,10 +8,16 @@ from typing import Any
 
 import psycopg2
 import pytest
-from dagster import DagsterEventType, DagsterInstance
+from dagster import (
+    AssetCheckKey,
+    AssetMaterialization,
+    AssetRecordsFilter,
+    DagsterEventType,
+    DagsterInstance,
+)
 
 import export_pipeline.internals
-from export_pipeline.internals import latest_check_evaluations, prune_ledger
+from export_pipeline.internals import device_day_dates, latest_check_evaluations, prune_ledger
 from export_pipeline.jobs import retain_ledger
 from export_pipeline.ledger import progress_of
 from export_pipeline.metadata import (
@@ -50,19 +56,23 @@ def query(sql: str, *args: Any) -> list[tuple[Any, ...]]:
 def ledger_state(instance: DagsterInstance, devices: list[str]) -> dict[str, Any]:
     """What the UI, the sensor and the sweep read of these devices' partitions."""
     keys = set(partition_keys(devices, DAYS))
+    dates = {day.isoformat() for day in DAYS}  # telemetry_daily's partitions
+
+    def latest(check: AssetCheckKey) -> list[tuple[str, bool | None, int]]:
+        found = latest_check_evaluations(instance, check, list(keys))
+        return sorted((c.partition_key, c.passed, c.storage_id) for c in found)
+
     return {
         "materializations": {
-            key: dict(
+            asset_key: dict(
                 instance.get_latest_storage_id_by_partition(
-                    key, DagsterEventType.ASSET_MATERIALIZATION, keys
+                    asset_key, DagsterEventType.ASSET_MATERIALIZATION, wanted
                 )
             )
-            for key in KEYS
+            for asset_key, wanted in ((TELEMETRY_EXPORT, keys), (TELEMETRY_DAILY, dates))
         },
-        "evaluations": sorted(
-            (c.partition_key, c.passed, c.storage_id)
-            for c in latest_check_evaluations(instance, RECONCILIATION, list(keys))
-        ),
+        "evaluations": latest(RECONCILIATION),
+        "day_file_evaluations": latest(DAILY_RECONCILIATION),
         "progress": progress_of(instance, devices),
     }
 
@@ -232,13 +242,13 @@ def test_a_failed_run_leaves_no_check_planned(stack: Stack, instance: DagsterIns
     stack.write(every_10s(device, CLOSE - timedelta(hours=1), CLOSE))
     # The run fails before it reconciles anything: InfluxDB has no such bucket.
     partition = f"{DAYS[0]}|{device}"
-    assert not write_days(stack, instance, partition, INFLUXDB_BUCKET="missing").success
+    assert not write_days(stack, instance, [device], DAYS[0], INFLUXDB_BUCKET="missing").success
     rows = query(
         "SELECT execution_status FROM asset_check_executions WHERE partition = %s", partition
     )
     assert rows == []
     assert latest_check_evaluations(instance, DAILY_RECONCILIATION, [partition]) == []
-    assert write_days(stack, instance, partition).success
+    assert write_days(stack, instance, [device], DAYS[0]).success
     assert [
         c.passed for c in latest_check_evaluations(instance, DAILY_RECONCILIATION, [partition])
     ] == [True]
@@ -268,6 +278,7 @@ def test_retention_forgets_the_slices_device_days_out_of_their_window_and_nothin
     }
     assert before["materializations"][TELEMETRY_EXPORT].keys() > set(kept)  # 02-07 was there
     assert after["materializations"][TELEMETRY_DAILY] == before["materializations"][TELEMETRY_DAILY]
+    assert after["day_file_evaluations"] == before["day_file_evaluations"]
     assert [e for e in after["evaluations"] if e[0] in old] == []
     assert [e for e in after["evaluations"] if e[0] in kept] == [
         e for e in before["evaluations"] if e[0] in kept
@@ -279,3 +290,58 @@ def test_retention_forgets_the_slices_device_days_out_of_their_window_and_nothin
     assert {(item[0], item[2], item[3]) for item in work_of(resumed)} == {
         (device, 180, 240) for device in devices
     }
+
+
+def test_retention_records_the_dates_of_the_day_files_device_days_then_forgets_them(
+    stack: Stack, instance: DagsterInstance
+) -> None:
+    """telemetry_daily's partitions were device-days before they were dates: the ledger of such a
+    deployment holds a materialization per device-day, which no partition shows any more (each
+    device-day's state is its reconciliation, which stays). The retention records each of their
+    dates that has no materialization yet, from the reconciliations, then removes them whatever
+    their age; a date already recorded keeps its own."""
+    from export_pipeline_tests.test_daily import write_days
+
+    days = [date(2026, 3, 10), date(2026, 3, 11)]  # dates no other test records
+    device = new_device()
+    stack.write(
+        every_10s(
+            device, datetime(2026, 3, 10, 9, tzinfo=UTC), datetime(2026, 3, 10, 10, tzinfo=UTC)
+        )
+    )
+    # days[1] was exported with its partition a device-day; days[0] too, and since as a date.
+    assert write_days(
+        stack, instance, [device], days[0], now=datetime(2026, 3, 13, tzinfo=UTC)
+    ).success
+    legacy = [f"{day}|{device}" for day in days]
+    for partition in legacy:
+        instance.report_runless_asset_event(
+            AssetMaterialization(TELEMETRY_DAILY, partition=partition, metadata={"rows": 1})
+        )
+    wanted = {*legacy, *(day.isoformat() for day in days)}
+
+    def materialized() -> dict[str, int]:
+        return dict(
+            instance.get_latest_storage_id_by_partition(
+                TELEMETRY_DAILY, DagsterEventType.ASSET_MATERIALIZATION, wanted
+            )
+        )
+
+    before = materialized()
+    assert set(before) == {*legacy, days[0].isoformat()}
+    resources = {
+        **build_resources(stack.settings(DEVICE_IDS=device)),
+        "clock": ClockResource(frozen_at="2000-01-01T00:00:00+00:00"),  # nothing superseded
+    }
+    assert retain_ledger.execute_in_process(instance=instance, resources=resources).success
+    after = materialized()
+    assert set(after) == {day.isoformat() for day in days}
+    assert after[days[0].isoformat()] == before[days[0].isoformat()]
+    assert device_day_dates(instance, TELEMETRY_DAILY) == []
+    (record,) = instance.fetch_materializations(
+        AssetRecordsFilter(TELEMETRY_DAILY, storage_ids=[after[days[1].isoformat()]]), limit=1
+    ).records
+    assert record.asset_materialization is not None
+    metadata = record.asset_materialization.metadata
+    assert (metadata["devices"].value, metadata["device_days_missing"].value) == (1, 1)
+    consistent()

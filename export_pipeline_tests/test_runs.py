@@ -4,10 +4,16 @@ from datetime import UTC, datetime, timedelta
 
 from dagster import DagsterRun
 
+from export_pipeline.metadata import TELEMETRY_DAILY, TELEMETRY_EXPORT
 from export_pipeline.runs import (
     ASSET_RUN_PATIENCE,
+    DAILY,
+    RANGE_TAGS,
+    SLICES,
     RunInFlight,
     busy_devices,
+    datasets_of,
+    devices_of,
     is_dead,
     run_devices,
 )
@@ -58,3 +64,21 @@ def test_a_continuous_runs_devices_come_from_its_run_config() -> None:
     }
     assert run_devices(config) == {"a", "b"}
     assert run_devices({}) == set()
+
+
+def test_a_run_of_dates_of_the_day_files_holds_the_whole_fleet_for_them() -> None:
+    """telemetry_daily's partitions are the fleet's dates: a run of some holds every device's
+    day files (the sensor writes none of theirs meanwhile), and none of their slices."""
+    run = DagsterRun(
+        job_name="__ASSET_JOB",
+        asset_selection=frozenset({TELEMETRY_DAILY}),
+        tags={RANGE_TAGS[0]: "2026-02-06", RANGE_TAGS[1]: "2026-02-07"},
+    )
+    assert datasets_of(run) == {DAILY}
+    assert devices_of(run, ["D1", "D2", "D3"]) == {"D1", "D2", "D3"}
+    slices = DagsterRun(
+        job_name="__ASSET_JOB",
+        asset_selection=frozenset({TELEMETRY_EXPORT}),
+        tags={RANGE_TAGS[0]: "2026-02-06|D1", RANGE_TAGS[1]: "2026-02-07|D2"},
+    )
+    assert (datasets_of(slices), devices_of(slices, ["D1", "D2", "D3"])) == ({SLICES}, {"D1", "D2"})
