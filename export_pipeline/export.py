@@ -12,11 +12,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import partial
-from queue import Empty, Full, Queue
+from queue import Empty, Full, Queue, SimpleQueue
 from typing import Protocol
 
 import pyarrow as pa
@@ -237,17 +237,25 @@ def export_fleet(
         )
 
     pool = ThreadPoolExecutor(concurrency, thread_name_prefix="device")
-    pending = {pool.submit(export_one, device_id): device_id for device_id in sorted(work)}
+    # Finished devices arrive on a queue: waiting on the pending futures instead costs a waiter
+    # on each of them per wake-up, quadratic in the fleet (~2 s of CPU at 1,000 devices).
+    finished: SimpleQueue[Future[DeviceOutcome]] = SimpleQueue()
+    remaining = len(work)
     beat = time.monotonic()
     try:
-        while pending:
+        for device_id in sorted(work):
+            pool.submit(export_one, device_id).add_done_callback(finished.put)
+        while remaining:
             wait_for = max(0.0, beat + heartbeat_seconds - time.monotonic())
-            finished, _ = wait(pending, timeout=wait_for, return_when=FIRST_COMPLETED)
+            try:
+                future: Future[DeviceOutcome] | None = finished.get(timeout=wait_for)
+            except Empty:
+                future = None
             if time.monotonic() >= beat + heartbeat_seconds:
-                on_heartbeat(len(work) - len(pending))
+                on_heartbeat(len(work) - remaining)
                 beat = time.monotonic()
-            for future in finished:
-                del pending[future]
+            if future is not None:
+                remaining -= 1
                 on_outcome(future.result())
     except BaseException:
         stop.set()

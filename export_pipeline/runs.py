@@ -89,7 +89,9 @@ def mark_process(instance: DagsterInstance, run_id: str) -> None:
 def run_devices(run_config: Mapping[str, Any]) -> set[str]:
     """The devices a continuous run (of either job) covers, from its run config."""
     ops = run_config.get("ops", {}).values()
-    return {item["device_id"] for op in ops for item in op.get("config", {}).get("work", [])}
+    items = [item for op in ops for item in op.get("config", {}).get("work", [])]
+    named = {item["device_id"] for item in items if item.get("device_id") is not None}
+    return named.union(*(item.get("devices", []) for item in items))
 
 
 def range_devices(start: str, end: str, registered: Sequence[str]) -> set[str]:

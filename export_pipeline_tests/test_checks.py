@@ -290,7 +290,7 @@ def test_the_sensor_reports_freshness_and_names_devices_that_fall_behind(
 def only(run_config: Mapping[str, Any], device: str) -> dict[str, Any]:
     """A continuous run's config, keeping the work of one device."""
     work = run_config["ops"]["export_slices"]["config"]["work"]
-    mine = [item for item in work if item["device_id"] == device]
+    mine = [{**item, "devices": [device]} for item in work if device in item["devices"]]
     return {"ops": {"export_slices": {"config": {"work": mine}}}}
 
 

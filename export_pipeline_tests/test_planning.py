@@ -1,5 +1,7 @@
 from datetime import UTC, date, datetime, timedelta
 
+import pytest
+
 from export_pipeline.internals import CheckPartition
 from export_pipeline.partitions import DeviceDay
 from export_pipeline.planning import (
@@ -169,22 +171,37 @@ def test_freshness_fails_naming_the_devices_more_than_three_intervals_behind() -
 
 
 def test_a_runs_config_is_what_its_config_class_makes_of_the_work() -> None:
-    """The sensor writes run config as plain values (fast at a fleet's size); the op reads it
-    with ExportWorkConfig, so the two must agree field for field."""
+    """The sensor writes run config as plain values (fast at a fleet's size), one item per range
+    with its devices; the op reads it with ExportWorkConfig, so the two must agree field for
+    field."""
     from export_pipeline.jobs import ExportWorkConfig, WorkItemConfig, run_config_for
 
+    slice_ = DayRange(date(2026, 2, 7), 600, 660)
     items = [
-        WorkItem("D1", DayRange(date(2026, 2, 7), 600, 660)),
+        WorkItem("D1", slice_),
         WorkItem("D2", DayRange.whole(date(2026, 2, 6)), reexport=True),
+        WorkItem("D3", slice_),
     ]
-    expected = ExportWorkConfig(
-        work=[
-            WorkItemConfig(device_id="D1", date="2026-02-07", start=600, end=660),
-            WorkItemConfig(device_id="D2", date="2026-02-06", reexport=True),
-        ]
-    ).model_dump()
+    work = [
+        WorkItemConfig(devices=["D1", "D3"], date="2026-02-07", start=600, end=660),
+        WorkItemConfig(devices=["D2"], date="2026-02-06", reexport=True),
+    ]
+    expected = ExportWorkConfig(work=work).model_dump()
+    for item in expected["work"]:
+        del item["device_id"]  # a hand-written item's alternative to `devices`
     assert run_config_for(items) == {"ops": {"export_slices": {"config": expected}}}
     assert run_config_for(items, "export_days")["ops"]["export_days"]["config"] == expected
+    assert [item.device_ids() for item in work] == [["D1", "D3"], ["D2"]]
+    assert WorkItemConfig(device_id="D4", date="2026-02-07").device_ids() == ["D4"]
+
+
+def test_a_work_item_without_a_device_is_refused_naming_its_range() -> None:
+    from dagster import Failure
+
+    from export_pipeline.jobs import WorkItemConfig
+
+    with pytest.raises(Failure, match=r"2026-02-07 \[600, 660\) names no device"):
+        WorkItemConfig(date="2026-02-07", start=600, end=660).device_ids()
 
 
 def test_a_day_file_is_due_when_its_slices_reconciled_after_it_or_it_failed() -> None:

@@ -59,10 +59,9 @@ def test_busy_devices_are_those_of_every_run_given() -> None:
 
 
 def test_a_continuous_runs_devices_come_from_its_run_config() -> None:
-    config = {
-        "ops": {"export_slices": {"config": {"work": [{"device_id": "a"}, {"device_id": "b"}]}}}
-    }
-    assert run_devices(config) == {"a", "b"}
+    """The sensor names a range's devices in one item; a hand-written item names one device."""
+    work = [{"devices": ["a", "b"], "date": "2026-02-07"}, {"device_id": "c"}, {"devices": []}]
+    assert run_devices({"ops": {"export_slices": {"config": {"work": work}}}}) == {"a", "b", "c"}
     assert run_devices({}) == set()
 
 

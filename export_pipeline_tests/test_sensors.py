@@ -155,17 +155,19 @@ def work_of(result: SensorResult) -> list[tuple[str, str, int, int]]:
     for request in result.run_requests or []:
         if request.job_name == export_due_slices.name:
             for item in request.run_config["ops"]["export_slices"]["config"]["work"]:
-                items.append((item["device_id"], item["date"], item["start"], item["end"]))
+                for device in item["devices"]:
+                    items.append((device, item["date"], item["start"], item["end"]))
     return sorted(items)
 
 
 def days_of(result: SensorResult) -> list[tuple[str, str]]:
     """The day files the tick requested: (device, date)."""
     return sorted(
-        (item["device_id"], item["date"])
+        (device, item["date"])
         for request in result.run_requests or []
         if request.job_name == export_day_files.name
         for item in request.run_config["ops"]["export_days"]["config"]["work"]
+        for device in item["devices"]
     )
 
 
