@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import statistics
@@ -99,6 +100,16 @@ def sustained(bench: Bench, devices: int, minutes: float, interval: int) -> dict
                 if all(r.dagster_run.is_finished for r in runs):
                     break
                 time.sleep(2)
+            # Why a run failed, kept with the result: the bench's database does not outlive it.
+            failures = {
+                r.dagster_run.run_id[:8]: [
+                    entry.message[:500]
+                    for entry in instance.all_logs(r.dagster_run.run_id)
+                    if isinstance(entry.level, int) and entry.level >= logging.ERROR
+                ][-3:]
+                for r in runs
+                if r.dagster_run.status == DagsterRunStatus.FAILURE
+            }
     finally:
         daemon.send_signal(signal.SIGTERM)
         simulator.terminate()
@@ -118,6 +129,7 @@ def sustained(bench: Bench, devices: int, minutes: float, interval: int) -> dict
             for r in runs
             if r.dagster_run.status != DagsterRunStatus.SUCCESS
         ),
+        "failures": failures,
         "run_seconds_median": round(statistics.median(durations), 1) if durations else None,
         "run_seconds_max": round(max(durations), 1) if durations else None,
         # From the sensor's request to the run's process starting: the daemon's share of the lag.

@@ -32,7 +32,6 @@ from export_pipeline.export import Dataset, DeviceOutcome, DeviceWork, export_fl
 from export_pipeline.influx import shared_count_groups, shared_read_groups
 from export_pipeline.internals import (
     device_day_dates,
-    latest_storage_ids,
     log_materializations,
     pool_storage_connections,
     prune_ledger,
@@ -52,6 +51,7 @@ from export_pipeline.ledger import (
     progress_of,
     reconciled_counts,
     record_progress,
+    recorded_dates,
 )
 from export_pipeline.metadata import (
     DAILY_RECONCILIATION,
@@ -593,10 +593,8 @@ def prune_ledger_events(
     upgraded = [
         date.fromisoformat(day) for day in device_day_dates(context.instance, TELEMETRY_DAILY)
     ]
-    recorded = latest_storage_ids(
-        context.instance, TELEMETRY_DAILY, {d.isoformat() for d in upgraded}
-    )
-    record_dates(context, s3, settings, [day for day in upgraded if date_key(day) not in recorded])
+    recorded = recorded_dates(context.instance, TELEMETRY_DAILY, upgraded)
+    record_dates(context, s3, settings, [day for day in upgraded if day not in recorded])
     before = now - timedelta(days=settings.ledger_retention_days)
     first_day = first_window_day(settings, now.date())
     pruned = prune_ledger(

@@ -35,7 +35,7 @@ from export_pipeline.metadata import (
     TELEMETRY_EXPORT,
     DayFileRecord,
 )
-from export_pipeline.partitions import DeviceDay, device_days_by_key
+from export_pipeline.partitions import DeviceDay, date_key, device_days_by_key
 from export_pipeline.progress import Progress
 from export_pipeline.slicing import day_start
 
@@ -108,6 +108,16 @@ def latest_materializations(
     keys = device_days_by_key(devices, dates)
     if not keys:
         return {}
+    latest = latest_storage_ids(instance, asset_key, set(keys))
+    return {keys[key]: storage_id for key, storage_id in latest.items()}
+
+
+def recorded_dates(
+    instance: DagsterInstance, asset_key: AssetKey, dates: Iterable[date]
+) -> dict[date, int]:
+    """The storage id of the latest materialization of each of these dates that has one (an
+    asset partitioned by date, as telemetry_daily)."""
+    keys = {date_key(day): day for day in dates}
     latest = latest_storage_ids(instance, asset_key, set(keys))
     return {keys[key]: storage_id for key, storage_id in latest.items()}
 

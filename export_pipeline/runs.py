@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, DefaultRunLauncher, RunsFilter
 
 from export_pipeline.internals import last_event_time, mark_run_failed, tag_run
 from export_pipeline.metadata import TELEMETRY_DAILY, TELEMETRY_EXPORT
@@ -84,6 +84,20 @@ def process_alive(pid: int) -> bool:
 def mark_process(instance: DagsterInstance, run_id: str) -> None:
     """Tag the run with its process, so a sensor on the same host sees at once if it dies."""
     tag_run(instance, run_id, {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())})
+
+
+def run_slots(instance: DagsterInstance) -> int | None:
+    """How many runs a tick is best split into at most, or None for no limit: the queue's
+    `max_concurrent_runs` (a run beyond it waits a whole run), and where Dagster's default
+    launcher starts runs as processes on this host (the code server's, where the sensor runs),
+    its cores: a run exports on about one core, and each one more costs its start."""
+    slots = []
+    queue = instance.get_concurrency_config().run_queue_config
+    if queue is not None and queue.max_concurrent_runs > 0:
+        slots.append(queue.max_concurrent_runs)
+    if isinstance(instance.run_launcher, DefaultRunLauncher):
+        slots.append(len(os.sched_getaffinity(0)))
+    return min(slots, default=None)
 
 
 def run_devices(run_config: Mapping[str, Any]) -> set[str]:

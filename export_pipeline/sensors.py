@@ -16,16 +16,15 @@ from dagster import (
     sensor,
 )
 
-from export_pipeline.internals import latest_storage_ids
 from export_pipeline.jobs import (
     date_materializations,
     export_day_files,
     export_due_slices,
     run_config_for,
 )
-from export_pipeline.ledger import latest_checks, progress_of
+from export_pipeline.ledger import latest_checks, progress_of, recorded_dates
 from export_pipeline.metadata import DAILY_RECONCILIATION, RECONCILIATION, TELEMETRY_DAILY
-from export_pipeline.partitions import DEVICES, date_key, devices
+from export_pipeline.partitions import DEVICES, devices
 from export_pipeline.planning import (
     SensorCursor,
     Snapshot,
@@ -49,6 +48,7 @@ from export_pipeline.runs import (
     busy_devices,
     is_dead,
     reap_dead_runs,
+    run_slots,
     runs_in_flight,
 )
 from export_pipeline.settings import Settings
@@ -95,7 +95,6 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
 
         fleet_ever = sorted(registered(fleet, known, config))
         closed = closed_window(now, config)
-        recorded = latest_storage_ids(instance, TELEMETRY_DAILY, set(map(date_key, closed)))
         snapshot = Snapshot(
             fleet=fleet,
             known=known,
@@ -105,9 +104,8 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
             busy=frozenset(busy_devices(live, SLICES)),
             busy_days=frozenset(busy_devices(live, DAILY)),
             closed=closed,
-            dates_recorded={
-                day: recorded[date_key(day)] for day in closed if date_key(day) in recorded
-            },
+            dates_recorded=recorded_dates(instance, TELEMETRY_DAILY, closed),
+            run_slots=run_slots(instance),
         )
         plan = plan_tick(now, config, snapshot)
 

@@ -9,6 +9,7 @@ from export_pipeline.planning import (
     WorkItem,
     batches,
     dates_to_record,
+    devices_per_run,
     due_day_files,
     due_work,
     plan_tick,
@@ -158,6 +159,20 @@ def test_runs_hold_at_most_devices_per_run_devices() -> None:
     settings = ExportSettings(interval_seconds=60, lateness_seconds=30, devices_per_run=2)
     plan = plan_tick(NOW, settings, snapshot(fleet=["A", "B", "C"], known=frozenset("ABC")))
     assert [sorted({item.device_id for item in run}) for run in plan.runs] == [["A", "B"], ["C"]]
+
+
+def test_a_tick_takes_no_more_runs_than_the_queue_runs_at_once() -> None:
+    """Five devices at two a run would be three runs; with two run slots, the third would wait
+    in the queue behind the others, so the tick's runs grow instead."""
+    settings = ExportSettings(interval_seconds=60, lateness_seconds=30, devices_per_run=2)
+    fleet = ["A", "B", "C", "D", "E"]
+    tick = snapshot(fleet=fleet, known=frozenset(fleet), run_slots=2)
+    plan = plan_tick(NOW, settings, tick)
+    assert [sorted({item.device_id for item in run}) for run in plan.runs] == [
+        ["A", "B", "C"],
+        ["D", "E"],
+    ]
+    assert devices_per_run(5, settings, None) == devices_per_run(3, settings, 2) == 2
 
 
 def test_freshness_fails_naming_the_devices_more_than_three_intervals_behind() -> None:

@@ -1,8 +1,9 @@
 """Which runs in flight hold which devices, and which are dead: pure rules on what was read."""
 
+import os
 from datetime import UTC, datetime, timedelta
 
-from dagster import DagsterRun
+from dagster import DagsterRun, instance_for_test
 
 from export_pipeline.metadata import TELEMETRY_DAILY, TELEMETRY_EXPORT
 from export_pipeline.runs import (
@@ -16,6 +17,7 @@ from export_pipeline.runs import (
     devices_of,
     is_dead,
     run_devices,
+    run_slots,
 )
 from export_pipeline.settings import Settings
 
@@ -81,3 +83,25 @@ def test_a_run_of_dates_of_the_day_files_holds_the_whole_fleet_for_them() -> Non
         tags={RANGE_TAGS[0]: "2026-02-06|D1", RANGE_TAGS[1]: "2026-02-07|D2"},
     )
     assert (datasets_of(slices), devices_of(slices, ["D1", "D2", "D3"])) == ({SLICES}, {"D1", "D2"})
+
+
+def queued(limit: int) -> dict[str, object]:
+    return {
+        "run_coordinator": {
+            "module": "dagster._core.run_coordinator.queued_run_coordinator",
+            "class": "QueuedRunCoordinator",
+            "config": {"max_concurrent_runs": limit},
+        }
+    }
+
+
+def test_a_tick_is_split_into_no_more_runs_than_run_at_once_or_this_host_has_cores() -> None:
+    """Runs of Dagster's default launcher start on this host; past its cores, or the queue's
+    limit, another run only adds its start (or its wait)."""
+    cores = len(os.sched_getaffinity(0))
+    with instance_for_test(overrides=queued(64)) as instance:
+        assert run_slots(instance) == min(64, cores)
+    with instance_for_test(overrides=queued(1)) as instance:
+        assert run_slots(instance) == 1
+    with instance_for_test() as instance:  # no queue: the cores alone
+        assert run_slots(instance) == cores
