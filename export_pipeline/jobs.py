@@ -174,6 +174,24 @@ def run_config_for(items: Sequence[WorkItem], op_name: str = "export_slices") ->
     return {"ops": {op_name: {"config": {"work": work}}}}
 
 
+def ranges_of(
+    work: Sequence[WorkItemConfig],
+) -> tuple[dict[str, list[DayRange]], dict[str, list[DayRange]]]:
+    """Each device's due ranges, and its whole days to export again, in time order. A run's
+    config names each range once with its devices, so a device that is behind (several slices
+    due) is in several items, in no particular order."""
+    due: dict[str, list[DayRange]] = {}
+    again: dict[str, list[DayRange]] = {}
+    for item in work:
+        piece = DayRange(date.fromisoformat(item.date), item.start, item.end)
+        for device_id in item.device_ids():
+            (again if item.reexport else due).setdefault(device_id, []).append(piece)
+            due.setdefault(device_id, [])
+    for ranges in [*due.values(), *again.values()]:
+        ranges.sort()
+    return due, again
+
+
 def run_exports(
     context: OpExecutionContext,
     dataset: Dataset,
@@ -268,13 +286,7 @@ def export_slices(
     `export_device`)."""
     pool_storage_connections(context.instance)
     settings = export.settings()
-    due: dict[str, list[DayRange]] = {}
-    again: dict[str, list[DayRange]] = {}
-    for item in config.work:
-        piece = DayRange(date.fromisoformat(item.date), item.start, item.end)
-        for device_id in item.device_ids():
-            (again if item.reexport else due).setdefault(device_id, []).append(piece)
-            due.setdefault(device_id, [])
+    due, again = ranges_of(config.work)
     known = progress_of(context.instance, due)
     work = {
         device_id: DeviceWork(

@@ -210,6 +210,28 @@ def test_a_runs_config_is_what_its_config_class_makes_of_the_work() -> None:
     assert WorkItemConfig(device_id="D4", date="2026-02-07").device_ids() == ["D4"]
 
 
+def test_a_devices_ranges_come_back_from_a_runs_config_in_time_order() -> None:
+    """A device behind (three slices due) shares its last range's item with a device that is
+    up to date, whose item comes first: read back, its slices are still in time order."""
+    from export_pipeline.jobs import ExportWorkConfig, ranges_of, run_config_for
+
+    day = date(2026, 2, 7)
+    late = DayRange.whole(date(2026, 2, 6))
+    items = [
+        WorkItem("A", DayRange(day, 720, 780)),
+        *(WorkItem("B", DayRange(day, start, start + 60)) for start in (600, 660, 720)),
+        WorkItem("B", late, reexport=True),
+    ]
+    config = run_config_for(items)["ops"]["export_slices"]["config"]
+    assert [item["devices"] for item in config["work"]] == [["A", "B"], ["B"], ["B"], ["B"]]
+    due, again = ranges_of(ExportWorkConfig(**config).work)
+    assert due == {
+        "A": [DayRange(day, 720, 780)],
+        "B": [DayRange(day, 600, 660), DayRange(day, 660, 720), DayRange(day, 720, 780)],
+    }
+    assert again == {"B": [late]}
+
+
 def test_a_work_item_without_a_device_is_refused_naming_its_range() -> None:
     from dagster import Failure
 
