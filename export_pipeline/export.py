@@ -24,7 +24,7 @@ import pyarrow as pa
 from export_pipeline.progress import DayTotals, Progress, carried
 from export_pipeline.reconciliation import Reconciliation
 from export_pipeline.retries import with_retries
-from export_pipeline.schema import FIELD_COLUMNS
+from export_pipeline.schema import FIELD_COLUMNS, timestamp_of
 from export_pipeline.slicing import SECONDS_PER_DAY, DayRange
 
 OnRetry = Callable[[BaseException, float], None]
@@ -67,8 +67,8 @@ class ExportReport:
             self.field_counts[name] += len(column) - column.null_count
         if rows.num_rows:
             stamps = rows.column("timestamp")
-            self.first_timestamp = self.first_timestamp or stamps[0].as_py()
-            self.last_timestamp = stamps[-1].as_py()
+            self.first_timestamp = self.first_timestamp or timestamp_of(stamps[0])
+            self.last_timestamp = timestamp_of(stamps[-1])
 
     @property
     def totals(self) -> DayTotals:

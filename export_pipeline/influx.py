@@ -19,7 +19,7 @@ import pyarrow.csv as pacsv
 import requests
 import requests.adapters
 
-from export_pipeline.schema import FIELD_COLUMNS, SOURCE_SCHEMA, TAG_COLUMNS
+from export_pipeline.schema import FIELD_COLUMNS, SOURCE_SCHEMA, TAG_COLUMNS, constant
 from export_pipeline.settings import InfluxSettings
 
 _RESPONSE_CHUNK = 1 << 20
@@ -311,7 +311,7 @@ class InfluxSource:
         table = pa.Table.from_batches(batches, _SHARED_SCHEMA)
         found = {}
         for device_id in device_ids:
-            mine = table.filter(pc.equal(table["device_id"], device_id))
+            mine = table.filter(pc.equal(table["device_id"], constant(device_id, pa.string())))
             found[device_id] = mine.select(SOURCE_SCHEMA.names)
         if sum(part.num_rows for part in found.values()) != table.num_rows:
             raise InfluxError("InfluxDB answered with points of devices that were not asked for")

@@ -20,8 +20,8 @@ from datetime import date
 from itertools import pairwise
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from export_pipeline.export import (
     EmptyReadRefused,
@@ -55,14 +55,16 @@ def split_by_slice(
     times_ns: pa.Array, day: date, interval_seconds: int
 ) -> Iterator[tuple[int, int, int]]:
     """Cut time-sorted timestamps into runs of one slice: (slice offset, first row, row count)."""
-    offsets = slice_offsets(times_ns, day, interval_seconds).to_numpy()
-    steps = np.diff(offsets)
-    if np.any(steps < 0):
+    offsets = slice_offsets(times_ns, day, interval_seconds)
+    # In Arrow, not numpy: `to_numpy()` imports pandas (see `schema.constant`).
+    later, earlier = offsets.slice(1), offsets.slice(0, max(len(offsets) - 1, 0))
+    if pc.any(pc.less(later, earlier)).as_py():
         raise ValueError("InfluxDB returned points out of time order; cannot slice them safely")
-    bounds = [0, *(np.flatnonzero(steps) + 1).tolist(), len(offsets)]
+    changes = pc.indices_nonzero(pc.not_equal(later, earlier)).to_pylist()
+    bounds = [0, *(index + 1 for index in changes), len(offsets)]
     for start, end in pairwise(bounds):
         if end > start:
-            yield int(offsets[start]), start, end - start
+            yield offsets[start].as_py(), start, end - start
 
 
 def export_slices(

@@ -13,6 +13,8 @@ from datetime import UTC, date, datetime, timedelta
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from export_pipeline.schema import constant
+
 NS_PER_SECOND = 1_000_000_000
 SECONDS_PER_DAY = 86_400
 
@@ -64,9 +66,11 @@ def slice_offsets(timestamps_ns: pa.Array, day: date, interval_seconds: int) -> 
     check_interval(interval_seconds)
     start_ns, _ = day_bounds_ns(day)
     interval_ns = interval_seconds * NS_PER_SECOND
-    since_midnight = pc.subtract(timestamps_ns, start_ns)
-    index = pc.floor(pc.divide(pc.cast(since_midnight, pa.float64()), interval_ns))
-    return pc.multiply(pc.cast(index, pa.int64()), interval_seconds)
+    since_midnight = pc.subtract(timestamps_ns, constant(start_ns, pa.int64()))
+    index = pc.floor(
+        pc.divide(pc.cast(since_midnight, pa.float64()), constant(float(interval_ns), pa.float64()))
+    )
+    return pc.multiply(pc.cast(index, pa.int64()), constant(interval_seconds, pa.int64()))
 
 
 @dataclass(frozen=True, order=True)

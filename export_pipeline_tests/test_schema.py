@@ -1,10 +1,20 @@
 import math
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import pyarrow as pa
 import pytest
 
-from export_pipeline.schema import SCHEMA, SOURCE_SCHEMA, power_factor, to_export
+from export_pipeline.schema import (
+    SCHEMA,
+    SOURCE_SCHEMA,
+    constant,
+    power_factor,
+    timestamp_of,
+    to_export,
+)
 
 
 def source_batch(rows: list[dict[str, object]]) -> pa.RecordBatch:
@@ -71,3 +81,76 @@ def test_power_factor_is_clipped_and_null_where_it_cannot_be_computed(
         pa.array([current], pa.float64()),
     )[0].as_py()
     assert result == pytest.approx(expected) if expected is not None else result is None
+
+
+@pytest.mark.parametrize(
+    ("value", "type_"),
+    [
+        (0, pa.int64()),
+        (-(2**63), pa.int64()),
+        (1_780_000_000_000_000_000, pa.int64()),
+        (0.0, pa.float64()),
+        (-1.5e300, pa.float64()),
+        ("", pa.string()),
+        ("sensor-é/\u00fc 1", pa.string()),
+        (None, pa.float64()),
+        (None, pa.string()),
+    ],
+)
+def test_a_constant_is_the_scalar_pyarrow_would_convert(value: object, type_: pa.DataType) -> None:
+    assert constant(value, type_) == pa.scalar(value, type_)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "micros", [0, 1, 1_770_465_600_123_456, -86_400_000_001, 253_402_300_799_999_999]
+)
+def test_timestamp_of_reads_a_timestamp_as_as_py_does(micros: int) -> None:
+    value = pa.array([micros], pa.timestamp("us", tz="UTC"))[0]
+    assert timestamp_of(value) == value.as_py()
+    assert timestamp_of(value).tzinfo == UTC
+
+
+def test_a_continuous_run_does_not_import_pandas() -> None:
+    """pyarrow imports pandas at its first conversion of a Python object (0.4 s of every run's
+    start); the export's code path (its modules and a device-slice cut, encoded and counted)
+    must not need one."""
+    code = """
+import sys
+from datetime import date
+import pyarrow as pa
+import export_pipeline.definitions
+from export_pipeline.export import ExportReport
+from export_pipeline.schema import SOURCE_SCHEMA, to_export
+from export_pipeline.settings import FORMATS
+from export_pipeline.slices import split_by_slice
+from export_pipeline.writers import ExportFile
+
+day = date(2026, 2, 7)
+start = 1_770_422_400 * 10**9
+times = b"".join((start + second * 10**9).to_bytes(8, "little") for second in range(0, 180, 7))
+count = len(times) // 8
+batch = pa.RecordBatch.from_arrays(
+    [pa.Array.from_buffers(pa.int64(), count, [None, pa.py_buffer(times)])]
+    + [pa.nulls(count, field.type) for field in list(SOURCE_SCHEMA)[1:]],
+    schema=SOURCE_SCHEMA,
+)
+rows = to_export(batch, "dev-1")
+report = ExportReport("dev-1", day, "s3://exports/dev-1")
+slices = list(split_by_slice(batch.column("time"), day, 60))
+assert [offset for offset, _, _ in slices] == [0, 60, 120], slices
+for _offset, first, size in slices:
+    part = rows.slice(first, size)
+    report.add(part)
+    for fmt in FORMATS:
+        exported = ExportFile(None, fmt, rows_per_group=1000)
+        exported.write(part)
+        exported.close()
+assert report.rows == count and report.last_timestamp is not None, report
+print("pandas" in sys.modules)
+"""
+    env = {**os.environ, "S3_BUCKET": "exports", "PYTHONPATH": os.getcwd()}
+    answer = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == "False"
