@@ -53,11 +53,12 @@ from export_pipeline.jobs import export_day_files, export_due_slices, retain_led
 from export_pipeline.ledger import record_progress
 from export_pipeline.metadata import TELEMETRY_DAILY, TELEMETRY_EXPORT, worth_recording
 from export_pipeline.partitions import DEVICES, first_window_day, keys_before
+from export_pipeline.planning import TICK_SECONDS
 from export_pipeline.progress import DayTotals, Progress
 from export_pipeline.resources import ClockResource, build_resources
 from export_pipeline.runs import HEARTBEAT_SECONDS
 from export_pipeline.schema import FIELD_COLUMNS
-from export_pipeline.sensors import TICK_SECONDS, build_continuous_export
+from export_pipeline.sensors import build_continuous_export
 from export_pipeline.settings import Settings
 from export_pipeline.slicing import SECONDS_PER_DAY, DayRange
 from export_pipeline_tests.services import POSTGRES, drop_database, fresh_database

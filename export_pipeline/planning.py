@@ -50,6 +50,22 @@ class WorkItem:
         return DeviceDay(self.device_id, self.range.day).key
 
 
+TICK_SECONDS = 10
+
+
+def tick_seconds(settings: ExportSettings) -> int:
+    """How often the sensor ticks, and so how far ahead it asks for slices: more often than a
+    slice, so that a slice is asked for within seconds of being due."""
+    return min(settings.interval_seconds, TICK_SECONDS)
+
+
+def ready_at(items: Iterable[WorkItem], settings: ExportSettings) -> datetime:
+    """When every range of `items` is closed for EXPORT_LATENESS_SECONDS: a run asked for ahead
+    of it waits until then before reading (`jobs.wait_for_lateness`)."""
+    end = max(item.range.end_time for item in items)
+    return end + timedelta(seconds=settings.lateness_seconds)
+
+
 def due_until(now: datetime, settings: ExportSettings) -> datetime:
     """The end of the last slice closed for EXPORT_LATENESS_SECONDS: what is due is before it."""
     return closed_until(
@@ -193,14 +209,15 @@ class TickPlan:
     runs: list[list[WorkItem]]
     day_runs: list[list[WorkItem]]  # day files to write
     dates: list[date]  # dates of telemetry_daily to record (`dates_to_record`)
-    until: datetime
+    until: datetime  # the end of the slices asked for (a tick ahead): runs are keyed by it
+    due: datetime  # the end of the slices due now: freshness is reported once for each
     freshness: AssetCheckEvaluation
     reconciled: list[AssetCheckEvaluation]  # each dataset's summary of the window
     warnings: list[str]
     summary: str
 
     def cursor(self) -> SensorCursor:
-        return SensorCursor(self.until.isoformat(), summary_digest(self.reconciled))
+        return SensorCursor(self.due.isoformat(), summary_digest(self.reconciled))
 
 
 class SensorCursor(NamedTuple):
@@ -224,9 +241,16 @@ def outcomes(checks: Mapping[DeviceDay, CheckPartition]) -> dict[DeviceDay, bool
     return {device_day: found.passed for device_day, found in checks.items()}
 
 
-def plan_tick(now: datetime, settings: ExportSettings, snapshot: Snapshot) -> TickPlan:
+def plan_tick(
+    now: datetime, settings: ExportSettings, snapshot: Snapshot, ahead: int = 0
+) -> TickPlan:
     """Which devices are new, which slices and whole days to export in which runs, and what to
-    remember and report."""
+    remember and report.
+
+    Slices due within `ahead` seconds (the sensor's tick) are asked for now, in runs that wait
+    until they are due (`ready_at`): the run's start and the wait for the next tick overlap the
+    lateness allowance instead of adding to the export's lag."""
+    horizon = now + timedelta(seconds=ahead)
     fleet, busy = list(snapshot.fleet), snapshot.busy
     new = [device_id for device_id in fleet if device_id not in snapshot.known]
     done = {device_id: found.through for device_id, found in snapshot.progress.items()}
@@ -238,17 +262,18 @@ def plan_tick(now: datetime, settings: ExportSettings, snapshot: Snapshot) -> Ti
     late = failed_slices(snapshot, settings, now)
     warnings += [f"re-exporting {item.partition_key}: its reconciliation failed" for item in late]
     free = [device_id for device_id in fleet if device_id not in busy]
-    work = with_reexports(due_work(free, done, now, settings), late)
+    work = with_reexports(due_work(free, done, horizon, settings), late)
     size = devices_per_run(len({item.device_id for item in work}), settings, snapshot.run_slots)
     runs = batches(work, size)
     days = due_day_files(snapshot)
-    until = due_until(now, settings)
+    until = due_until(horizon, settings)
     return TickPlan(
         new_devices=new,
         runs=runs,
         day_runs=batches(days, settings.devices_per_run),
         dates=dates_to_record(snapshot),
         until=until,
+        due=due_until(now, settings),
         freshness=freshness_evaluation(done, fleet, now, settings),
         reconciled=[
             reconciled_evaluation(RECONCILED, outcomes(snapshot.slice_checks), snapshot.closed),

@@ -32,7 +32,9 @@ from export_pipeline.planning import (
     closed_window,
     first_due,
     plan_tick,
+    ready_at,
     registered,
+    tick_seconds,
 )
 from export_pipeline.resources import (
     ClockResource,
@@ -54,15 +56,12 @@ from export_pipeline.runs import (
 from export_pipeline.settings import Settings
 from export_pipeline.slicing import NS_PER_SECOND
 
-TICK_SECONDS = 10
-
 
 def build_continuous_export(settings: Settings) -> SensorDefinition:
     @sensor(
         name="continuous_export",
         jobs=[export_due_slices, export_day_files],
-        # More often than a slice, so a slice is requested within seconds of being due.
-        minimum_interval_seconds=min(settings.export.interval_seconds, TICK_SECONDS),
+        minimum_interval_seconds=tick_seconds(settings.export),
         default_status=DefaultSensorStatus.RUNNING,
     )
     def continuous_export(
@@ -107,7 +106,7 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
             dates_recorded=recorded_dates(instance, TELEMETRY_DAILY, closed),
             run_slots=run_slots(instance),
         )
-        plan = plan_tick(now, config, snapshot)
+        plan = plan_tick(now, config, snapshot, ahead=tick_seconds(config))
 
         for warning in skipped + plan.warnings:
             context.log.warning(warning)
@@ -125,7 +124,7 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
                 RunRequest(
                     run_key=f"{plan.until.isoformat()}-batch-{index}",
                     job_name=CONTINUOUS_JOB,
-                    run_config=run_config_for(batch),
+                    run_config=run_config_for(batch, not_before=ready_at(batch, config)),
                     tags={"export/through": plan.until.isoformat()},
                 )
                 for index, batch in enumerate(plan.runs)

@@ -13,6 +13,8 @@ from export_pipeline.planning import (
     due_day_files,
     due_work,
     plan_tick,
+    ready_at,
+    tick_seconds,
     with_reexports,
 )
 from export_pipeline.progress import Progress
@@ -111,6 +113,48 @@ def snapshot(**changes: object) -> Snapshot:
     return Snapshot(**values)  # type: ignore[arg-type]
 
 
+def test_a_tick_asks_for_the_slices_due_before_the_next_tick_to_be_read_once_due() -> None:
+    """At 12:01:21 the slice [12:00, 12:01) is due at 12:01:30, before the next tick (10 s):
+    it is asked for now, in a run that starts reading at 12:01:30; at 12:01:19 it is not."""
+    behind = snapshot(progress=at({"D1": utc(2026, 2, 7, 12), "D2": utc(2026, 2, 7, 11, 58)}))
+    ahead = tick_seconds(SETTINGS)
+    plan = plan_tick(utc(2026, 2, 7, 12, 1, 21), SETTINGS, behind, ahead=ahead)
+    [run] = plan.runs
+    assert run == [
+        WorkItem("D1", DayRange(date(2026, 2, 7), 43_200, 43_260)),
+        WorkItem("D2", DayRange(date(2026, 2, 7), 43_080, 43_260)),
+    ]
+    assert plan.until == utc(2026, 2, 7, 12, 1)  # what the runs are keyed by
+    assert plan.due == utc(2026, 2, 7, 12)  # what freshness is reported for, once
+    assert plan.cursor().until == "2026-02-07T12:00:00+00:00"
+    assert ready_at(run, SETTINGS) == utc(2026, 2, 7, 12, 1, 30)
+    early = plan_tick(utc(2026, 2, 7, 12, 1, 19), SETTINGS, behind, ahead=ahead)
+    assert early.runs == [[WorkItem("D2", DayRange(date(2026, 2, 7), 43_080, 43_200))]]
+    assert ready_at(early.runs[0], SETTINGS) == utc(2026, 2, 7, 12, 0, 30)  # already due
+
+
+def test_the_sensor_ticks_and_looks_ahead_no_more_often_than_a_slice() -> None:
+    assert tick_seconds(SETTINGS) == 10
+    assert tick_seconds(ExportSettings(interval_seconds=5)) == 5
+
+
+def test_a_run_waits_until_not_before_and_no_longer_than_a_tick() -> None:
+    from dagster import Failure
+
+    from export_pipeline.jobs import lateness_wait
+
+    now = utc(2026, 2, 7, 12, 1, 27)
+    assert lateness_wait("", now, 10) == 0.0
+    assert lateness_wait("2026-02-07T12:01:30+00:00", now, 10) == 3.0
+    assert lateness_wait("2026-02-07T12:01:00+00:00", now, 10) == 0.0  # already due
+    assert lateness_wait("2026-02-07T13:01:30+01:00", now, 10) == 3.0  # any offset
+    assert lateness_wait("2026-02-07T12:05:00+00:00", now, 10) == 10.0  # clocks disagree
+    with pytest.raises(Failure, match="not_before='soon' is not an ISO-8601 time"):
+        lateness_wait("soon", now, 10)
+    with pytest.raises(Failure, match="has no time zone"):
+        lateness_wait("2026-02-07T12:01:30", now, 10)
+
+
 def test_a_tick_plans_each_devices_due_slices_from_its_checkpoint() -> None:
     plan = plan_tick(NOW, SETTINGS, snapshot(progress=at({"D1": utc(2026, 2, 7, 11, 58)})))
     assert plan.runs == [
@@ -189,7 +233,12 @@ def test_a_runs_config_is_what_its_config_class_makes_of_the_work() -> None:
     """The sensor writes run config as plain values (fast at a fleet's size), one item per range
     with its devices; the op reads it with ExportWorkConfig, so the two must agree field for
     field."""
-    from export_pipeline.jobs import ExportWorkConfig, WorkItemConfig, run_config_for
+    from export_pipeline.jobs import (
+        ExportWorkConfig,
+        SliceWorkConfig,
+        WorkItemConfig,
+        run_config_for,
+    )
 
     slice_ = DayRange(date(2026, 2, 7), 600, 660)
     items = [
@@ -201,10 +250,17 @@ def test_a_runs_config_is_what_its_config_class_makes_of_the_work() -> None:
         WorkItemConfig(devices=["D1", "D3"], date="2026-02-07", start=600, end=660),
         WorkItemConfig(devices=["D2"], date="2026-02-06", reexport=True),
     ]
-    expected = ExportWorkConfig(work=work).model_dump()
+    ready = datetime(2026, 2, 7, 0, 11, 30, tzinfo=UTC)
+    expected = SliceWorkConfig(work=work, not_before=ready.isoformat()).model_dump()
     for item in expected["work"]:
         del item["device_id"]  # a hand-written item's alternative to `devices`
+    config = run_config_for(items, not_before=ready)
+    assert config == {"ops": {"export_slices": {"config": expected}}}
+    del expected["not_before"]  # a run asked for once its slices are due waits for nothing
     assert run_config_for(items) == {"ops": {"export_slices": {"config": expected}}}
+    assert ExportWorkConfig(work=work).model_dump()["work"] == [
+        {**item, "device_id": None} for item in expected["work"]
+    ]
     assert run_config_for(items, "export_days")["ops"]["export_days"]["config"] == expected
     assert [item.device_ids() for item in work] == [["D1", "D3"], ["D2"]]
     assert WorkItemConfig(device_id="D4", date="2026-02-07").device_ids() == ["D4"]

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zlib
@@ -314,12 +315,30 @@ def test_a_late_point_within_the_lateness_allowance_lands_in_its_slice(
     stack.write(every_10s(device, T0 - timedelta(minutes=1), T0 + timedelta(seconds=50)))
     fleet = Fleet(stack, instance, DEVICE_IDS=device)
     fleet.tick_and_run(T0 + timedelta(seconds=30))
-    # 12:01:20: the slice [12:00, 12:01) has closed but is within the allowance: not due yet.
-    assert work_of(fleet.tick(T0 + timedelta(seconds=80))) == []
-    stack.write([point(ns(T0) + 59 * NS, device, {"voltage": 999.0})])  # arrives late
-    result = fleet.tick_and_run(T0 + timedelta(seconds=90))
+    # 12:01:15: the slice [12:00, 12:01) has closed but is within the allowance (until
+    # 12:01:30), and more than a tick (10 s) away from it: not asked for.
+    assert work_of(fleet.tick(T0 + timedelta(seconds=75))) == []
+    # 12:01:25: asked for a tick ahead, in a run that reads nothing before 12:01:30.
+    result = fleet.tick(T0 + timedelta(seconds=85))
     assert work_of(result) == [(device, "2026-02-07", 43_200, 43_260)]
+    assert not_before_of(result) == ["2026-02-07T12:01:30+00:00"]
+    # The run starts at 12:01:27 and waits 3 s; a late point arrives while it waits.
+    late = threading.Timer(
+        0.5, stack.write, [[point(ns(T0) + 59 * NS, device, {"voltage": 999.0})]]
+    )
+    late.start()
+    assert fleet.run(result, T0 + timedelta(seconds=87)) == [True]
+    late.join()
     assert ns(T0) + 59 * NS in fleet.exported(device)
+
+
+def not_before_of(result: SensorResult) -> list[str]:
+    """When each requested run of slices starts reading, if it was asked for ahead."""
+    return [
+        request.run_config["ops"]["export_slices"]["config"].get("not_before", "")
+        for request in result.run_requests or []
+        if request.job_name == export_due_slices.name
+    ]
 
 
 def test_a_device_with_a_run_in_flight_is_not_requested_again(
