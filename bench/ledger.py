@@ -83,7 +83,8 @@ TICK_COLUMNS = (
     "job_origin_id, selector_id, status, type, timestamp, tick_body, create_timestamp, "
     "update_timestamp"
 )
-WORK = re.compile(r'"work": \[[^\]]*\]')
+# A run's work list: items of a range with its devices (`"devices": [...]` nested in each).
+WORK = re.compile(r'"work": \[(?:[^\[\]]|\[[^\]]*\])*\]')
 WORK_ITEM = re.compile(r"\{[^{}]*\}")
 LIFECYCLE_OF_LAUNCH = ("Started process for run", "Process for run exited")
 SCHEDULE_ORIGIN, SCHEDULE_SELECTOR = "schedules", "schedules"  # both schedules' ticks, as one
@@ -186,7 +187,7 @@ class Captured:
     tick_skipped: tuple[str, str, Template]
     snapshots: list[tuple[Any, ...]]
     runless_types: dict[str, int]
-    work_item: str  # one item of a run's work list, with date, start and end fields
+    work_item: str  # the item of a run's work list: its range's date, start, end and devices
 
 
 class Database:
@@ -422,7 +423,7 @@ def capture(bench: Bench) -> Captured:
     work_item = re.sub(r'"date": "[^"]*"', f'"date": "{field_("date")}"', item)
     work_item = re.sub(r'"end": \d+', f'"end": {field_("end")}', work_item)
     work_item = re.sub(r'"start": \d+', f'"start": {field_("start")}', work_item)
-    work_item = re.sub(r'"device_id": "[^"]*"', f'"device_id": "{field_("device")}"', work_item)
+    work_item = re.sub(r'"devices": \[[^\]]*\]', f'"devices": [{field_("devices")}]', work_item)
 
     def kind(job: str, run_id: str, op: str | None) -> RunKind:
         own = run_events(db, run_id)
@@ -574,8 +575,9 @@ class Simulation:
         self.retention = retention
         self.recorded = recorded_by_slice(fleet, self.interval)
         self.next_event_id = 1
+        # One item for the fleet's range, naming every device, as the sensor writes it.
         self.work = Template.of(
-            ", ".join(captured.work_item.replace(field_("device"), d) for d in fleet)
+            captured.work_item.replace(field_("devices"), ", ".join(json.dumps(d) for d in fleet))
         )
         self.tick_retention = instance.get_tick_retention_settings(InstigatorType.SENSOR)
         self.schedule_retention = instance.get_tick_retention_settings(InstigatorType.SCHEDULE)
