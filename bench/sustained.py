@@ -140,7 +140,7 @@ def sustained(bench: Bench, devices: int, minutes: float, interval: int) -> dict
         "samples_of_devices_never_exported": sum(1 for lag in lags if lag == float("inf")),
         "ticks_measured": int((minutes * 60 - 2 * interval) // interval),
         "ratio": round(p99 / interval, 2) if p99 != float("inf") else None,
-        "target": f"p99 <= interval + lateness + 30 s ({interval + 30 + 30} s) and <= 2 intervals",
+        "target": "every run succeeds; p99 <= 100 s at 5,000 devices, <= 2 intervals at 10,000",
     }
 
 

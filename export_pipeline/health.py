@@ -85,12 +85,7 @@ def build_checks(settings: Settings) -> dict[str, Check]:
         finally:
             connection.close()
 
-    s3 = ExportBucketResource.from_settings(settings.s3).client(
-        connections=4, timeout_seconds=timeout, attempts=1
-    )
-
-    def s3_bucket() -> None:
-        s3.head_bucket(Bucket=settings.s3.bucket)
+    s3 = ExportBucketResource.from_settings(settings.s3).store(4, timeout_seconds=timeout)
 
     def influxdb() -> None:
         answer = requests.get(f"{settings.influx.url}/ping", timeout=timeout)
@@ -100,7 +95,7 @@ def build_checks(settings: Settings) -> dict[str, Check]:
     return {
         "worker_running": sensor_heartbeat_is_fresh,
         "checkpoint_store_connected": checkpoint_store,
-        "s3_accessible": s3_bucket,
+        "s3_accessible": s3.check,
         "influxdb_reachable": influxdb,
     }
 

@@ -505,7 +505,7 @@ def abort_abandoned_uploads(
         busy = [device_root(prefix, device_id=d) for d in sorted(busy_devices(live, dataset))]
 
         def abort(prefix: str = prefix, busy: list[str] = busy) -> list[str]:
-            return s3.store().abort_abandoned_uploads(devices_root(prefix), wall - stale, busy)
+            return s3.multipart_uploads().abort_abandoned(devices_root(prefix), wall - stale, busy)
 
         aborted += with_retries(abort, settings.retries)
     for key in aborted:

@@ -40,6 +40,9 @@ def _unsafe_reason(device_id: str) -> str | None:
         return f"it is {len(device_id)} characters long, over the limit of {MAX_DEVICE_ID_LENGTH}"
     if "/" in device_id:
         return "'/' would split the S3 path"
+    if "\\" in device_id:
+        # SeaweedFS (and other stores with a filesystem behind) read it as '/' in a key.
+        return "'\\' is a path separator to some S3 servers (SeaweedFS reads it as '/')"
     if ".." in device_id:
         return "'..' is a path traversal"
     if "|" in device_id:

@@ -9,11 +9,12 @@ variable's name, never its value.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, fields
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -38,7 +39,7 @@ from export_pipeline.settings import (
     device_ids_of,
 )
 from export_pipeline.slices import UPLOAD_THREADS, Slices
-from export_pipeline.writers import ObjectStore
+from export_pipeline.writers import MultipartUploads, ObjectStore
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 DayFilesT = TypeVar("DayFilesT", bound=DayFiles)
 
+# Connect and request timeout of S3 calls: a PUT of an 8 MiB part has a minute.
+S3_TIMEOUT_SECONDS = 60.0
 _SESSIONS: dict[str | None, boto3.session.Session] = {}
 _SESSIONS_LOCK = threading.Lock()
 
@@ -105,10 +108,11 @@ class InfluxDBResource(ConfigurableResource):
 
 
 class ExportBucketResource(S3Resource):
-    """The bucket and prefix exports are written under, on AWS S3, MinIO or any S3 endpoint.
+    """The bucket and prefix exports are written under, on AWS S3, SeaweedFS or any S3 endpoint.
 
-    Every field of dagster-aws's `S3Resource` is honoured (profile, explicit keys, TLS
-    verification, unsigned requests); left unset, boto3's default credential chain applies.
+    dagster-aws's `S3Resource` fields say how to reach it (explicit keys, a profile, TLS
+    verification, unsigned requests); left unset, the default credential chain applies. Data
+    goes through obstore (`store()`); boto3 serves only the sweep's multipart listing.
     """
 
     bucket: str
@@ -128,15 +132,14 @@ class ExportBucketResource(S3Resource):
     def settings(self) -> S3Settings:
         return _settings_of(self, S3Settings, region=self.region_name)
 
-    def client(
-        self, *, connections: int = 10, timeout_seconds: float | None = None, attempts: int = 0
-    ) -> S3Client:
-        """A client with a connection pool as large as the uploads that share it."""
+    def client(self, *, connections: int = 10, timeout_seconds: float | None = None) -> S3Client:
+        """A boto3 client, for what obstore has no call for (listing open multipart uploads).
+        No retries of its own: callers retry with `retries.with_retries`, as for obstore."""
         config = Config(
             max_pool_connections=connections,
-            retries={"max_attempts": attempts or self.max_attempts, "mode": "standard"},
-            connect_timeout=timeout_seconds or 60,
-            read_timeout=timeout_seconds or 60,
+            retries={"max_attempts": 1, "mode": "standard"},
+            connect_timeout=timeout_seconds or S3_TIMEOUT_SECONDS,
+            read_timeout=timeout_seconds or S3_TIMEOUT_SECONDS,
         )
         if self.use_unsigned_session:
             config = config.merge(Config(signature_version=UNSIGNED))
@@ -155,12 +158,67 @@ class ExportBucketResource(S3Resource):
 
     def get_object_to_set_on_execution_context(self) -> Any:
         """The resource itself, not S3Resource's boto3 resource, which it would build for every
-        run and sensor tick (~0.3 s of loading models) and nothing here uses: `client()` and
-        `store()` make what an export needs."""
+        run and sensor tick (~0.3 s of loading models) and nothing here uses: `store()` makes
+        what an export needs."""
         return self
 
-    def store(self, connections: int = 10) -> ObjectStore:
-        return ObjectStore(self.client(connections=connections), self.bucket)
+    def key_id(self) -> str | None:
+        """The access key id requests are signed with, where one is set (for error messages;
+        the secret is never shown)."""
+        if self.use_unsigned_session:
+            return "none: unsigned requests"
+        return self.aws_access_key_id or os.environ.get("AWS_ACCESS_KEY_ID") or None
+
+    def store(self, connections: int = 10, *, timeout_seconds: float | None = None) -> ObjectStore:
+        """The bucket through obstore, with the credentials these fields name: explicit keys,
+        a profile (resolved by boto3), or else obstore's default chain (AWS_* variables, web
+        identity, ECS and EC2 instance credentials). obstore retries nothing itself: one retry
+        policy, `retries.with_retries`, around whole exports."""
+        from obstore.store import S3Store
+
+        timeout = timedelta(seconds=timeout_seconds or S3_TIMEOUT_SECONDS)
+        client_options: dict[str, Any] = {
+            "connect_timeout": timeout,
+            "timeout": timeout,
+            "pool_max_idle_per_host": str(connections),
+            "allow_http": True,
+        }
+        if self.verify is False:
+            client_options["allow_invalid_certificates"] = True
+        if ca_bundle := os.environ.get("AWS_CA_BUNDLE"):  # a private CA, as boto3 reads it
+            client_options["root_certificate"] = Path(ca_bundle).read_text()
+        config: dict[str, Any] = {
+            "region": self.region_name or "us-east-1",
+            "skip_signature": self.use_unsigned_session,
+        }
+        if self.endpoint_url:
+            config |= {"endpoint": self.endpoint_url, "virtual_hosted_style_request": False}
+        provider = None
+        if self.aws_access_key_id:
+            config |= {
+                "access_key_id": self.aws_access_key_id,
+                "secret_access_key": self.aws_secret_access_key or "",
+            }
+            if self.aws_session_token:
+                config["session_token"] = self.aws_session_token
+        elif profile := self.profile_name or (
+            None if os.environ.get("AWS_ACCESS_KEY_ID") else os.environ.get("AWS_PROFILE")
+        ):  # obstore reads no profile files: boto3 resolves (and refreshes) the profile
+            from obstore.auth.boto3 import Boto3CredentialProvider
+
+            with _SESSIONS_LOCK:
+                provider = Boto3CredentialProvider(_session(profile))
+        store = S3Store(
+            self.bucket,
+            config=config,  # type: ignore[arg-type]
+            client_options=client_options,  # type: ignore[arg-type]
+            retry_config={"max_retries": 0},
+            credential_provider=provider,
+        )
+        return ObjectStore(store, self.bucket, endpoint=self.endpoint_url, key_id=self.key_id())
+
+    def multipart_uploads(self) -> MultipartUploads:
+        return MultipartUploads(self.client(), self.bucket)
 
     def filesystem(self) -> pafs.S3FileSystem:
         """The bucket for pyarrow's own S3 reader, with the credentials boto3 resolves from

@@ -14,6 +14,7 @@ from typing import TypeVar
 from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
 from export_pipeline.influx import InfluxUnavailable
+from export_pipeline.writers import is_transient_store_error
 
 T = TypeVar("T")
 TRANSIENT_S3_CODES = {
@@ -29,10 +30,12 @@ TRANSIENT_S3_CODES = {
 
 
 def is_transient(error: BaseException | None) -> bool:
-    """True for failures a later attempt can cure, also when wrapped (boto3's upload_file wraps
-    a SlowDown in S3UploadFailedError)."""
+    """True for failures a later attempt can cure (InfluxDB unreachable, S3 through obstore or,
+    for the sweep's multipart listing, boto3), also when wrapped."""
     while error is not None:
         if isinstance(error, InfluxUnavailable | ConnectionError | HTTPClientError):
+            return True
+        if is_transient_store_error(error):
             return True
         if isinstance(error, ClientError):
             code = str(error.response.get("Error", {}).get("Code", ""))

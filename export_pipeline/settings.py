@@ -322,6 +322,8 @@ class _Parser:
         value = self.text(name, default).strip("/")
         if any(part in ("", ".", "..") for part in value.split("/")) and value:
             self.problems.append(f"{name}={value!r} has an empty, '.' or '..' path segment")
+        if "\\" in value:
+            self.problems.append(f"{name}={value!r} has a '\\', which some S3 servers read as '/'")
         return value
 
     def daily_prefix(self, slices: str) -> str:

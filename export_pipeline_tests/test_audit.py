@@ -22,7 +22,7 @@ from export_pipeline.schema import SCHEMA
 from export_pipeline.settings import Settings
 from export_pipeline.slices import export_slices
 from export_pipeline.slicing import DayRange
-from export_pipeline.writers import ExportFile, ObjectStore
+from export_pipeline.writers import ExportFile
 from export_pipeline_tests import audit
 from export_pipeline_tests.audit import (
     COLUMNS,
@@ -81,7 +81,7 @@ def export_day(stack: Stack, settings: Settings, day: date) -> int:
     with InfluxSource(settings.influx) as source:
         report = export_slices(
             source,
-            ObjectStore(stack.s3, settings.s3.bucket),
+            stack.store(),
             prefix=settings.s3.prefix,
             device_id="D1",
             piece=DayRange.whole(day),
@@ -253,7 +253,7 @@ def test_the_audit_catches_a_reader_that_loses_a_row(stack: Stack) -> None:
     with InfluxSource(settings.influx) as source:
         export_slices(
             LosesTheLastRow(source),
-            ObjectStore(stack.s3, settings.s3.bucket),
+            stack.store(),
             prefix=settings.s3.prefix,
             device_id="D1",
             piece=DayRange.whole(SATURDAY),

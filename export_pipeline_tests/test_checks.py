@@ -37,7 +37,6 @@ from export_pipeline.planning import SensorCursor
 from export_pipeline.resources import ClockResource
 from export_pipeline.slices import Slices
 from export_pipeline.slicing import DayRange
-from export_pipeline.writers import ObjectStore
 from export_pipeline_tests.audit import assert_day_file_reconciled, assert_reconciled
 from export_pipeline_tests.conftest import Stack, telemetry_export
 from export_pipeline_tests.services import point
@@ -114,7 +113,7 @@ def test_the_reconciliation_check_reports_a_missing_object(
     # The reconciliation the closing export runs, called directly here with what the day's
     # export wrote.
     with InfluxSource(fleet.settings.influx) as source:
-        store = ObjectStore(stack.s3, stack.bucket)
+        store = stack.store()
         slices = Slices(source, store, "telemetry", fleet.settings.export)
         wrote = slices.export(device, DayRange.whole(DAY)).totals
         key = f"telemetry/device_id={device}/date=2026/02/07/export_120300.parquet"
@@ -207,7 +206,7 @@ def test_a_day_file_replaced_by_one_of_another_schema_fails_its_check(
     settings = stack.settings()
     key = f"telemetry_daily/device_id={device}/date=2026-02-07/data.parquet"
     with InfluxSource(settings.influx) as source:
-        store = ObjectStore(stack.s3, stack.bucket)
+        store = stack.store()
         day_files = DayFiles(source, store, "telemetry_daily", 1000, tmp_path)
         day_files.export(device, DayRange.whole(DAY))
         assert day_files.reconcile(device, DAY, None).passed

@@ -39,7 +39,7 @@ PARTS = {
     "health service": "export_pipeline.health",
     "simulator": "export_pipeline.simulate",
     "InfluxDB": "influxd -config",
-    "S3 server": "moto.server",
+    "S3 server": "weed mini",
 }
 
 

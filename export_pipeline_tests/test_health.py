@@ -123,6 +123,19 @@ def test_a_missing_bucket_fails_readiness_and_the_reason_is_logged_not_returned(
     assert "s3_accessible failed" in log.read_text()
 
 
+def test_a_wrong_s3_secret_fails_readiness_and_the_log_names_the_key_id_not_the_secret(
+    health_service: Service, instance: DagsterInstance
+) -> None:
+    heartbeat(instance, age_seconds=5)
+    url, log = health_service(AWS_SECRET_ACCESS_KEY="a-wrong-secret")
+    answer = requests.get(f"{url}/ready", timeout=5)
+    assert answer.status_code == 503
+    assert answer.json()["checks"] == {**dict.fromkeys(CHECK_NAMES, True), "s3_accessible": False}
+    logged = log.read_text()
+    assert "access key id testing-key-id" in logged and "SignatureDoesNotMatch" in logged
+    assert "a-wrong-secret" not in logged
+
+
 @pytest.fixture
 def silent_server() -> Iterator[str]:
     """A TCP server that accepts connections and never answers: a hung dependency."""

@@ -56,6 +56,7 @@ def test_objects_that_are_not_slice_files_are_not_ours(name: str) -> None:
     [
         ("", "empty"),
         ("a/b", "'/'"),
+        ("a\\b", "SeaweedFS reads it as '/'"),
         ("..", "traversal"),
         ("a..b", "traversal"),
         ("a|b", "partition key"),

@@ -35,6 +35,7 @@ def test_defaults_need_only_a_bucket() -> None:
         ("S3_BUCKET", "", "S3_BUCKET is not set"),
         ("S3_BUCKET", "Bad_Bucket", "S3_BUCKET='Bad_Bucket' is not a valid bucket name"),
         ("S3_PREFIX", "a/../b", "S3_PREFIX='a/../b'"),
+        ("S3_PREFIX", "a\\b", "S3_PREFIX='a\\\\b' has a '"),
         ("INFLUXDB_TIMEOUT_SECONDS", "0", "INFLUXDB_TIMEOUT_SECONDS=0 must be a positive"),
         ("PORT", "70000", "PORT=70000 must be at least 1 and at most 65535"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL='LOUD' is not one of"),
