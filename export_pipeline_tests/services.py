@@ -215,6 +215,7 @@ class SeaweedServer(LocalServer):
         super().__init__(root)
         self.identities = list(identities)
         self.many_buckets = many_buckets
+        self._command: list[str] | None = None  # kept, so a restart has the same ports
 
     def command(self) -> list[str]:
         if self.many_buckets:
@@ -251,13 +252,16 @@ class SeaweedServer(LocalServer):
         ]
 
     def start(self) -> None:
+        """Start (or, after `stop` or `kill`, restart on the same data and ports) and wait
+        until S3 answers."""
         (self.root / "data").mkdir(parents=True, exist_ok=True)
+        self._command = self._command or self.command()
         log = (self.root / "weed.log").open("ab")
         # weed makes AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its environment an admin
         # identity beside -s3.config's: it gets neither.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=log, cwd=self.root, env=env, start_new_session=True
+            self._command, stdout=log, stderr=log, cwd=self.root, env=env, start_new_session=True
         )
 
         def answers() -> bool:

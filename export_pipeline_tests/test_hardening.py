@@ -11,6 +11,7 @@ from pathlib import Path
 from subprocess import Popen
 from typing import Any
 
+import boto3
 import pytest
 from dagster import (
     DagsterEventType,
@@ -23,12 +24,21 @@ from dagster import (
 from export_pipeline.influx import InfluxError
 from export_pipeline.ledger import checkpoints
 from export_pipeline.metadata import RECONCILIATION
+from export_pipeline.resources import ExportBucketResource
 from export_pipeline.runs import run_devices
 from export_pipeline.schema import SCHEMA
+from export_pipeline.writers import MultipartUploads
 from export_pipeline_tests.audit import assert_reconciled
-from export_pipeline_tests.conftest import Daemons, Stack, stop_daemon
+from export_pipeline_tests.conftest import (
+    AWS_ENV,
+    TEST_IDENTITY,
+    Daemons,
+    Stack,
+    stop_daemon,
+)
 from export_pipeline_tests.services import (
     PostgresServer,
+    SeaweedServer,
     TcpProxy,
     point,
     private_dagster_home,
@@ -59,6 +69,59 @@ def test_an_upload_that_fails_half_way_leaves_no_object_and_no_open_multipart_up
     # S3 was still there: the upload was aborted, its parts are gone.
     assert "Contents" not in direct.list_objects_v2(Bucket=stack.bucket)
     assert direct.list_multipart_uploads(Bucket=stack.bucket).get("Uploads", []) == []
+
+
+def test_the_s3_server_killed_mid_upload_leaves_no_object_and_a_new_upload_is_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL to SeaweedFS while a multipart upload is in flight, as a crash or an OOM kill
+    would: after it restarts on the same data there is no object, and the export's next upload
+    of the file is whole."""
+    for name, value in AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    server = SeaweedServer(tmp_path / "seaweedfs", [TEST_IDENTITY])
+    server.start()
+    try:
+        bucket, key = "killed", FOLDER + "export_120000.parquet"
+        admin = boto3.client("s3", endpoint_url=server.url, region_name="us-east-1")
+        admin.create_bucket(Bucket=bucket)
+        big = tmp_path / "slice.parquet"
+        big.write_bytes(os.urandom(128 * 1024 * 1024))  # long enough to be caught mid-way
+        store = ExportBucketResource(
+            bucket=bucket,
+            prefix="telemetry",
+            daily_prefix="telemetry_daily",
+            region_name="us-east-1",
+            endpoint_url=server.url,
+        ).store()
+        failed: list[BaseException] = []
+
+        def upload() -> None:
+            try:
+                store.upload(big, key=key, fmt="parquet")
+            except Exception as error:
+                failed.append(error)
+
+        uploading = threading.Thread(target=upload)
+        uploading.start()
+        wait_until(
+            lambda: admin.list_multipart_uploads(Bucket=bucket).get("Uploads"),
+            "the multipart upload to start",
+            timeout=30,
+        )
+        server.kill()
+        uploading.join(timeout=120)
+        assert failed, "the upload outlived the S3 server"
+        server.start()
+        assert "Contents" not in admin.list_objects_v2(Bucket=bucket)
+        # Nobody could abort: the parts wait under an open upload, which the sweep aborts.
+        later = datetime.now(UTC) + timedelta(minutes=1)
+        assert MultipartUploads(admin, bucket).abort_abandoned("telemetry/", later) == [key]
+        assert admin.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+        store.upload(big, key=key, fmt="parquet")
+        assert admin.get_object(Bucket=bucket, Key=key)["Body"].read() == big.read_bytes()
+    finally:
+        server.kill()  # its data is this test's: nothing to shut down gracefully
 
 
 HOSTILE_IDS = {
