@@ -249,9 +249,6 @@ class ObjectStore:
         # obstore takes the prefix as a folder: keys under "a/b/" are listed for "a/b".
         return {item["path"]: item["size"] for item in listing["objects"]}
 
-    def read(self, key: str) -> bytes:
-        return obstore.get(self.store, key).bytes().to_bytes()
-
     def read_tail(self, key: str, size: int) -> bytes:
         """The last `size` bytes of an object (all of it if smaller): one ranged GET."""
         answer = obstore.get(self.store, key, options={"range": {"suffix": size}})
