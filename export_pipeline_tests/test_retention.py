@@ -31,7 +31,13 @@ from export_pipeline.resources import ClockResource, build_resources
 from export_pipeline_tests.audit import assert_reconciled
 from export_pipeline_tests.conftest import TEST_DATABASE, Stack
 from export_pipeline_tests.services import POSTGRES
-from export_pipeline_tests.test_sensors import Fleet, every_10s, new_device, work_of
+from export_pipeline_tests.test_sensors import (
+    Fleet,
+    device_marked_at,
+    every_10s,
+    new_device,
+    work_of,
+)
 
 CLOSE = datetime(2026, 2, 8, tzinfo=UTC)  # 02-07 ends
 DAYS = [date(2026, 2, 7), date(2026, 2, 8)]
@@ -98,7 +104,9 @@ def consistent() -> None:
 def history(stack: Stack, instance: DagsterInstance) -> Iterator[tuple[Fleet, list[str]]]:
     """Two devices exported over a day's close: slices every minute, the close reconciled, the
     day files written; many runs, many superseded events."""
-    devices = [new_device(), new_device()]
+    # Hourly records at :30, outside every minute exported here (a random id puts one in the
+    # minutes after the close about one time in twenty, and the resumed tick then records it).
+    devices = [device_marked_at(30), device_marked_at(30)]
     for device in devices:
         stack.write(every_10s(device, CLOSE - timedelta(minutes=20), CLOSE + timedelta(minutes=4)))
     fleet = Fleet(stack, instance, DEVICE_IDS=",".join(devices), LOOKBACK_HOURS="24")
