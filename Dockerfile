@@ -9,7 +9,7 @@ RUN pip install --no-cache-dir .
 COPY dagster.yaml workspace.yaml ./
 COPY deploy ./deploy
 ENV DAGSTER_HOME=/opt/dagster/home
-# One "planned" event per asset run, not one per partition (README: "What a thousand-partition
+# One "planned" event per asset run, not one per partition (docs/operations.md: "What a thousand-partition
 # run costs").
 ENV DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS=true
 RUN mkdir -p "$DAGSTER_HOME" && cp dagster.yaml "$DAGSTER_HOME/dagster.yaml"

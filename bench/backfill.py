@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,12 +25,13 @@ from dagster import DagsterInstance, RunsFilter
 
 from bench.load import load
 from bench.run import REPO, Bench, machine
-from export_pipeline.jobs import export_day_files, run_config_for
-from export_pipeline.metadata import TELEMETRY_DAILY
-from export_pipeline.partitions import DeviceDay, date_key
-from export_pipeline.planning import WorkItem
-from export_pipeline.slicing import DayRange
+from export_pipeline.defs.continuous import export_day_files, export_days
+from export_pipeline.defs.planning import WorkItem
+from export_pipeline.defs.run_config import run_config_for
+from export_pipeline.engine.grid import DayRange
+from export_pipeline.record.keys import TELEMETRY_DAILY, DeviceDay, date_key
 from export_pipeline_tests.backfills import submit_backfill, wait_for_backfill
+from export_pipeline_tests.services import dagster_command
 
 NS = 1_000_000_000
 FIRST_DAY = date(2026, 1, 5)
@@ -39,18 +39,17 @@ FIRST_DAY = date(2026, 1, 5)
 
 def write_one(bench: Bench, device_day: DeviceDay) -> None:
     """One device-day's day file in a run of its own (`export_day_files` with one item)."""
-    dagster = str(Path(sys.executable).with_name("dagster"))
     config = bench.root / f"one-{device_day.device_id}.json"
     config.write_text(
         json.dumps(
             run_config_for(
-                [WorkItem(device_day.device_id, DayRange.whole(device_day.day))], "export_days"
+                [WorkItem(device_day.device_id, DayRange.whole(device_day.day))], export_days.name
             )
         )
     )
-    command = ["job", "execute", "-m", "export_pipeline.definitions", "-j", export_day_files.name]
+    command = dagster_command("dagster", "job", "execute", "-j", export_day_files.name)
     subprocess.run(
-        [dagster, *command, "-c", str(config)],
+        [*command, "-c", str(config)],
         env={**os.environ, **bench.env(DEVICE_IDS="")},
         cwd=bench.root,
         check=True,
@@ -81,9 +80,8 @@ def p8(bench: Bench, devices: int, days: int, points: int, baseline_runs: int) -
         per_partition = (time.perf_counter() - started) / baseline_runs
 
         logs = bench.root / "daemon.log"
-        binary = str(Path(sys.executable).with_name("dagster-daemon"))
         daemon = subprocess.Popen(
-            [binary, "run", "-m", "export_pipeline.definitions"],
+            dagster_command("dagster-daemon", "run"),
             env={**os.environ, **env},
             cwd=bench.root,
             stdout=logs.open("wb"),

@@ -32,19 +32,20 @@ from dagster import (
     build_sensor_context,
 )
 
-from export_pipeline.ledger import record_progress
-from export_pipeline.metadata import (
+from export_pipeline.defs.resources import ClockResource, build_resources
+from export_pipeline.defs.sensors import build_continuous_export
+from export_pipeline.engine.progress import DayTotals, Progress
+from export_pipeline.record.keys import (
     COVERED_THROUGH,
     DAILY_RECONCILIATION,
     EXPORTED_THROUGH,
     RECONCILIATION,
     TELEMETRY_DAILY,
     TELEMETRY_EXPORT,
+    DeviceDay,
+    date_key,
 )
-from export_pipeline.partitions import DeviceDay, date_key
-from export_pipeline.progress import DayTotals, Progress
-from export_pipeline.resources import ClockResource, build_resources
-from export_pipeline.sensors import build_continuous_export
+from export_pipeline.record.ledger import record_progress
 from export_pipeline.settings import Settings
 from export_pipeline_tests.services import POSTGRES
 

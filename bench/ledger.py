@@ -44,23 +44,26 @@ from dagster._core.scheduler.instigation import TickData, TickStatus
 from dagster._serdes import serialize_value
 from dagster._utils.schedules import cron_string_iterator
 
-import export_pipeline.jobs
+import export_pipeline.defs.driver
 from bench.load import load, load_simulated
 from bench.run import REPO, Bench
-from export_pipeline.export import Exported, ExportReport
-from export_pipeline.internals import prune_ledger
-from export_pipeline.jobs import export_day_files, export_due_slices, retain_ledger, sweep_late_data
-from export_pipeline.ledger import record_progress
-from export_pipeline.metadata import TELEMETRY_DAILY, TELEMETRY_EXPORT, worth_recording
-from export_pipeline.partitions import DEVICES, first_window_day, keys_before
-from export_pipeline.planning import TICK_SECONDS
-from export_pipeline.progress import DayTotals, Progress
-from export_pipeline.resources import ClockResource, build_resources
-from export_pipeline.runs import HEARTBEAT_SECONDS
-from export_pipeline.schema import FIELD_COLUMNS
-from export_pipeline.sensors import build_continuous_export
+from export_pipeline.defs.continuous import export_day_files, export_due_slices
+from export_pipeline.defs.maintenance import retain_ledger, sweep_late_data
+from export_pipeline.defs.planning import TICK_SECONDS
+from export_pipeline.defs.resources import ClockResource, build_resources
+from export_pipeline.defs.runs import HEARTBEAT_SECONDS
+from export_pipeline.defs.sensors import build_continuous_export
+from export_pipeline.engine.dataset import ExportReport
+from export_pipeline.engine.export import Exported
+from export_pipeline.engine.grid import SECONDS_PER_DAY, DayRange
+from export_pipeline.engine.progress import DayTotals, Progress
+from export_pipeline.engine.schema import FIELD_COLUMNS
+from export_pipeline.record.events import worth_recording
+from export_pipeline.record.keys import (
+    DEVICES,
+)
+from export_pipeline.record.ledger import record_progress, retain
 from export_pipeline.settings import Settings
-from export_pipeline.slicing import SECONDS_PER_DAY, DayRange
 from export_pipeline_tests.services import POSTGRES, drop_database, fresh_database
 
 NS = 1_000_000_000
@@ -341,8 +344,8 @@ def capture_close(bench: Bench) -> tuple[dict[str, list[str]], list[str]]:
     jobs = {job.name: job for job in (export_due_slices, export_day_files)}
     runs: dict[str, list[str]] = defaultdict(list)
     cursor = None
-    beat = export_pipeline.jobs.HEARTBEAT_SECONDS
-    export_pipeline.jobs.HEARTBEAT_SECONDS = 0.05  # so short runs log heartbeats too
+    beat = export_pipeline.defs.driver.HEARTBEAT_SECONDS
+    export_pipeline.defs.driver.HEARTBEAT_SECONDS = 0.05  # so short runs log heartbeats too
     try:
         with DagsterInstance.from_config(str(bench.home)) as instance:
             for minute in range(-4, 4):
@@ -374,7 +377,7 @@ def capture_close(bench: Bench) -> tuple[dict[str, list[str]], list[str]]:
                     job.execute_in_process(instance=instance, resources=later).run_id
                 )
     finally:
-        export_pipeline.jobs.HEARTBEAT_SECONDS = beat
+        export_pipeline.defs.driver.HEARTBEAT_SECONDS = beat
     return runs, devices
 
 
@@ -788,15 +791,7 @@ class Simulation:
             if self.retention and retention:
                 started = time.perf_counter()
                 now = datetime.fromtimestamp(retention[0].start, UTC)
-                before = now - timedelta(days=self.settings.ledger_retention_days)
-                first_day = first_window_day(self.settings, now.date())
-                pruned = prune_ledger(
-                    self.instance,
-                    asset_keys=[TELEMETRY_EXPORT, TELEMETRY_DAILY],
-                    before=before,
-                    forget_before={TELEMETRY_EXPORT: keys_before(first_day)},
-                    dated=[TELEMETRY_DAILY],
-                )
+                pruned, _ = retain(self.instance, self.settings, now)
                 self.pruned.append({**vars(pruned), "seconds": time.perf_counter() - started})
                 spent["prune"] += time.perf_counter() - started
                 started = time.perf_counter()

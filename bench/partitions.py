@@ -40,14 +40,14 @@ from dagster import DagsterInstance
 
 from bench.history import database_of, load_history
 from bench.run import REPO, Bench
-from export_pipeline.internals import prune_ledger
-from export_pipeline.metadata import (
+from export_pipeline.record.keys import (
     DAILY_RECONCILED,
+    DEVICES,
     RECONCILED,
     TELEMETRY_DAILY,
     TELEMETRY_EXPORT,
 )
-from export_pipeline.partitions import DEVICES, first_window_day, keys_before
+from export_pipeline.record.ledger import retain as ledger_retention
 from export_pipeline.settings import ExportSettings, Settings
 from export_pipeline_tests.services import POSTGRES, free_port, wait_until
 
@@ -84,15 +84,9 @@ def key_input(path: Sequence[str]) -> dict[str, Any]:
 
 
 def retain(instance: DagsterInstance, settings: ExportSettings, now: datetime) -> int:
-    """The ledger retention's pass (`jobs.prune_ledger_events`), then VACUUM ANALYZE as
-    PostgreSQL's autovacuum would after it: the events it removed."""
-    pruned = prune_ledger(
-        instance,
-        asset_keys=[TELEMETRY_EXPORT, TELEMETRY_DAILY],
-        before=now - timedelta(days=settings.ledger_retention_days),
-        forget_before={TELEMETRY_EXPORT: keys_before(first_window_day(settings, now.date()))},
-        dated=[TELEMETRY_DAILY],
-    )
+    """The ledger retention's pass (`ledger.retain`, as `retain_ledger` runs it), then VACUUM
+    ANALYZE as PostgreSQL's autovacuum would after it: the events it removed."""
+    pruned, _ = ledger_retention(instance, settings, now)
     connection = psycopg2.connect(dbname=database_of(instance), **POSTGRES)
     connection.autocommit = True
     with connection.cursor() as cursor:

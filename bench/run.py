@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.run                 # all benchmarks
     .venv/bin/python -m bench.run --only P1,P6    # some of them
 
-Starts its own InfluxDB, S3 (SeaweedFS; `--s3 moto` for the emulator the project used before)
+Starts its own InfluxDB, S3 (SeaweedFS; `--s3 moto` for the moto emulator, to compare)
 and PostgreSQL database, writes bench/results.json and prints a Markdown table.
 """
 
@@ -38,14 +38,18 @@ import requests
 import yaml
 
 from bench.load import load, load_simulated
-from export_pipeline.daily import DayFiles
-from export_pipeline.influx import InfluxSource, device_query
-from export_pipeline.jobs import COUNT_TIMEOUT_SECONDS
-from export_pipeline.resources import ExportBucketResource
+from export_pipeline.defs.continuous import export_due_slices
+from export_pipeline.defs.devices import register_devices
+from export_pipeline.defs.maintenance import COUNT_TIMEOUT_SECONDS
+from export_pipeline.defs.resources import ExportBucketResource
+from export_pipeline.engine.day_files import DayFiles
+from export_pipeline.engine.files import DAY_FILE_PARQUET
+from export_pipeline.engine.grid import DayRange
+from export_pipeline.engine.influx import InfluxSource, device_query
+from export_pipeline.engine.slice_files import Slices, write_slices
+from export_pipeline.engine.store import ObjectStore
+from export_pipeline.record.keys import DeviceDay, date_key
 from export_pipeline.settings import Settings
-from export_pipeline.slices import Slices, export_slices
-from export_pipeline.slicing import DayRange
-from export_pipeline.writers import DAY_FILE_PARQUET, ObjectStore
 from export_pipeline_tests.services import (
     POSTGRES,
     InfluxServer,
@@ -53,6 +57,7 @@ from export_pipeline_tests.services import (
     MotoServer,
     S3Identity,
     SeaweedServer,
+    dagster_command,
     drop_database,
     ensure_postgres,
     fresh_database,
@@ -115,7 +120,8 @@ class Bench:
             "CHECKPOINT_DB_USER": str(POSTGRES["user"]),
             "CHECKPOINT_DB_PASSWORD": "",
             "DAGSTER_HOME": str(self.home),
-            # As the image and scripts/run set it (README: "What a thousand-partition run costs").
+            # As the image and scripts/run set it (docs/operations.md: "What a thousand-partition
+            # run costs").
             "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS": "true",
             **overrides,
         }
@@ -173,7 +179,7 @@ def raw_download(bench: Bench, device: str) -> int:
 def export(bench: Bench, device: str, **env: str) -> int:
     settings = bench.settings(**env)
     with InfluxSource(settings.influx) as source:
-        report = export_slices(
+        report = write_slices(
             source,
             bench.store(),
             prefix=settings.s3.prefix,
@@ -287,28 +293,25 @@ def p6(bench: Bench, results: dict[str, Any]) -> None:
 
 def peak_rss_mib(bench: Bench, device: str, asset: str = "telemetry_export") -> float:
     """Peak RSS of a real `dagster asset materialize` run process exporting one device-day."""
-    dagster = str(Path(sys.executable).with_name("dagster"))
     # The bench's day is older than telemetry_export's default window of dates: every date.
     env = {**os.environ, **bench.env(DEVICE_IDS=device, EXPORT_PARTITION_DAYS="0")}
     subprocess.run(
-        [dagster, "job", "execute", "-m", "export_pipeline.definitions", "-j", "register_devices"],
+        dagster_command("dagster", "job", "execute", "-j", register_devices.name),
         env=env,
         cwd=bench.root,
         check=True,
         capture_output=True,
     )
-    command = [
-        dagster,
+    command = dagster_command(
+        "dagster",
         "asset",
         "materialize",
-        "-m",
-        "export_pipeline.definitions",
         "--select",
         asset,
         "--partition",
         # telemetry_daily's partitions are dates: the date of the fleet, DEVICE_IDS.
-        f"{DAY}|{device}" if asset == "telemetry_export" else str(DAY),
-    ]
+        DeviceDay(device, DAY).key if asset == "telemetry_export" else date_key(DAY),
+    )
     answer = subprocess.run(
         [sys.executable, "-c", PEAK_RSS, *command],
         cwd=bench.root,
@@ -339,17 +342,12 @@ def run_cli_job(bench: Bench, run_config: dict[str, Any], env: dict[str, str]) -
     """Launch one export_due_slices run as a real process, as the daemon would; its wall time."""
     config = bench.root / f"run-{uuid.uuid4().hex[:8]}.yaml"
     config.write_text(yaml.safe_dump(run_config))
-    dagster = str(Path(sys.executable).with_name("dagster"))
     started = time.perf_counter()
     subprocess.run(
         [
-            dagster,
-            "job",
-            "execute",
-            "-m",
-            "export_pipeline.definitions",
+            *dagster_command("dagster", "job", "execute"),
             "-j",
-            "export_due_slices",
+            export_due_slices.name,
             "-c",
             str(config),
         ],
@@ -401,8 +399,9 @@ def p2(bench: Bench, results: dict[str, Any], fleets: list[int]) -> None:
     """Amortised wall time per device-slice of a steady tick (every device has progress and is
     due for the slice that just closed, as the sensor asks), one batched run per tick against a
     run per device. The run's process start is included, as the daemon pays it."""
-    from export_pipeline.jobs import run_config_for
-    from export_pipeline.planning import WorkItem
+    from export_pipeline.defs.continuous import export_slices
+    from export_pipeline.defs.planning import WorkItem
+    from export_pipeline.defs.run_config import run_config_for
 
     env = bench.env(EXPORT_INTERVAL_SECONDS="60")
     minute = 12 * 60
@@ -417,7 +416,7 @@ def p2(bench: Bench, results: dict[str, Any], fleets: list[int]) -> None:
         ) -> float:
             start = (base + offset) * 60
             work = [WorkItem(device, DayRange(DAY, start, start + 60)) for device in fleet]
-            config = run_config_for(work)
+            config = run_config_for(work, export_slices.name)
             config["resources"] = {"clock": {"config": {"frozen_at": clock.isoformat()}}}
             return run_cli_job(bench, config, env)
 

@@ -27,7 +27,7 @@ from typing import Any
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from bench.run import REPO, Bench, machine
-from export_pipeline.ledger import checkpoints
+from export_pipeline.record.ledger import checkpoints
 
 JOB_NAME = "export_due_slices"
 JOB = RunsFilter(job_name=JOB_NAME)

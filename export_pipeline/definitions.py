@@ -5,25 +5,21 @@ from datetime import UTC, datetime
 
 from dagster import Definitions, in_process_executor
 
-from export_pipeline.assets import (
+from export_pipeline.defs.assets import (
     build_telemetry_daily,
     build_telemetry_export,
     influxdb_telemetry,
 )
-from export_pipeline.checks import build_freshness_check, build_reconciled_check
-from export_pipeline.io_managers import with_io_managers
-from export_pipeline.jobs import (
-    export_day_files,
-    export_due_slices,
-    register_devices,
-    retain_ledger,
-    sweep_late_data,
-)
-from export_pipeline.metadata import DAILY_RECONCILIATION, RECONCILIATION
-from export_pipeline.partitions import closed_dates, device_days, first_window_day
-from export_pipeline.resources import build_resources
-from export_pipeline.schedules import build_late_data_sweep, build_ledger_retention
-from export_pipeline.sensors import build_continuous_export
+from export_pipeline.defs.checks import build_freshness_check, build_reconciled_check
+from export_pipeline.defs.continuous import export_day_files, export_due_slices
+from export_pipeline.defs.devices import register_devices
+from export_pipeline.defs.io_managers import with_io_managers
+from export_pipeline.defs.maintenance import retain_ledger, sweep_late_data
+from export_pipeline.defs.partitions import closed_dates, device_days
+from export_pipeline.defs.resources import build_resources
+from export_pipeline.defs.schedules import build_late_data_sweep, build_ledger_retention
+from export_pipeline.defs.sensors import build_continuous_export
+from export_pipeline.record.keys import DAILY_RECONCILIATION, RECONCILIATION, first_window_day
 from export_pipeline.settings import Settings
 
 settings = Settings.from_env()

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from export_pipeline.resources import ExportBucketResource
+from export_pipeline.defs.resources import ExportBucketResource
 from export_pipeline.settings import Settings, SettingsError, load_env_file
 
 log = logging.getLogger("export_pipeline.health")

@@ -3,20 +3,25 @@
 Every setting the pipeline reads is named here, with its default and its rule, so that a bad value
 fails at start-up with a message naming the variable and the fix, never half-way through a run.
 Secrets (INFLUXDB_TOKEN, INFLUXDB_PASSWORD) are kept out of `repr` so they never reach a log.
+
+The parser records how it reads each variable (its default and what it accepts), and
+`DESCRIPTIONS` says what each one is for: `configuration_reference()` renders both as
+docs/configuration.md (`python -m export_pipeline.settings > docs/configuration.md`), and a test
+fails when that file differs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Literal, TypeVar, cast
+from typing import Literal, NamedTuple, TypeVar, cast
 from urllib.parse import urlsplit
-
-from export_pipeline.layout import devices_root
 
 ExportFormat = Literal["parquet", "csv"]
 Layout = Literal["seed", "hive"]
@@ -28,6 +33,23 @@ SECONDS_PER_DAY = 86_400
 STALE_RUN_SECONDS = 45
 T = TypeVar("T")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def devices_root(prefix: str) -> str:
+    """What every device folder's key starts with (`device_id=` under the prefix): here, below
+    the layout (`engine/layout.py`), because the prefixes are checked for overlap as they are
+    parsed."""
+    return f"{prefix}/device_id=" if prefix else "device_id="
+
+
+def is_valid_cron(expression: str) -> bool:
+    """Dagster's own rule for a schedule's cron string (five fields or an alias such as
+    @hourly, no seconds), so a schedule can always be built. Dagster's non-public API (pinned by
+    `test_internals.py`), imported here to keep this module light for the tools that only need
+    INFLUXDB_* (the simulator)."""
+    from dagster._utils.schedules import is_valid_cron_string
+
+    return bool(is_valid_cron_string(expression))
 
 
 class SettingsError(ValueError):
@@ -66,7 +88,10 @@ class CheckpointSettings:
     password: str = field(default="", repr=False)
 
 
-MIN_PARTITION_DAYS = 8
+# The closed days the sensor, the late-data sweep and the `reconciled` checks look back over, and
+# slice retention considers a day for after it falls out of retention: a week.
+WEEK_DAYS = 7
+MIN_PARTITION_DAYS = WEEK_DAYS + 1  # the week and today
 
 
 @dataclass(frozen=True)
@@ -100,7 +125,7 @@ class ExportSettings:
         read of the slices' ledger (the lookback, a week, retention's week past its days)."""
         if not self.partition_days:
             return 0
-        retention = self.slice_retention_days + 8 if self.slice_retention_days else 0
+        retention = self.slice_retention_days + WEEK_DAYS + 1 if self.slice_retention_days else 0
         return max(self.partition_days, retention, self.lookback_hours // 24 + 9)
 
 
@@ -139,15 +164,49 @@ def parse_influx(env: Mapping[str, str]) -> InfluxSettings:
     return influx
 
 
+@dataclass(frozen=True)
+class Rule:
+    """How the parser reads one variable, as docs/configuration.md shows it: its default (None:
+    required) and what it accepts."""
+
+    default: str | None
+    accepts: str
+
+
+def _shown(default: object) -> str | None:
+    """A default as it would be written in the environment."""
+    if default is None or isinstance(default, str):
+        return default
+    if isinstance(default, float):
+        return f"{default:g}"
+    if isinstance(default, date):
+        return default.isoformat()
+    return str(default)
+
+
 class _Parser:
-    """Collects every problem before raising, so one start-up shows all that is wrong."""
+    """Collects every problem before raising, so one start-up shows all that is wrong.
+
+    Each read also records its variable's rule in `rules` (the first, most specific, wins:
+    `interval` reads through `integer`, which reads through `text`), so the reference
+    documentation comes from the code that applies the rules."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
         self.problems: list[str] = []
+        self.rules: dict[str, Rule] = {}
+
+    def note(self, name: str, default: object, accepts: str) -> None:
+        self.rules.setdefault(name, Rule(_shown(default), accepts))
 
     def text(self, name: str, default: str = "") -> str:
+        self.note(name, default, "text")
         return self.env.get(name, "").strip() or default
+
+    def secret(self, name: str) -> str:
+        """A password, taken as given: not trimmed."""
+        self.note(name, "", "text, taken as given (not trimmed)")
+        return self.env.get(name, "")
 
     def converted(self, name: str, convert: Callable[[str], T], what: str) -> T | None:
         """The variable converted, or None when it is unset or not `what` (noted)."""
@@ -161,6 +220,8 @@ class _Parser:
             return None
 
     def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        bounds = f"at least {minimum:,}" if maximum is None else f"{minimum:,} to {maximum:,}"
+        self.note(name, default, f"a whole number, {bounds}")
         value = self.converted(name, int, "a whole number")
         if value is None:
             return default
@@ -170,6 +231,7 @@ class _Parser:
         return value
 
     def number(self, name: str, default: float) -> float:
+        self.note(name, default, "a positive number")
         value = self.converted(name, float, "a number")
         if value is None:
             return default
@@ -178,6 +240,8 @@ class _Parser:
         return value
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        *others, last = (f"`{choice}`" for choice in choices)
+        self.note(name, default, f"{', '.join(others)} or {last}" if others else last)
         value = self.text(name, default).lower()
         if value not in choices:
             self.problems.append(f"{name}={self.text(name)!r} is not one of {', '.join(choices)}")
@@ -185,6 +249,7 @@ class _Parser:
         return value
 
     def url(self, name: str, default: str = "") -> str:
+        self.note(name, default, "an http(s) URL")
         value = self.text(name, default)
         if not value:
             return value
@@ -196,12 +261,8 @@ class _Parser:
         return value.rstrip("/")
 
     def cron(self, name: str, default: str) -> str:
+        self.note(name, default, "a cron expression (five fields, UTC)")
         value = self.text(name, default)
-        # Dagster's own rule (five fields or an alias such as @hourly, no seconds), so the
-        # schedule can always be built; imported here to keep this module light for the tools
-        # that only need INFLUXDB_* (the simulator).
-        from export_pipeline.internals import is_valid_cron
-
         if not is_valid_cron(value):
             self.problems.append(
                 f"{name}={value!r} is not a five-field cron expression such as '20 * * * *'"
@@ -210,6 +271,7 @@ class _Parser:
         return value
 
     def required(self, name: str, hint: str) -> str:
+        self.note(name, None, "text")
         value = self.text(name)
         if not value:
             self.problems.append(f"{name} is not set: {hint}")
@@ -227,7 +289,7 @@ class _Parser:
             org=self.text("INFLUXDB_ORG"),
             username=self.text("INFLUXDB_USERNAME"),
             token=self.text("INFLUXDB_TOKEN"),
-            password=self.env.get("INFLUXDB_PASSWORD", ""),
+            password=self.secret("INFLUXDB_PASSWORD"),
             timeout_seconds=self.number("INFLUXDB_TIMEOUT_SECONDS", InfluxSettings.timeout_seconds),
         )
 
@@ -271,7 +333,7 @@ class _Parser:
             port=self.integer("CHECKPOINT_DB_PORT", CheckpointSettings.port, 1, 65_535),
             name=self.text("CHECKPOINT_DB_NAME", CheckpointSettings.name),
             user=self.text("CHECKPOINT_DB_USER", CheckpointSettings.user),
-            password=self.env.get("CHECKPOINT_DB_PASSWORD", ""),
+            password=self.secret("CHECKPOINT_DB_PASSWORD"),
         )
         port = self.integer("PORT", 8080, 1, 65_535)
         log_level = self.choice("LOG_LEVEL", "info", tuple(x.lower() for x in LOG_LEVELS)).upper()
@@ -286,6 +348,11 @@ class _Parser:
         )
 
     def interval(self) -> int:
+        self.note(
+            "EXPORT_INTERVAL_SECONDS",
+            ExportSettings.interval_seconds,
+            "a whole number of seconds that divides 86,400",
+        )
         value = self.integer("EXPORT_INTERVAL_SECONDS", ExportSettings.interval_seconds, 1)
         if value >= 1 and SECONDS_PER_DAY % value:
             self.problems.append(
@@ -295,6 +362,11 @@ class _Parser:
         return value
 
     def partition_days(self) -> int:
+        self.note(
+            "EXPORT_PARTITION_DAYS",
+            ExportSettings.partition_days,
+            f"`0`, or a whole number, {MIN_PARTITION_DAYS} to 36,500",
+        )
         value = self.integer("EXPORT_PARTITION_DAYS", ExportSettings.partition_days, 0, 36_500)
         if 0 < value < MIN_PARTITION_DAYS:
             self.problems.append(
@@ -305,10 +377,12 @@ class _Parser:
         return value
 
     def start_date(self) -> date:
+        self.note("EXPORT_START_DATE", ExportSettings.start_date, "a date, YYYY-MM-DD")
         value = self.converted("EXPORT_START_DATE", date.fromisoformat, "a date like 2026-01-01")
         return value or ExportSettings.start_date
 
     def bucket(self) -> str:
+        self.note("S3_BUCKET", None, "a bucket name: 3-63 lowercase letters, digits, `.` and `-`")
         value = self.required("S3_BUCKET", "name the bucket the exports are written to")
         # The S3 bucket naming rules, so a typo fails here rather than as an opaque S3 error.
         if value and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", value):
@@ -319,6 +393,7 @@ class _Parser:
         return value
 
     def prefix(self, name: str, default: str) -> str:
+        self.note(name, default, "a key prefix: no empty, `.` or `..` segment, no `\\`")
         value = self.text(name, default).strip("/")
         if any(part in ("", ".", "..") for part in value.split("/")) and value:
             self.problems.append(f"{name}={value!r} has an empty, '.' or '..' path segment")
@@ -327,6 +402,11 @@ class _Parser:
         return value
 
     def daily_prefix(self, slices: str) -> str:
+        self.note(
+            "S3_DAILY_PREFIX",
+            S3Settings.daily_prefix,
+            "a key prefix as S3_PREFIX's, whose keys cannot meet the slices'",
+        )
         value = self.prefix("S3_DAILY_PREFIX", S3Settings.daily_prefix)
         ours, theirs = devices_root(value), devices_root(slices)
         if ours.startswith(theirs) or theirs.startswith(ours):
@@ -337,6 +417,7 @@ class _Parser:
         return value
 
     def device_ids(self) -> tuple[str, ...]:
+        self.note("DEVICE_IDS", "", "comma-separated device ids, or `*`")
         return device_ids_of(self.env.get("DEVICE_IDS", ""))
 
 
@@ -346,3 +427,205 @@ def device_ids_of(raw: str) -> tuple[str, ...]:
     by name without stopping the code location from loading."""
     ids = [part.strip() for part in raw.split(",") if part.strip()]
     return () if ids == ["*"] else tuple(dict.fromkeys(ids))
+
+
+# --- The configuration reference (docs/configuration.md) ----------------------------------------
+
+# What each variable the parser reads is for, one line each, in the order the reference lists
+# them. Defaults and rules are not repeated here: the parser records them as it reads
+# (`variables_read`), and a test checks that this table names exactly the variables it reads.
+DESCRIPTIONS: dict[str, str] = {
+    "INFLUXDB_URL": "InfluxDB's base URL; with `https://` its certificate is verified",
+    "INFLUXDB_BUCKET": "the database (1.x), or the bucket (2.x, through its DBRP mapping)",
+    "INFLUXDB_MEASUREMENT": (
+        "the measurement: tags `device_id`, `device_type`, `location`; fields `voltage`, "
+        "`current`, `power`, `temperature`"
+    ),
+    "INFLUXDB_TOKEN": "sent as `Authorization: Token …` (2.x, 3.x); empty: no token",
+    "INFLUXDB_USERNAME": "basic authentication (1.x), used when there is no token",
+    "INFLUXDB_PASSWORD": "the password of INFLUXDB_USERNAME",
+    "INFLUXDB_ORG": "the 2.x organisation (informational: the v1 API does not use it)",
+    "INFLUXDB_TIMEOUT_SECONDS": "the timeout of each request to InfluxDB",
+    "S3_BUCKET": "the bucket both datasets are written to",
+    "S3_PREFIX": "the key prefix of the slices (`telemetry_export`); `/`: the bucket's root",
+    "S3_DAILY_PREFIX": "the key prefix of the day files (`telemetry_daily`)",
+    "S3_REGION": "the bucket's region",
+    "S3_ENDPOINT_URL": "an S3 endpoint other than AWS's (SeaweedFS, MinIO, …); empty: AWS",
+    "EXPORT_INTERVAL_SECONDS": "the length of a slice: one file per device and interval",
+    "EXPORT_FORMAT": "the slices' file format (day files are always Parquet)",
+    "EXPORT_LAYOUT": "the slices' keys: `seed` (`date=YYYY/MM/DD`) or `hive` (`date=YYYY-MM-DD`)",
+    "EXPORT_BATCH_SIZE": "rows read and encoded at a time: bounds a run's memory whatever the day",
+    "EXPORT_START_DATE": "the first date of `telemetry_daily`, and of `telemetry_export` within "
+    "its window",
+    "EXPORT_PARTITION_DAYS": "`telemetry_export`'s dates are the last N days (lengthened past "
+    "slice retention and the lookback); `0`: every day since EXPORT_START_DATE",
+    "DEVICE_IDS": "the devices to export; empty or `*`: every `device_id` InfluxDB lists",
+    "LOOKBACK_HOURS": "how far back continuous export starts for a device never exported",
+    "EXPORT_LATENESS_SECONDS": "a slice is exported once it has been closed this long, so late "
+    "points land in it",
+    "EXPORT_DEVICES_PER_RUN": "devices per continuous run (more when a tick would otherwise "
+    "need more runs than can run at once)",
+    "EXPORT_CONCURRENCY": "devices exported at once within a run",
+    "EXPORT_RETRIES": "retries of a transient InfluxDB or S3 failure, with backoff and jitter",
+    "EXPORT_STALE_RUN_SECONDS": f"a run silent this long is presumed dead (four times as long "
+    f"for a run of an asset); `0`: {STALE_RUN_SECONDS} s",
+    "EXPORT_SWEEP_CRON": "when `late_data_sweep` looks for late data, abandoned uploads and "
+    "slices past retention",
+    "EXPORT_SLICE_RETENTION_DAYS": "delete a day's slices this many days after it, once its day "
+    "file is written and reconciled; `0`: keep them",
+    "EXPORT_LEDGER_RETENTION_DAYS": "how long Dagster's storage keeps superseded events and the "
+    "logs of finished runs",
+    "EXPORT_RETENTION_CRON": "when `ledger_retention` prunes Dagster's storage",
+    "CHECKPOINT_DB_HOST": "PostgreSQL holding Dagster's storage, the export record (dagster.yaml "
+    "reads the CHECKPOINT_DB_* variables too)",
+    "CHECKPOINT_DB_PORT": "its port",
+    "CHECKPOINT_DB_NAME": "its database",
+    "CHECKPOINT_DB_USER": "its role (least privilege: docs/security.md)",
+    "CHECKPOINT_DB_PASSWORD": "the role's password",
+    "PORT": "the port of the health service (`python -m export_pipeline.health`)",
+    "LOG_LEVEL": "the level of the package's loggers, in its processes and in the run logs",
+}
+
+
+class ReadElsewhere(NamedTuple):
+    """A variable the deployment uses that the settings parser does not read."""
+
+    reader: str
+    default: str
+    description: str
+
+
+S3_CLIENTS = "obstore, boto3"
+# The variables read by the libraries, Dagster, docker-compose and the scripts.
+READ_ELSEWHERE: dict[str, ReadElsewhere] = {
+    "AWS_ACCESS_KEY_ID": ReadElsewhere(
+        S3_CLIENTS,
+        "",
+        "S3 credentials; unset: the rest of the default chain (web identity, ECS or EC2 "
+        "instance credentials, AWS_PROFILE)",
+    ),
+    "AWS_SECRET_ACCESS_KEY": ReadElsewhere(S3_CLIENTS, "", "the secret of AWS_ACCESS_KEY_ID"),
+    "AWS_SESSION_TOKEN": ReadElsewhere(
+        S3_CLIENTS, "", "the session token of temporary credentials"
+    ),
+    "AWS_PROFILE": ReadElsewhere(
+        "boto3", "", "a profile of `~/.aws`, used when AWS_ACCESS_KEY_ID is not set"
+    ),
+    "AWS_CA_BUNDLE": ReadElsewhere(
+        S3_CLIENTS, "", "a PEM file of the private CA of an `https://` S3_ENDPOINT_URL"
+    ),
+    "REQUESTS_CA_BUNDLE": ReadElsewhere(
+        "requests", "", "a PEM file of the private CA of an `https://` INFLUXDB_URL"
+    ),
+    "PGSSLMODE": ReadElsewhere("libpq", "", "`verify-full` verifies PostgreSQL's certificate"),
+    "PGSSLROOTCERT": ReadElsewhere("libpq", "", "a PEM file of the CA of PostgreSQL's certificate"),
+    "DAGSTER_HOME": ReadElsewhere("Dagster", "", "the folder holding `dagster.yaml`"),
+    "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS": ReadElsewhere(
+        "Dagster",
+        "`true` in the image and scripts/run",
+        "one planned event per run rather than one per partition (docs/operations.md)",
+    ),
+    "INFLUXDB_ADMIN_USER": ReadElsewhere(
+        "docker-compose.yml", "", "the InfluxDB 2.x server's initial admin"
+    ),
+    "INFLUXDB_ADMIN_PASSWORD": ReadElsewhere("docker-compose.yml", "", "that admin's password"),
+    "PUBLISH_ADDRESS": ReadElsewhere(
+        "docker-compose.yml",
+        "`127.0.0.1`",
+        "the host address the read-only UI and the health service are published on",
+    ),
+    "DAGSTER_WEBSERVER_PORT": ReadElsewhere("scripts/run", "`3000`", "the demo's Dagster UI"),
+    "INFLUXDB_BIND_ADDRESS": ReadElsewhere(
+        "scripts/services", "`127.0.0.1:8088`", "the demo influxd's backup service"
+    ),
+    "EXPORT_PIPELINE_VENV": ReadElsewhere(
+        "scripts/install",
+        "",
+        "a virtual environment that has the project already: `.venv` links to it",
+    ),
+}
+
+# Variables whose values are secrets: kept out of ConfigMaps, logs and the UI (docs/security.md).
+SECRETS: frozenset[str] = frozenset(
+    {
+        "INFLUXDB_TOKEN",
+        "INFLUXDB_PASSWORD",
+        "CHECKPOINT_DB_PASSWORD",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "INFLUXDB_ADMIN_PASSWORD",
+    }
+)
+
+REFERENCE_INTRO = """\
+# Configuration
+
+<!-- Generated from export_pipeline/settings.py, which holds each variable's rule and
+description: `python -m export_pipeline.settings > docs/configuration.md` writes this file, and a
+test fails when the two differ. -->
+
+The pipeline reads the environment, or a `.env` file in the working directory: the Dagster CLI
+reads it and lets the file win over the environment; the health service and the simulator let the
+environment win. `.env.example` lists the variables with the demo's values.
+
+Every setting is validated when the code location loads: a bad value stops it with a message that
+names the variable, e.g. `EXPORT_FORMAT='xml' is not one of parquet, csv`, listing every problem at
+once. Values are trimmed, an empty value means the default, and choices are read in any case.
+Variables marked *secret* belong in a Secret, never a ConfigMap (docs/security.md); Dagster's UI
+and run config only ever show their names.
+"""
+
+
+def variables_read(env: Mapping[str, str] | None = None) -> dict[str, Rule]:
+    """Every variable the settings parser reads, with its default and what it accepts, as the
+    parser records them while parsing `env` (default: an empty environment, which lacks the one
+    required variable, S3_BUCKET: the problems found are not this function's business)."""
+    parser = _Parser(env or {})
+    with contextlib.suppress(SettingsError):
+        parser.settings()
+    return parser.rules
+
+
+def _name(variable: str) -> str:
+    return f"`{variable}`" + (" *secret*" if variable in SECRETS else "")
+
+
+def configuration_reference() -> str:
+    """docs/configuration.md: every variable, its default, what it accepts and what it is for.
+    Made from the code and the declarations above only, never from the environment, so no value
+    (a secret's least of all) can reach it."""
+    rules = variables_read()
+
+    def default(rule: Rule) -> str:
+        if rule.default is None:
+            return "required"
+        return f"`{rule.default}`" if rule.default else "empty"
+
+    lines = [
+        REFERENCE_INTRO,
+        "## Read by the pipeline (`export_pipeline/settings.py`)",
+        "",
+        "| variable | default | accepts | what it is for |",
+        "|---|---|---|---|",
+    ]
+    for variable, description in DESCRIPTIONS.items():
+        rule = rules[variable]
+        lines.append(f"| {_name(variable)} | {default(rule)} | {rule.accepts} | {description} |")
+    lines += [
+        "",
+        "## Read by the libraries, Dagster and the scripts",
+        "",
+        "| variable | read by | default | what it is for |",
+        "|---|---|---|---|",
+    ]
+    for variable, other in READ_ELSEWHERE.items():
+        lines.append(
+            f"| {_name(variable)} | {other.reader} | {other.default or 'empty'} | "
+            f"{other.description} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(configuration_reference())

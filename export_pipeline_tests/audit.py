@@ -3,16 +3,18 @@
 Both sides are read in full (every object of the folder, every point of the day), so a row lost,
 written twice, left over from an older export, or put in the wrong slice file fails the audit.
 
-The audit is a second implementation of the README's contract, written from the README alone, so
-that a bug in the exporter cannot hide itself by being used on both sides of the comparison:
+The audit is a second implementation of the contract in docs/datasets.md, written from that page
+alone, so that a bug in the exporter cannot hide itself by being used on both sides of the
+comparison:
 
 - InfluxDB is read by another path: `SELECT *` in InfluxQL over plain HTTP, answered in JSON
   (the exporter asks for named columns and parses CSV with Arrow);
-- the 12 columns are computed here in plain Python from the README's Schema table, not by
-  `export_pipeline.schema`;
-- folders are built here from the README's Layout section, not by `export_pipeline.layout`, and
-  objects are parsed here: Parquet with pyarrow, CSV with a parser of our own that tells a quoted
-  field from an unquoted one (the README's null is an unquoted empty field, `""` an empty string).
+- the 12 columns are computed here in plain Python from the page's Schema table, not by
+  `export_pipeline.engine.schema`;
+- folders are built here from the page's Layout section, not by `export_pipeline.engine.layout`,
+  and objects are parsed here: Parquet with pyarrow, CSV with a parser of our own that tells a
+  quoted field from an unquoted one (the page's null is an unquoted empty field, `""` an empty
+  string).
 
 Only `export_pipeline.settings` is shared: it says where the data lives, not what it should be.
 
@@ -42,7 +44,7 @@ import requests
 from export_pipeline.settings import InfluxSettings, Settings
 from export_pipeline_tests.conftest import Stack
 
-# The README's Schema table, in file order.
+# The Schema table of docs/datasets.md, in its order.
 COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("timestamp", pa.timestamp("us", tz="UTC")),
     ("device_id", pa.string()),
@@ -131,7 +133,7 @@ def influx_points(
     return points
 
 
-# --- The README's Schema, in plain Python ----------------------------------------------------
+# --- The Schema of docs/datasets.md, in plain Python -----------------------------------------
 
 
 def _field(point: dict[str, Any], name: str) -> float | None:
@@ -160,7 +162,7 @@ def power_factor(power: float | None, voltage: float | None, current: float | No
 
 
 def expected_row(point: dict[str, Any], device_id: str) -> Row:
-    """One InfluxDB point as the README says it is exported."""
+    """One InfluxDB point as docs/datasets.md says it is exported."""
     time_ns = point["time"]
     assert isinstance(time_ns, int), f"InfluxDB's time {time_ns!r} is not epoch nanoseconds"
     micros = time_ns // 1_000  # nanoseconds truncated to microseconds (times after 1970)
@@ -184,12 +186,12 @@ def expected_row(point: dict[str, Any], device_id: str) -> Row:
 
 
 def influx_rows(influx: InfluxSettings, device_id: str, day: date) -> list[Row]:
-    """The device-day's points in InfluxDB, as the rows the README says S3 must hold."""
+    """The device-day's points in InfluxDB, as the rows docs/datasets.md says S3 must hold."""
     start_ns = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()) * 10**9
     end_ns = start_ns + SECONDS_PER_DAY * 10**9
     points = influx_points(influx, device_id, start_ns, end_ns)
     # A point none of whose four fields is set (only fields that are not exported) carries
-    # nothing to export: no row. The README is silent; InfluxDB returns no row for it when asked
+    # nothing to export: no row. The docs are silent; InfluxDB returns no row for it when asked
     # for the four fields, and the exporter and the late-data sweep's counts agree.
     return [
         expected_row(point, device_id)
@@ -198,7 +200,7 @@ def influx_rows(influx: InfluxSettings, device_id: str, day: date) -> list[Row]:
     ]
 
 
-# --- S3: the README's Layout and the two formats ---------------------------------------------
+# --- S3: the Layout of docs/datasets.md and the two formats ----------------------------------
 
 
 def device_day_folder(prefix: str, device_id: str, day: date, layout: str) -> str:
@@ -209,7 +211,7 @@ def device_day_folder(prefix: str, device_id: str, day: date, layout: str) -> st
     elif layout == "hive":
         day_part = f"date={day.year:04d}-{day.month:02d}-{day.day:02d}"
     else:
-        raise ValueError(f"the README has no layout {layout!r}")
+        raise ValueError(f"docs/datasets.md has no layout {layout!r}")
     root = f"{prefix}/device_id={device_id}" if prefix else f"device_id={device_id}"
     return f"{root}/{day_part}/"
 
@@ -227,7 +229,7 @@ def _keys_under(client: Any, bucket: str, folder: str) -> list[str]:
 
 
 def parquet_rows(body: bytes, key: str) -> list[Row]:
-    """The rows of a Parquet object, after checking it has exactly the README's 12 columns."""
+    """The rows of a Parquet object, after checking it has exactly the documented 12 columns."""
     table = pq.read_table(io.BytesIO(body))
     assert tuple(table.column_names) == NAMES, f"{key} has columns {table.column_names}"
     for (name, wanted), field in zip(COLUMNS, table.schema, strict=True):
@@ -275,7 +277,7 @@ def csv_records(text: str) -> list[list[tuple[str, bool]]]:
 
 
 def _csv_value(text: str, quoted: bool, name: str, kind: pa.DataType) -> Any:
-    """One CSV field as the README writes it: strings quoted, null an unquoted empty field."""
+    """One CSV field as docs/datasets.md writes it: strings quoted, null an unquoted empty field."""
     if not quoted and text == "":
         return None
     if pa.types.is_timestamp(kind):

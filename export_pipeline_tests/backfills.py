@@ -11,8 +11,8 @@ from dagster._core.definitions.assets.graph.asset_graph import AssetGraph
 from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
 from dagster._core.utils import make_new_backfill_id
 
-from export_pipeline.assets import build_telemetry_daily, build_telemetry_export
-from export_pipeline.partitions import closed_dates, device_days
+from export_pipeline.defs.assets import build_telemetry_daily, build_telemetry_export
+from export_pipeline.defs.partitions import closed_dates, device_days
 from export_pipeline.settings import ExportSettings
 
 DONE = {

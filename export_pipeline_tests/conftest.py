@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -24,23 +23,25 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterInstance
 
-from export_pipeline.assets import build_telemetry_daily, build_telemetry_export
-from export_pipeline.partitions import closed_dates
-from export_pipeline.partitions import device_days as device_days_of
-from export_pipeline.resources import ExportBucketResource
+from export_pipeline.defs.assets import build_telemetry_daily, build_telemetry_export
+from export_pipeline.defs.partitions import closed_dates
+from export_pipeline.defs.partitions import device_days as device_days_of
+from export_pipeline.defs.resources import ExportBucketResource
+from export_pipeline.engine.store import ObjectStore
 from export_pipeline.settings import ExportSettings, Settings
-from export_pipeline.writers import ObjectStore
 from export_pipeline_tests.services import (
     POSTGRES,
     InfluxServer,
     S3Identity,
     SeaweedServer,
+    dagster_command,
     drop_database,
     ensure_postgres,
     fresh_database,
 )
 
 REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
 # Where the tests start Dagster's CLI, daemons and the health service: an empty folder. The Dagster
 # CLI loads a `.env` from its working directory over the environment it is given, so started in
 # the checkout it would export with the demo's settings (scripts/run writes .env there).
@@ -63,11 +64,16 @@ TEST_IDENTITY = S3Identity(
 )
 
 
-def readme_example(name: str) -> str:
-    """The Python block that follows `<!-- example: {name} -->` in README.md."""
-    text = (REPO / "README.md").read_text()
-    after = text.split(f"<!-- example: {name} -->\n", 1)[1]
-    return after.split("```python\n", 1)[1].split("\n```", 1)[0]
+def docs_example(name: str, language: str = "python") -> str:
+    """The ```language block right after `<!-- example: {name} -->`, in whichever page of docs/
+    holds that marker (exactly one does, once)."""
+    marker = f"<!-- example: {name} -->\n"
+    pages = [path.read_text() for path in sorted(DOCS.glob("*.md"))]
+    found = [page for page in pages if marker in page]
+    assert len(found) == 1 and found[0].count(marker) == 1, f"{marker.strip()} is not once in docs/"
+    after = found[0].split(marker, 1)[1]
+    assert after.startswith(f"```{language}\n"), f"{marker.strip()}: no {language} block after it"
+    return after.removeprefix(f"```{language}\n").split("\n```", 1)[0]
 
 
 @pytest.fixture(scope="session")
@@ -201,9 +207,8 @@ class Daemons:
             **self.checkpoint_env,
             "DAGSTER_HOME": str(self.dagster_home),
         }
-        binary = str(Path(sys.executable).with_name("dagster-daemon"))
         daemon = subprocess.Popen(
-            [binary, "run", "-m", "export_pipeline.definitions"],
+            dagster_command("dagster-daemon", "run"),
             env=environment,
             cwd=CLI_CWD,
             stdout=subprocess.DEVNULL,

@@ -30,6 +30,14 @@ import psycopg2
 import requests
 
 
+def dagster_command(tool: str, *args: str) -> list[str]:
+    """A command of Dagster's CLI (`dagster`, `dagster-daemon`, ...) on the code location, as
+    the README, the daemon and its runs load it: `-m export_pipeline.definitions` after `args`
+    (the subcommand)."""
+    binary = str(Path(sys.executable).with_name(tool))
+    return [binary, *args, "-m", "export_pipeline.definitions"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

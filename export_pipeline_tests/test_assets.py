@@ -2,17 +2,16 @@
 
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 from dagster import DagsterInstance, materialize
 
-from export_pipeline.jobs import register_devices
-from export_pipeline.resources import build_resources
+from export_pipeline.defs.devices import register_devices
+from export_pipeline.defs.resources import build_resources
 from export_pipeline_tests.conftest import CLI_CWD, Stack, telemetry_export
-from export_pipeline_tests.services import free_port, point
+from export_pipeline_tests.services import dagster_command, free_port, point
 from export_pipeline_tests.test_export import at
 
 
@@ -101,9 +100,8 @@ def dagster_cli(
     args: list[str], env: dict[str, str], home: Path, cwd: Path = CLI_CWD
 ) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **env, "DAGSTER_HOME": str(home)}
-    dagster = str(Path(sys.executable).with_name("dagster"))
     return subprocess.run(
-        [dagster, *args, "-m", "export_pipeline.definitions"],
+        dagster_command("dagster", *args),
         env=full_env,
         cwd=cwd,
         capture_output=True,

@@ -16,13 +16,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-import export_pipeline.slices
-from export_pipeline.influx import InfluxSource
-from export_pipeline.schema import SCHEMA
+import export_pipeline.engine.slice_files
+from export_pipeline.engine.files import ExportFile
+from export_pipeline.engine.grid import DayRange
+from export_pipeline.engine.influx import InfluxSource
+from export_pipeline.engine.schema import SCHEMA
+from export_pipeline.engine.slice_files import write_slices
 from export_pipeline.settings import Settings
-from export_pipeline.slices import export_slices
-from export_pipeline.slicing import DayRange
-from export_pipeline.writers import ExportFile
 from export_pipeline_tests import audit
 from export_pipeline_tests.audit import (
     COLUMNS,
@@ -49,7 +49,7 @@ def at(day: date, hours: int, minutes: int = 0, seconds: int = 0, ns: int = 0) -
 
 
 def awkward_day(day: date) -> list[str]:
-    """Points that exercise every rule of the README's Schema table, on `day` and around it."""
+    """Points that exercise every rule of the documented Schema table, on `day` and around it."""
     full = {"voltage": 230.0, "current": 0.5, "power": 100.0, "temperature": 21.5}
     return [
         point(at(day, 0), "D1", full),  # exactly at midnight: the day's first slice
@@ -79,7 +79,7 @@ POINTS_PER_DAY = 10
 def export_day(stack: Stack, settings: Settings, day: date) -> int:
     """The real exporter, as the asset and the sensor's runs call it."""
     with InfluxSource(settings.influx) as source:
-        report = export_slices(
+        report = write_slices(
             source,
             stack.store(),
             prefix=settings.s3.prefix,
@@ -90,7 +90,7 @@ def export_day(stack: Stack, settings: Settings, day: date) -> int:
     return report.rows
 
 
-# --- The audit reads the README, not the package ----------------------------------------------
+# --- The audit reads docs/datasets.md, not the package ----------------------------------------
 
 
 def test_the_audit_imports_nothing_of_the_package_but_its_settings() -> None:
@@ -119,7 +119,7 @@ def test_the_audit_imports_nothing_of_the_package_but_its_settings() -> None:
         (math.nan, 230.0, 1.0, None),
     ],
 )
-def test_the_audits_power_factor_follows_the_readmes_rule(
+def test_the_audits_power_factor_follows_the_documented_rule(
     power: float | None, voltage: float, current: float, expected: float | None
 ) -> None:
     assert power_factor(power, voltage, current) == expected
@@ -157,7 +157,7 @@ def test_the_audits_csv_parser_tells_a_null_from_an_empty_string() -> None:
     ]
 
 
-def test_the_audits_folders_are_the_readmes_layout() -> None:
+def test_the_audits_folders_are_the_documented_layout() -> None:
     assert device_day_folder("telemetry", "D1", SATURDAY, "seed") == (
         "telemetry/device_id=D1/date=2026/02/07/"
     )
@@ -251,7 +251,7 @@ def test_the_audit_catches_a_reader_that_loses_a_row(stack: Stack) -> None:
     stack.write(awkward_day(SATURDAY))
     settings = stack.settings()
     with InfluxSource(settings.influx) as source:
-        export_slices(
+        write_slices(
             LosesTheLastRow(source),
             stack.store(),
             prefix=settings.s3.prefix,
@@ -266,7 +266,7 @@ def test_the_audit_catches_a_reader_that_loses_a_row(stack: Stack) -> None:
 def test_the_audit_catches_a_transform_that_does_not_clip_the_power_factor(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = export_pipeline.slices.to_export
+    real = export_pipeline.engine.slice_files.to_export
 
     def unclipped(batch: pa.RecordBatch, device_id: str) -> pa.RecordBatch:
         rows = real(batch, device_id)
@@ -276,7 +276,7 @@ def test_the_audit_catches_a_transform_that_does_not_clip_the_power_factor(
         unclipped = pc.if_else(pc.is_null(clipped), clipped, ratio)
         return rows.set_column(11, SCHEMA.field(11), unclipped)
 
-    monkeypatch.setattr(export_pipeline.slices, "to_export", unclipped)
+    monkeypatch.setattr(export_pipeline.engine.slice_files, "to_export", unclipped)
     stack.write(awkward_day(SATURDAY))
     settings = stack.settings()
     export_day(stack, settings, SATURDAY)
@@ -417,7 +417,7 @@ def test_a_foreign_object_in_the_folder_fails_the_audit(
 # --- The closed-day dataset: one Parquet object per device-day --------------------------------
 
 DAILY = "daily"
-DAY_SCHEMA = pa.schema(COLUMNS)  # the README's 12 columns; nothing of the package's
+DAY_SCHEMA = pa.schema(COLUMNS)  # the documented 12 columns; nothing of the package's
 
 
 def day_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -425,7 +425,7 @@ def day_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def saturday_rows() -> list[dict[str, Any]]:
-    """Three points of Saturday, as the README's Schema table turns them into columns."""
+    """Three points of Saturday, as the documented Schema table turns them into columns."""
     common = {"device_id": "D1", "day_of_week": 5, "is_weekend": True}
     return [
         {

@@ -18,25 +18,27 @@ from dagster import (
 )
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
-from export_pipeline.checks import build_reconciled_check
-from export_pipeline.daily import DayFiles
-from export_pipeline.influx import InfluxSource
-from export_pipeline.jobs import export_due_slices
-from export_pipeline.ledger import checkpoints
-from export_pipeline.metadata import (
-    DAILY_RECONCILIATION,
-    FRESHNESS,
-    RECONCILED,
-    RECONCILIATION,
+from export_pipeline.defs.checks import build_reconciled_check
+from export_pipeline.defs.continuous import export_due_slices
+from export_pipeline.defs.planning import SensorCursor
+from export_pipeline.defs.resources import ClockResource
+from export_pipeline.engine.day_files import DayFiles
+from export_pipeline.engine.grid import DayRange
+from export_pipeline.engine.influx import InfluxSource
+from export_pipeline.engine.slice_files import Slices
+from export_pipeline.record.events import (
     reconciled_evaluation,
     reconciliation_evaluation,
     summary_digest,
 )
-from export_pipeline.partitions import DeviceDay
-from export_pipeline.planning import SensorCursor
-from export_pipeline.resources import ClockResource
-from export_pipeline.slices import Slices
-from export_pipeline.slicing import DayRange
+from export_pipeline.record.keys import (
+    DAILY_RECONCILIATION,
+    FRESHNESS,
+    RECONCILED,
+    RECONCILIATION,
+    DeviceDay,
+)
+from export_pipeline.record.ledger import checkpoints
 from export_pipeline_tests.audit import assert_day_file_reconciled, assert_reconciled
 from export_pipeline_tests.conftest import Stack, telemetry_export
 from export_pipeline_tests.services import point

@@ -23,27 +23,27 @@ from dagster import (
     materialize,
 )
 
-from export_pipeline import jobs
-from export_pipeline.io_managers import with_io_managers
-from export_pipeline.metadata import (
+from export_pipeline.defs import continuous
+from export_pipeline.defs.io_managers import with_io_managers
+from export_pipeline.defs.partitions import closed_dates
+from export_pipeline.defs.resources import ClockResource, build_resources
+from export_pipeline.engine.files import DAY_FILE_ROWS_PER_GROUP
+from export_pipeline.engine.schema import SCHEMA
+from export_pipeline.record.events import DayFileRecord, day_files_metadata
+from export_pipeline.record.keys import (
     DAILY_RECONCILIATION,
     TELEMETRY_DAILY,
     TELEMETRY_EXPORT,
-    DayFileRecord,
-    day_files_metadata,
+    DeviceDay,
 )
-from export_pipeline.partitions import DeviceDay, closed_dates
-from export_pipeline.resources import ClockResource, build_resources
-from export_pipeline.schema import SCHEMA
 from export_pipeline.settings import ExportSettings
-from export_pipeline.writers import DAY_FILE_ROWS_PER_GROUP
 from export_pipeline_tests.audit import assert_day_file_reconciled, assert_reconciled
 from export_pipeline_tests.backfills import submit_backfill, wait_for_backfill
 from export_pipeline_tests.conftest import (
     Daemons,
     Stack,
     device_days,
-    readme_example,
+    docs_example,
     telemetry_daily,
 )
 from export_pipeline_tests.services import TcpProxy, point
@@ -445,7 +445,7 @@ def test_a_date_a_day_files_run_died_before_recording_is_recorded_by_the_next_ti
 
     before = latest()
     with monkeypatch.context() as patch:
-        patch.setattr(jobs, "record_dates", lambda *args, **kwargs: None)  # the run dies here
+        patch.setattr(continuous, "record_dates", lambda *args, **kwargs: None)  # the run dies here
         assert days_of(fleet.tick_and_run(CLOSE + timedelta(seconds=90))) == [(device, str(DAY))]
     assert assert_day_file_reconciled(stack, device, [DAY], daily_prefix="telemetry_daily") == 360
     assert latest() == before
@@ -520,19 +520,19 @@ def test_retention_removes_the_slices_of_days_with_a_reconciled_day_file_only(
     assert not [key for key in stack.objects() if key.startswith(slices[DAY])]
 
 
-# --- The README's examples, run as they are written ---------------------------------------------
+# --- The examples of docs/datasets.md, run as they are written ------------------------------------
 
 
 def run_example(name: str, stack: Stack, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Run the README's block `name` with this stack's settings in the environment."""
+    """Run the docs' block `name` with this stack's settings in the environment."""
     for variable, value in stack.env().items():
         monkeypatch.setenv(variable, value)
     namespace: dict[str, Any] = {}
-    exec(compile(readme_example(name), f"README.md ({name})", "exec"), namespace)
+    exec(compile(docs_example(name), f"docs ({name})", "exec"), namespace)
     return namespace
 
 
-def test_the_readme_daily_energy_asset_gets_each_device_day_as_arrow(
+def test_the_docs_daily_energy_asset_gets_each_device_day_as_arrow(
     stack: Stack, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (device,) = registered(instance, new_device())
@@ -550,7 +550,7 @@ def test_the_readme_daily_energy_asset_gets_each_device_day_as_arrow(
     assert kwh == pytest.approx(sum(200.0 + i % 11 for i in range(3599)) / 3.6e6)
 
 
-def test_the_readme_duckdb_and_polars_queries_read_the_day_files_with_their_hive_columns(
+def test_the_docs_duckdb_and_polars_queries_read_the_day_files_with_their_hive_columns(
     stack: Stack, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from duckdb_extensions import import_extension  # httpfs from PyPI: no download at run time

@@ -9,14 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from export_pipeline.export import EmptyReadRefused, ExportReport, prefetched
-from export_pipeline.influx import InfluxError, InfluxSource
-from export_pipeline.resources import ExportBucketResource
-from export_pipeline.schema import DICTIONARY_COLUMNS, SCHEMA, SOURCE_SCHEMA
+from export_pipeline.defs.resources import ExportBucketResource
+from export_pipeline.engine.dataset import EmptyReadRefused, ExportReport, prefetched
+from export_pipeline.engine.grid import DayRange
+from export_pipeline.engine.influx import InfluxError, InfluxSource
+from export_pipeline.engine.schema import DICTIONARY_COLUMNS, SCHEMA, SOURCE_SCHEMA
+from export_pipeline.engine.slice_files import write_slices
+from export_pipeline.engine.store import ObjectStore, StoreError
 from export_pipeline.settings import S3Settings
-from export_pipeline.slices import export_slices
-from export_pipeline.slicing import DayRange
-from export_pipeline.writers import ObjectStore, StoreError
 from export_pipeline_tests.audit import assert_reconciled
 from export_pipeline_tests.conftest import Stack
 from export_pipeline_tests.services import free_port, point
@@ -33,7 +33,7 @@ def at(hours: int, minutes: int = 0, seconds: int = 0, ns: int = 0) -> int:
 
 def export(stack: Stack, device_id: str = "D1", day: date = DAY, **env: str) -> ExportReport:
     settings = stack.settings(**env)
-    return export_slices(
+    return write_slices(
         InfluxSource(settings.influx),
         stack.store(**env),
         prefix=settings.s3.prefix,
@@ -217,7 +217,7 @@ class RecordedS3(ObjectStore):
 
     def export(self, stack: Stack) -> ExportReport:
         settings = stack.settings()
-        return export_slices(
+        return write_slices(
             InfluxSource(settings.influx),
             self,
             prefix=settings.s3.prefix,

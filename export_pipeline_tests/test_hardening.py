@@ -21,13 +21,13 @@ from dagster import (
     RunsFilter,
 )
 
-from export_pipeline.influx import InfluxError
-from export_pipeline.ledger import checkpoints
-from export_pipeline.metadata import RECONCILIATION
-from export_pipeline.resources import ExportBucketResource
-from export_pipeline.runs import run_devices
-from export_pipeline.schema import SCHEMA
-from export_pipeline.writers import MultipartUploads
+from export_pipeline.defs.resources import ExportBucketResource
+from export_pipeline.defs.run_config import run_devices
+from export_pipeline.engine.influx import InfluxError
+from export_pipeline.engine.schema import SCHEMA
+from export_pipeline.engine.store import MultipartUploads
+from export_pipeline.record.keys import RECONCILIATION, DeviceDay
+from export_pipeline.record.ledger import checkpoints
 from export_pipeline_tests.audit import assert_reconciled
 from export_pipeline_tests.conftest import (
     AWS_ENV,
@@ -366,7 +366,7 @@ def test_late_data_days_after_its_day_is_found_by_the_sweep_and_exported_again(
     later = midnight + timedelta(days=3, hours=1)
     fleet.tick_and_run(later)  # 02-08 to 02-10 close without a point
     assert fleet.sweep(later)
-    partitions = [f"{day.isoformat()}|{device}" for day in days]
+    partitions = [DeviceDay(device, day).key for day in days]
     assert {reconciliation_of(instance, key)[0] for key in partitions} == {"SUCCEEDED"}
 
     # Three days late, a device back online uploads its buffer: an hour of 02-07 that had

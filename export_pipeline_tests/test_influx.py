@@ -5,7 +5,8 @@ from datetime import date, timedelta
 import pyarrow as pa
 import pytest
 
-from export_pipeline.influx import (
+from export_pipeline.engine.grid import DayRange, day_bounds_ns, days_closed_by
+from export_pipeline.engine.influx import (
     InfluxError,
     InfluxSource,
     InfluxUnavailable,
@@ -15,9 +16,8 @@ from export_pipeline.influx import (
     shared_count_groups,
     shared_read_groups,
 )
-from export_pipeline.schema import SOURCE_SCHEMA
+from export_pipeline.engine.schema import SOURCE_SCHEMA
 from export_pipeline.settings import InfluxSettings
-from export_pipeline.slicing import DayRange, day_bounds_ns, days_closed_by
 from export_pipeline_tests.conftest import Stack
 from export_pipeline_tests.services import free_port, point
 

@@ -1,5 +1,6 @@
-"""The behaviour we rely on from Dagster's non-public API (`export_pipeline/internals.py`), on
-PostgreSQL storage: a Dagster upgrade that changes one of them fails here, by name."""
+"""The behaviour we rely on from Dagster's non-public API (`export_pipeline/record/storage.py`,
+and `settings.is_valid_cron`), on PostgreSQL storage: a Dagster upgrade that changes one of them
+fails here, by name."""
 
 import time
 import uuid
@@ -28,19 +29,19 @@ from dagster import (
 from dagster._core.errors import DagsterInvariantViolationError
 from sqlalchemy import text
 
-from export_pipeline.internals import (
+from export_pipeline.defs.devices import register_devices
+from export_pipeline.record.keys import RECONCILIATION
+from export_pipeline.record.storage import (
     add_partition_metadata,
     batched_event_writes,
     check_evaluation_metadata,
-    is_valid_cron,
     last_event_time,
     latest_check_evaluations,
     latest_storage_ids,
     mark_run_failed,
     pool_storage_connections,
 )
-from export_pipeline.jobs import register_devices
-from export_pipeline.metadata import RECONCILIATION
+from export_pipeline.settings import is_valid_cron
 
 
 def unique_asset() -> AssetKey:

@@ -2,7 +2,8 @@ from datetime import date
 
 import pytest
 
-from export_pipeline.layout import (
+from export_pipeline.engine.grid import Slice
+from export_pipeline.engine.layout import (
     DeviceIdError,
     device_folder,
     slice_key,
@@ -10,7 +11,6 @@ from export_pipeline.layout import (
     slice_offset_of,
     validate_device_id,
 )
-from export_pipeline.slicing import Slice
 
 DAY = date(2026, 2, 7)
 

@@ -2,9 +2,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from export_pipeline.internals import CheckPartition
-from export_pipeline.partitions import DeviceDay
-from export_pipeline.planning import (
+from export_pipeline.defs.planning import (
     Snapshot,
     WorkItem,
     batches,
@@ -17,9 +15,11 @@ from export_pipeline.planning import (
     tick_seconds,
     with_reexports,
 )
-from export_pipeline.progress import Progress
+from export_pipeline.engine.grid import DayRange, closed_until, day_ranges
+from export_pipeline.engine.progress import Progress
+from export_pipeline.record.keys import DeviceDay
+from export_pipeline.record.storage import CheckPartition
 from export_pipeline.settings import ExportSettings
-from export_pipeline.slicing import DayRange, closed_until, day_ranges
 
 SETTINGS = ExportSettings(interval_seconds=60, lateness_seconds=30, lookback_hours=1)
 
@@ -141,7 +141,7 @@ def test_the_sensor_ticks_and_looks_ahead_no_more_often_than_a_slice() -> None:
 def test_a_run_waits_until_not_before_and_no_longer_than_a_tick() -> None:
     from dagster import Failure
 
-    from export_pipeline.jobs import lateness_wait
+    from export_pipeline.defs.run_config import lateness_wait
 
     now = utc(2026, 2, 7, 12, 1, 27)
     assert lateness_wait("", now, 10) == 0.0
@@ -229,16 +229,11 @@ def test_freshness_fails_naming_the_devices_more_than_three_intervals_behind() -
     assert fresh.freshness.passed is True
 
 
-def test_a_runs_config_is_what_its_config_class_makes_of_the_work() -> None:
-    """The sensor writes run config as plain values (fast at a fleet's size), one item per range
-    with its devices; the op reads it with ExportWorkConfig, so the two must agree field for
-    field."""
-    from export_pipeline.jobs import (
-        ExportWorkConfig,
-        SliceWorkConfig,
-        WorkItemConfig,
-        run_config_for,
-    )
+def test_a_runs_config_is_its_config_class_and_reads_back_as_the_work() -> None:
+    """The sensor writes a run's config through WorkConfig, one item per range with its
+    devices (a config grows by a string per device, not by an item); the op reads it back
+    as the same work."""
+    from export_pipeline.defs.run_config import WorkConfig, WorkItemConfig, run_config_for
 
     slice_ = DayRange(date(2026, 2, 7), 600, 660)
     items = [
@@ -246,30 +241,38 @@ def test_a_runs_config_is_what_its_config_class_makes_of_the_work() -> None:
         WorkItem("D2", DayRange.whole(date(2026, 2, 6)), reexport=True),
         WorkItem("D3", slice_),
     ]
-    work = [
-        WorkItemConfig(devices=["D1", "D3"], date="2026-02-07", start=600, end=660),
-        WorkItemConfig(devices=["D2"], date="2026-02-06", reexport=True),
-    ]
     ready = datetime(2026, 2, 7, 0, 11, 30, tzinfo=UTC)
-    expected = SliceWorkConfig(work=work, not_before=ready.isoformat()).model_dump()
-    for item in expected["work"]:
-        del item["device_id"]  # a hand-written item's alternative to `devices`
-    config = run_config_for(items, not_before=ready)
-    assert config == {"ops": {"export_slices": {"config": expected}}}
-    del expected["not_before"]  # a run asked for once its slices are due waits for nothing
-    assert run_config_for(items) == {"ops": {"export_slices": {"config": expected}}}
-    assert ExportWorkConfig(work=work).model_dump()["work"] == [
-        {**item, "device_id": None} for item in expected["work"]
+    config = run_config_for(items, "export_slices", not_before=ready)
+    assert list(config) == ["ops"] and list(config["ops"]) == ["export_slices"]
+    written = config["ops"]["export_slices"]["config"]
+    assert written["work"] == [
+        {
+            "devices": ["D1", "D3"],
+            "date": "2026-02-07",
+            "start": 600,
+            "end": 660,
+            "reexport": False,
+        },
+        {"devices": ["D2"], "date": "2026-02-06", "start": 0, "end": 86_400, "reexport": True},
     ]
-    assert run_config_for(items, "export_days")["ops"]["export_days"]["config"] == expected
-    assert [item.device_ids() for item in work] == [["D1", "D3"], ["D2"]]
+    read = WorkConfig.model_validate(written)
+    assert read == WorkConfig(
+        work=[
+            WorkItemConfig(devices=["D1", "D3"], date="2026-02-07", start=600, end=660),
+            WorkItemConfig(devices=["D2"], date="2026-02-06", reexport=True),
+        ],
+        not_before=ready.isoformat(),
+    )
+    assert read.devices() == {"D1", "D2", "D3"}
+    # A run asked for once its work is due waits for nothing.
+    assert "not_before" not in run_config_for(items, "export_days")["ops"]["export_days"]["config"]
     assert WorkItemConfig(device_id="D4", date="2026-02-07").device_ids() == ["D4"]
 
 
 def test_a_devices_ranges_come_back_from_a_runs_config_in_time_order() -> None:
     """A device behind (three slices due) shares its last range's item with a device that is
     up to date, whose item comes first: read back, its slices are still in time order."""
-    from export_pipeline.jobs import ExportWorkConfig, ranges_of, run_config_for
+    from export_pipeline.defs.run_config import WorkConfig, ranges_of, run_config_for
 
     day = date(2026, 2, 7)
     late = DayRange.whole(date(2026, 2, 6))
@@ -278,9 +281,9 @@ def test_a_devices_ranges_come_back_from_a_runs_config_in_time_order() -> None:
         *(WorkItem("B", DayRange(day, start, start + 60)) for start in (600, 660, 720)),
         WorkItem("B", late, reexport=True),
     ]
-    config = run_config_for(items)["ops"]["export_slices"]["config"]
+    config = run_config_for(items, "export_slices")["ops"]["export_slices"]["config"]
     assert [item["devices"] for item in config["work"]] == [["A", "B"], ["B"], ["B"], ["B"]]
-    due, again = ranges_of(ExportWorkConfig(**config).work)
+    due, again = ranges_of(WorkConfig.model_validate(config).work)
     assert due == {
         "A": [DayRange(day, 720, 780)],
         "B": [DayRange(day, 600, 660), DayRange(day, 660, 720), DayRange(day, 720, 780)],
@@ -291,7 +294,7 @@ def test_a_devices_ranges_come_back_from_a_runs_config_in_time_order() -> None:
 def test_a_work_item_without_a_device_is_refused_naming_its_range() -> None:
     from dagster import Failure
 
-    from export_pipeline.jobs import WorkItemConfig
+    from export_pipeline.defs.run_config import WorkItemConfig
 
     with pytest.raises(Failure, match=r"2026-02-07 \[600, 660\) names no device"):
         WorkItemConfig(date="2026-02-07", start=600, end=660).device_ids()
@@ -339,3 +342,21 @@ def test_a_date_is_recorded_when_its_day_files_changed_after_its_record_and_no_r
     assert dates_to_record(snapshot(day_checks=files, dates_recorded={first: 6})) == [first, second]
     assert dates_to_record(snapshot(day_checks=files, busy_days=frozenset({"D2"}))) == []
     assert plan_tick(NOW, SETTINGS, found).dates == [second]
+
+
+def test_the_documented_hand_written_run_config_is_a_valid_export_due_slices_config() -> None:
+    """docs/operations.md's run config for `export_due_slices`, read as the job reads it."""
+    import yaml
+    from dagster import validate_run_config
+
+    from export_pipeline.defs.continuous import export_due_slices
+    from export_pipeline.defs.run_config import WorkConfig, ranges_of, run_devices
+    from export_pipeline_tests.conftest import docs_example
+
+    config = yaml.safe_load(docs_example("run-config", "yaml"))
+    validate_run_config(export_due_slices, config)
+    work = WorkConfig.model_validate(config["ops"]["export_slices"]["config"]).work
+    due, again = ranges_of(work)
+    assert again == {"device-001": [DayRange.whole(date(2026, 2, 7))]}
+    assert due == {"device-001": []}
+    assert run_devices(config) == {"device-001"}

@@ -1,14 +1,25 @@
 """A device's progress: its checkpoint, and what its current day's slices hold (pure rules)."""
 
+import json
 import zlib
 from datetime import UTC, date, datetime
 
-from export_pipeline.export import Exported, ExportReport
-from export_pipeline.metadata import worth_recording
-from export_pipeline.planning import first_due
-from export_pipeline.progress import DayTotals, Progress, carried
+import pytest
+
+from export_pipeline.defs.planning import first_due
+from export_pipeline.engine.dataset import ExportReport
+from export_pipeline.engine.export import Exported
+from export_pipeline.engine.grid import DayRange
+from export_pipeline.engine.progress import DayTotals, Progress, carried
+from export_pipeline.engine.schema import FIELD_COLUMNS
+from export_pipeline.record.events import worth_recording
+from export_pipeline.record.progress import (
+    PROGRESS_FORM,
+    RecordFormError,
+    progress_json,
+    progress_of_json,
+)
 from export_pipeline.settings import ExportSettings
-from export_pipeline.slicing import DayRange
 
 DAY, NEXT = date(2026, 2, 7), date(2026, 2, 8)
 
@@ -66,9 +77,31 @@ def test_overlapping_ranges_leave_a_days_totals_unknown_until_it_is_exported_who
     )
 
 
-def test_progress_survives_its_round_trip_through_the_ledger() -> None:
+def test_progress_survives_its_round_trip_through_the_record() -> None:
     for progress in (Progress(utc(DAY, 7), DAY, totals(3)), Progress(utc(NEXT), DAY, None)):
-        assert Progress.from_json(progress.to_json()) == progress
+        assert progress_of_json(progress_json(progress), key="progress/d") == progress
+
+
+def test_progress_stored_in_the_first_form_reads_as_the_same_progress() -> None:
+    """Form 1 (no `v`, the totals a list in the four fields' order), as an earlier release, or
+    one of its runs still in flight during an upgrade, stores it."""
+    through = utc(DAY, 7)
+    first_form = json.dumps(
+        {"through": through.timestamp(), "day": DAY.isoformat(), "totals": [12, 3, [1, 2, 3, 4]]}
+    )
+    counts = dict(zip(FIELD_COLUMNS, [1, 2, 3, 4], strict=True))
+    expected = Progress(through, DAY, DayTotals(12, 3, counts))
+    assert progress_of_json(first_form, key="progress/d") == expected
+    assert json.loads(progress_json(expected))["v"] == PROGRESS_FORM
+
+
+@pytest.mark.parametrize("form", [0, PROGRESS_FORM + 1, "2"])
+def test_progress_of_a_form_this_release_does_not_read_is_refused_naming_key_and_form(
+    form: object,
+) -> None:
+    text = json.dumps({"v": form, "through": 0, "day": DAY.isoformat(), "totals": None})
+    with pytest.raises(RecordFormError, match=rf"progress/device-7: progress of form {form!r}"):
+        progress_of_json(text, key="progress/device-7")
 
 
 def test_a_days_slices_are_recorded_at_its_ends_and_hourly_at_the_devices_own_minute() -> None:

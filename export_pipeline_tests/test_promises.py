@@ -31,11 +31,12 @@ from dagster import (
 )
 from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
 
-from export_pipeline.jobs import export_due_slices
-from export_pipeline.ledger import checkpoints
-from export_pipeline.metadata import RECONCILIATION, TELEMETRY_DAILY, TELEMETRY_EXPORT
-from export_pipeline.resources import ClockResource, build_resources
-from export_pipeline.runs import RunInFlight, is_dead, run_devices
+from export_pipeline.defs.continuous import export_due_slices
+from export_pipeline.defs.resources import ClockResource, build_resources
+from export_pipeline.defs.run_config import run_devices
+from export_pipeline.defs.runs import RunInFlight, is_dead
+from export_pipeline.record.keys import RECONCILIATION, TELEMETRY_DAILY, TELEMETRY_EXPORT
+from export_pipeline.record.ledger import checkpoints
 from export_pipeline_tests.audit import assert_reconciled
 from export_pipeline_tests.conftest import Stack, telemetry_export
 from export_pipeline_tests.services import wait_until

@@ -2,7 +2,7 @@
 
 from datetime import date
 
-from export_pipeline.reconciliation import LateData, late_data
+from export_pipeline.engine.reconciliation import LateData, late_data
 
 DAY, NEXT = date(2026, 2, 7), date(2026, 2, 8)
 ZERO = {"voltage": 0, "current": 0, "power": 0, "temperature": 0}

@@ -8,7 +8,7 @@ from botocore import UNSIGNED
 from botocore.exceptions import ProfileNotFound
 from dagster_aws.s3 import S3Resource
 
-from export_pipeline.resources import (
+from export_pipeline.defs.resources import (
     ExportBucketResource,
     ExportResource,
     InfluxDBResource,

@@ -16,18 +16,25 @@ from dagster import (
     DagsterInstance,
 )
 
-import export_pipeline.internals
-from export_pipeline.internals import device_day_dates, latest_check_evaluations, prune_ledger
-from export_pipeline.jobs import retain_ledger
-from export_pipeline.ledger import progress_of
-from export_pipeline.metadata import (
+import export_pipeline.record.storage
+from export_pipeline.defs.maintenance import retain_ledger
+from export_pipeline.defs.resources import ClockResource, build_resources
+from export_pipeline.record.keys import (
     DAILY_RECONCILIATION,
     RECONCILIATION,
     TELEMETRY_DAILY,
     TELEMETRY_EXPORT,
+    DeviceDay,
+    partition_keys,
 )
-from export_pipeline.partitions import partition_keys
-from export_pipeline.resources import ClockResource, build_resources
+from export_pipeline.record.ledger import progress_of
+from export_pipeline.record.storage import (
+    device_day_dates,
+    latest_check_evaluations,
+    prune_ledger,
+    write_values,
+)
+from export_pipeline.record.versions import RECORD_VERSION, VERSION_KEY, record_version
 from export_pipeline_tests.audit import assert_reconciled
 from export_pipeline_tests.conftest import TEST_DATABASE, Stack
 from export_pipeline_tests.services import POSTGRES
@@ -168,7 +175,7 @@ def test_a_retention_pass_killed_half_way_leaves_a_consistent_ledger_that_the_ne
 ) -> None:
     _, devices = history
     before = ledger_state(instance, devices)
-    real, statements = export_pipeline.internals._execute, []
+    real, statements = export_pipeline.record.storage._execute, []
 
     def dies_after_three(connection: Any, statement: str, parameters: Any) -> Any:
         statements.append(statement)
@@ -180,12 +187,12 @@ def test_a_retention_pass_killed_half_way_leaves_a_consistent_ledger_that_the_ne
             {**parameters, "batch": 2} if "batch" in parameters else parameters,
         )
 
-    monkeypatch.setattr(export_pipeline.internals, "_execute", dies_after_three)
+    monkeypatch.setattr(export_pipeline.record.storage, "_execute", dies_after_three)
     with pytest.raises(KeyboardInterrupt):
         prune_ledger(instance, asset_keys=KEYS, before=everything())
     consistent()
     assert ledger_state(instance, devices) == before
-    monkeypatch.setattr(export_pipeline.internals, "_execute", real)
+    monkeypatch.setattr(export_pipeline.record.storage, "_execute", real)
     finished = prune_ledger(instance, asset_keys=KEYS, before=everything())
     assert finished.materializations > 0
     consistent()
@@ -232,7 +239,7 @@ def test_retention_during_exports_never_removes_a_checkpoint_or_a_latest_event(
 
 
 def test_the_ledger_retention_schedule_runs_daily_by_default(stack: Stack) -> None:
-    from export_pipeline.schedules import build_ledger_retention
+    from export_pipeline.defs.schedules import build_ledger_retention
 
     schedule = build_ledger_retention(stack.settings())
     assert schedule.cron_schedule == "40 3 * * *"
@@ -300,14 +307,15 @@ def test_retention_forgets_the_slices_device_days_out_of_their_window_and_nothin
     }
 
 
-def test_retention_records_the_dates_of_the_day_files_device_days_then_forgets_them(
+def test_a_version_1_record_has_its_day_files_device_days_recorded_as_dates_then_forgotten(
     stack: Stack, instance: DagsterInstance
 ) -> None:
-    """telemetry_daily's partitions were device-days before they were dates: the ledger of such a
-    deployment holds a materialization per device-day, which no partition shows any more (each
-    device-day's state is its reconciliation, which stays). The retention records each of their
-    dates that has no materialization yet, from the reconciliations, then removes them whatever
-    their age; a date already recorded keeps its own."""
+    """telemetry_daily's partitions were device-days before they were dates: a version 1 record
+    holds a materialization per device-day, which no partition shows any more (each device-day's
+    state is its reconciliation, which stays). The migration to version 2 (here run by the
+    retention, as by the sensor's first tick) records each of their dates that has no
+    materialization yet, from the reconciliations, then removes them whatever their age; a date
+    already recorded keeps its own."""
     from export_pipeline_tests.test_daily import write_days
 
     days = [date(2026, 3, 10), date(2026, 3, 11)]  # dates no other test records
@@ -321,12 +329,13 @@ def test_retention_records_the_dates_of_the_day_files_device_days_then_forgets_t
     assert write_days(
         stack, instance, [device], days[0], now=datetime(2026, 3, 13, tzinfo=UTC)
     ).success
-    legacy = [f"{day}|{device}" for day in days]
+    legacy = [DeviceDay(device, day).key for day in days]
     for partition in legacy:
         instance.report_runless_asset_event(
             AssetMaterialization(TELEMETRY_DAILY, partition=partition, metadata={"rows": 1})
         )
     wanted = {*legacy, *(day.isoformat() for day in days)}
+    write_values(instance, {VERSION_KEY: "1"})
 
     def materialized() -> dict[str, int]:
         return dict(
@@ -346,6 +355,7 @@ def test_retention_records_the_dates_of_the_day_files_device_days_then_forgets_t
     assert set(after) == {day.isoformat() for day in days}
     assert after[days[0].isoformat()] == before[days[0].isoformat()]
     assert device_day_dates(instance, TELEMETRY_DAILY) == []
+    assert record_version(instance) == RECORD_VERSION
     (record,) = instance.fetch_materializations(
         AssetRecordsFilter(TELEMETRY_DAILY, storage_ids=[after[days[1].isoformat()]]), limit=1
     ).records

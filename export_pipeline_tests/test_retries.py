@@ -1,8 +1,13 @@
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from export_pipeline.influx import InfluxError, InfluxUnavailable
-from export_pipeline.retries import TRANSIENT_S3_CODES, backoff_delays, is_transient, with_retries
+from export_pipeline.engine.influx import InfluxError, InfluxUnavailable
+from export_pipeline.engine.retries import (
+    TRANSIENT_S3_CODES,
+    backoff_delays,
+    is_transient,
+    with_retries,
+)
 
 
 def test_transient_failures_are_retried_until_they_pass() -> None:

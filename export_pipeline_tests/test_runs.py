@@ -5,8 +5,8 @@ from datetime import UTC, datetime, timedelta
 
 from dagster import DagsterRun, instance_for_test
 
-from export_pipeline.metadata import TELEMETRY_DAILY, TELEMETRY_EXPORT
-from export_pipeline.runs import (
+from export_pipeline.defs.run_config import run_devices
+from export_pipeline.defs.runs import (
     ASSET_RUN_PATIENCE,
     DAILY,
     RANGE_TAGS,
@@ -16,9 +16,9 @@ from export_pipeline.runs import (
     datasets_of,
     devices_of,
     is_dead,
-    run_devices,
     run_slots,
 )
+from export_pipeline.record.keys import TELEMETRY_DAILY, TELEMETRY_EXPORT
 from export_pipeline.settings import Settings
 
 NOW = datetime(2026, 2, 7, 12, tzinfo=UTC)
@@ -62,9 +62,14 @@ def test_busy_devices_are_those_of_every_run_given() -> None:
 
 def test_a_continuous_runs_devices_come_from_its_run_config() -> None:
     """The sensor names a range's devices in one item; a hand-written item names one device."""
-    work = [{"devices": ["a", "b"], "date": "2026-02-07"}, {"device_id": "c"}, {"devices": []}]
+    work = [
+        {"devices": ["a", "b"], "date": "2026-02-07"},
+        {"device_id": "c", "date": "2026-02-07"},
+        {"devices": [], "date": "2026-02-07"},
+    ]
     assert run_devices({"ops": {"export_slices": {"config": {"work": work}}}}) == {"a", "b", "c"}
     assert run_devices({}) == set()
+    assert run_devices({"ops": {"other": {"config": {"rows": 3}}}}) == set()
 
 
 def test_a_run_of_dates_of_the_day_files_holds_the_whole_fleet_for_them() -> None:

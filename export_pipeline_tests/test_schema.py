@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pytest
 
-from export_pipeline.schema import (
+from export_pipeline.engine.schema import (
     SCHEMA,
     SOURCE_SCHEMA,
     constant,
@@ -119,11 +119,11 @@ import sys
 from datetime import date
 import pyarrow as pa
 import export_pipeline.definitions
-from export_pipeline.export import ExportReport
-from export_pipeline.schema import SOURCE_SCHEMA, to_export
+from export_pipeline.engine.dataset import ExportReport
+from export_pipeline.engine.schema import SOURCE_SCHEMA, to_export
 from export_pipeline.settings import FORMATS
-from export_pipeline.slices import split_by_slice
-from export_pipeline.writers import ExportFile
+from export_pipeline.engine.slice_files import split_by_slice
+from export_pipeline.engine.files import ExportFile
 
 day = date(2026, 2, 7)
 start = 1_770_422_400 * 10**9

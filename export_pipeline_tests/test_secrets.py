@@ -8,7 +8,6 @@ stored event, run record and the code location's snapshot are searched for them.
 import importlib
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -17,10 +16,10 @@ from dagster import DagsterInstance
 from dagster._core.remote_representation.external_data import RepositorySnap
 from dagster._serdes import serialize_value
 
-from export_pipeline.resources import build_resources
+from export_pipeline.defs.resources import build_resources
 from export_pipeline.settings import Settings
 from export_pipeline_tests.conftest import CLI_CWD, Stack
-from export_pipeline_tests.services import free_port, point
+from export_pipeline_tests.services import dagster_command, free_port, point
 from export_pipeline_tests.test_export import at
 
 SECRETS = {
@@ -32,9 +31,8 @@ SECRETS = {
 
 
 def cli(args: list[str], env: dict[str, str]) -> str:
-    dagster = str(Path(sys.executable).with_name("dagster"))
     done = subprocess.run(
-        [dagster, *args, "-m", "export_pipeline.definitions"],
+        dagster_command("dagster", *args),
         env={**os.environ, **env},
         cwd=CLI_CWD,
         capture_output=True,

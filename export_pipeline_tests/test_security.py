@@ -1,7 +1,7 @@
 """The deployment keeps Dagster's UI (which has no login) on the host unless told otherwise, and
-the README's credentials are least privilege.
+the credentials of docs/security.md are least privilege.
 
-The README's S3 policy is proven two ways: the exporter's own code does all its S3 work with
+Its S3 policy is proven two ways: the exporter's own code does all its S3 work with
 only that policy, against a moto server that enforces IAM; and the S3 calls it made (read from
 that server's request log), mapped to the IAM actions AWS authorises them with, are exactly the
 actions the policy grants. moto stays for this alone: evaluating AWS IAM policy documents is
@@ -28,16 +28,16 @@ from botocore.exceptions import ClientError
 from dagster import DagsterInstance
 from dagster_webserver.cli import cli as webserver_cli
 
-from export_pipeline.daily import DayFiles
-from export_pipeline.export import ExportReport
-from export_pipeline.influx import InfluxSource
-from export_pipeline.layout import device_folder, devices_root
-from export_pipeline.reconciliation import Reconciliation
-from export_pipeline.resources import ExportBucketResource
-from export_pipeline.settings import Settings
-from export_pipeline.slices import Slices
-from export_pipeline.slicing import DayRange
-from export_pipeline.writers import MULTIPART_THRESHOLD
+from export_pipeline.defs.resources import ExportBucketResource
+from export_pipeline.engine.dataset import ExportReport
+from export_pipeline.engine.day_files import DayFiles
+from export_pipeline.engine.grid import DayRange
+from export_pipeline.engine.influx import InfluxSource
+from export_pipeline.engine.layout import device_folder
+from export_pipeline.engine.reconciliation import Reconciliation
+from export_pipeline.engine.slice_files import Slices
+from export_pipeline.engine.store import MULTIPART_THRESHOLD
+from export_pipeline.settings import Settings, devices_root
 from export_pipeline_tests.compose import (
     COMPOSE,
     ENV_EXAMPLE,
@@ -139,16 +139,15 @@ def test_everyone_gets_the_read_only_ui_and_operators_the_full_one_on_this_host(
     assert published_addresses(SERVICES["webserver-operator"], WIDENED) == ["127.0.0.1"]
 
 
-# The README's credentials. -------------------------------------------------------------------
+# The credentials of docs/security.md. --------------------------------------------------------
 
-README = (REPO / "README.md").read_text()
+SECURITY = (REPO / "docs" / "security.md").read_text()
 
 
-def readme_block(language: str) -> str:
-    """The one ```language block of README.md's Security section."""
-    section = README.split("\n## Security\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(rf"^```{language}\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
-    assert len(blocks) == 1, f"the Security section should hold one {language} block"
+def security_block(language: str) -> str:
+    """The one ```language block of docs/security.md."""
+    blocks = re.findall(rf"^```{language}\n(.*?)^```$", SECURITY, flags=re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 1, f"docs/security.md should hold one {language} block"
     return str(blocks[0])
 
 
@@ -156,14 +155,14 @@ def as_list(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else value
 
 
-POLICY: dict[str, Any] = json.loads(readme_block("json"))
+POLICY: dict[str, Any] = json.loads(security_block("json"))
 STATEMENTS: list[dict[str, Any]] = POLICY["Statement"]
 BUCKET = str(ENV_EXAMPLE["S3_BUCKET"])
 # S3_DAILY_PREFIX's default until the daily dataset puts it in .env.example.
 PREFIXES = [str(ENV_EXAMPLE["S3_PREFIX"]), ENV_EXAMPLE.get("S3_DAILY_PREFIX") or "telemetry_daily"]
 
 # The IAM action AWS authorises each S3 call of the project with (the Service Authorization
-# Reference for Amazon S3). A call missing here is a call the README policy was not checked for.
+# Reference for Amazon S3). A call missing here is a call the policy was not checked for.
 IAM_ACTION = {
     "ListObjectsV2": "s3:ListBucket",
     "GetObject": "s3:GetObject",
@@ -220,7 +219,7 @@ def as_moto_enforces_it(policy: dict[str, Any]) -> dict[str, Any]:
       the bucket; that deletes are held to the prefixes is shown with single-key DeleteObject.
     What moto does not evaluate at all for S3 is a Condition: its evaluator gets no request
     context (iam/access_control.py `check_action_permitted`), finds no value for any key and so
-    lets every condition pass. The README policy has none (see the test below).
+    lets every condition pass. The policy has none (see the test below).
     """
     added = []
     for statement in policy["Statement"]:
@@ -257,7 +256,7 @@ def iam_client(url: str, key: Mapping[str, str]) -> Any:
 @dataclass(frozen=True)
 class IamS3:
     """A moto S3 server of its own that checks every request against the caller's IAM policies;
-    the admin is allowed everything, the exporter holds the README's policy alone."""
+    the admin is allowed everything, the exporter holds the documented policy alone."""
 
     url: str
     admin_key: Mapping[str, str]
@@ -441,8 +440,8 @@ def test_the_readme_policy_grants_exactly_the_iam_actions_the_exporter_needs(
     assert exporter == set(IAM_ACTION)
     needed = {IAM_ACTION[operation] for operation in exporter}
     granted = {action for s in STATEMENTS for action in as_list(s["Action"])}
-    assert needed - granted == set(), "missing from the README policy"
-    assert granted - needed == set(), "granted by the README policy but never needed"
+    assert needed - granted == set(), "missing from the policy"
+    assert granted - needed == set(), "granted by the policy but never needed"
 
 
 def test_s3_requests_are_named_as_aws_names_their_operations() -> None:
@@ -499,7 +498,7 @@ def test_the_readme_postgresql_role_can_create_and_use_dagsters_storage(
 ) -> None:
     ensure_postgres()
     name = f"export_pipeline_role_{os.getpid()}"
-    statements = readme_block("sql").replace("export_pipeline", name).split(";")
+    statements = security_block("sql").replace("export_pipeline", name).split(";")
     _as_postgres(*[s.strip() for s in statements if s.strip()])
     try:
         (tmp_path / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())

@@ -4,7 +4,6 @@ objects read back from S3 and compared with InfluxDB."""
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -28,17 +27,19 @@ from dagster import (
 )
 from sqlalchemy import text
 
-from export_pipeline.influx import InfluxSource
-from export_pipeline.internals import KVS_PREFIX, last_event_time
-from export_pipeline.jobs import export_day_files, export_due_slices, sweep_late_data
-from export_pipeline.ledger import PROGRESS, checkpoints
-from export_pipeline.resources import ClockResource, build_resources
-from export_pipeline.runs import HOST_TAG, run_devices
-from export_pipeline.schema import SOURCE_SCHEMA
-from export_pipeline.sensors import build_continuous_export
+from export_pipeline.defs.continuous import export_day_files, export_due_slices
+from export_pipeline.defs.maintenance import sweep_late_data
+from export_pipeline.defs.resources import ClockResource, build_resources
+from export_pipeline.defs.run_config import run_devices
+from export_pipeline.defs.runs import HOST_TAG
+from export_pipeline.defs.sensors import build_continuous_export
+from export_pipeline.engine.influx import InfluxSource
+from export_pipeline.engine.schema import SOURCE_SCHEMA
+from export_pipeline.record.ledger import PROGRESS, checkpoints
+from export_pipeline.record.storage import KVS_PREFIX, last_event_time
 from export_pipeline_tests.audit import assert_reconciled
 from export_pipeline_tests.conftest import CLI_CWD, Stack, telemetry_export
-from export_pipeline_tests.services import InfluxServer, point
+from export_pipeline_tests.services import InfluxServer, dagster_command, point
 
 T0 = datetime(2026, 2, 7, 12, 0, tzinfo=UTC)
 DAY = T0.date()
@@ -432,11 +433,7 @@ def start_run_and_signal_it_midway(
     env = {**os.environ, **fleet.stack.env(**fleet.env), "DAGSTER_HOME": str(dagster_home)}
     process = subprocess.Popen(
         [
-            str(Path(sys.executable).with_name("dagster")),
-            "job",
-            "execute",
-            "-m",
-            "export_pipeline.definitions",
+            *dagster_command("dagster", "job", "execute"),
             "-j",
             "export_due_slices",
             "-c",

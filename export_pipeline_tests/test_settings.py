@@ -1,13 +1,32 @@
 import os
+import re
+import subprocess
+import sys
 from datetime import date
 from pathlib import Path
 
 import pytest
 
-from export_pipeline.partitions import first_window_day
-from export_pipeline.settings import Settings, SettingsError, load_env_file
+from export_pipeline.record.keys import first_window_day
+from export_pipeline.settings import (
+    DESCRIPTIONS,
+    READ_ELSEWHERE,
+    SECRETS,
+    Settings,
+    SettingsError,
+    configuration_reference,
+    load_env_file,
+    variables_read,
+)
 
 BASE = {"S3_BUCKET": "exports"}
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = REPO / "docs" / "configuration.md"
+REGENERATE = ".venv/bin/python -m export_pipeline.settings > docs/configuration.md"
+
+
+def env_example() -> str:
+    return (REPO / ".env.example").read_text()
 
 
 def test_defaults_need_only_a_bucket() -> None:
@@ -108,3 +127,85 @@ def test_telemetry_exports_partitions_are_a_window_longer_than_what_reads_its_le
     assert first_window_day(export, date(2026, 1, 10)) == date(2026, 1, 1)  # not before the start
     unbounded = Settings.from_env({**BASE, "EXPORT_PARTITION_DAYS": "0"}).export
     assert first_window_day(unbounded, date(2026, 12, 1)) == date(2026, 1, 1)
+
+
+# --- The configuration reference, docs/configuration.md -------------------------------------------
+
+
+def test_docs_configuration_md_is_the_reference_settings_py_renders() -> None:
+    assert REFERENCE.read_text() == configuration_reference(), (
+        f"docs/configuration.md differs from export_pipeline/settings.py: run `{REGENERATE}`"
+    )
+
+
+def test_the_regeneration_command_prints_the_reference() -> None:
+    printed = subprocess.run(
+        [sys.executable, "-m", "export_pipeline.settings"],
+        cwd=REPO,
+        env={**os.environ, "INFLUXDB_TOKEN": "tok-FAKESECRET"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert printed == configuration_reference()
+
+
+def test_every_variable_the_parser_reads_is_described_and_every_description_is_read() -> None:
+    read = set(variables_read())
+    assert read - set(DESCRIPTIONS) == set(), "read by the parser, missing from DESCRIPTIONS"
+    assert set(DESCRIPTIONS) - read == set(), "in DESCRIPTIONS, never read by the parser"
+    assert read & set(READ_ELSEWHERE) == set(), "read by the parser, also in READ_ELSEWHERE"
+    assert all(description.strip() for description in DESCRIPTIONS.values())
+    # What the parser records does not depend on the environment it parses.
+    example = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=\"?(.*?)\"?$", env_example(), re.MULTILINE))
+    assert Settings.from_env(example).export.interval_seconds == 60  # the example parses
+    assert variables_read(example) == variables_read()
+
+
+def test_the_reference_shows_each_variables_default_and_rule_as_the_parser_applies_them() -> None:
+    rules = variables_read()
+    assert rules["S3_BUCKET"].default is None  # required
+    assert rules["EXPORT_INTERVAL_SECONDS"].default == str(
+        Settings.from_env(BASE).export.interval_seconds
+    )
+    assert rules["INFLUXDB_TIMEOUT_SECONDS"].default == "30"
+    assert rules["EXPORT_START_DATE"].default == "2026-01-01"
+    assert rules["EXPORT_FORMAT"].accepts == "`parquet` or `csv`"
+    assert rules["EXPORT_CONCURRENCY"].accepts == "a whole number, 1 to 64"
+    reference = configuration_reference()
+    assert "| `S3_BUCKET` | required |" in reference
+    assert "| `EXPORT_SWEEP_CRON` | `20 * * * *` |" in reference
+
+
+def test_every_variable_of_dagster_yaml_env_example_and_compose_is_described() -> None:
+    described = set(DESCRIPTIONS) | set(READ_ELSEWHERE)
+    dagster_yaml = set(
+        re.findall(r"\{env: ([A-Z][A-Z0-9_]*)\}", (REPO / "dagster.yaml").read_text())
+    )
+    assert {f"CHECKPOINT_DB_{part}" for part in ("HOST", "PORT", "NAME", "USER", "PASSWORD")} == (
+        dagster_yaml
+    )
+    example = set(re.findall(r"^([A-Z][A-Z0-9_]*)=", env_example(), re.MULTILINE))
+    compose = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (REPO / "docker-compose.yml").read_text()))
+    for source, names in (
+        ("dagster.yaml", dagster_yaml),
+        (".env.example", example),
+        ("docker-compose.yml", compose),
+    ):
+        assert names - described == set(), f"{source} reads variables docs/configuration.md omits"
+
+
+def test_secrets_are_marked_and_no_value_reaches_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert SECRETS - set(DESCRIPTIONS) - set(READ_ELSEWHERE) == set()
+    assert {"INFLUXDB_TOKEN", "INFLUXDB_PASSWORD", "CHECKPOINT_DB_PASSWORD"} <= SECRETS
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= SECRETS
+    for name in SECRETS:
+        monkeypatch.setenv(name, f"{name.lower()}-FAKESECRET")
+    reference = configuration_reference()
+    assert "FAKESECRET" not in reference
+    for name in SECRETS:
+        assert f"| `{name}` *secret* |" in reference
+    rules = variables_read()
+    assert all(rules[name].default == "" for name in SECRETS if name in rules)

@@ -3,7 +3,7 @@ from datetime import UTC, date, datetime
 import pyarrow as pa
 import pytest
 
-from export_pipeline.slicing import Slice, day_bounds_ns, day_slices, slice_offsets
+from export_pipeline.engine.grid import Slice, day_bounds_ns, day_slices, slice_offsets
 
 DAY = date(2026, 2, 7)
 NS = 1_000_000_000

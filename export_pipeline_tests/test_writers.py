@@ -2,7 +2,7 @@
 
 from datetime import UTC, datetime, timedelta
 
-from export_pipeline.writers import abandoned
+from export_pipeline.engine.store import abandoned
 
 NOW = datetime(2026, 11, 27, 12, tzinfo=UTC)
 

@@ -1,0 +1,122 @@
+"""The files the datasets write: Parquet or CSV from Arrow batches, with the settings each
+dataset's files are written with."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from export_pipeline.engine.schema import DICTIONARY_COLUMNS, SCHEMA
+
+# CSV timestamps read as ISO-8601 with microseconds and a Z: 2026-02-07T12:00:00.000000Z
+# (Arrow's %S carries the fraction for microsecond timestamps).
+CSV_TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+CSV_SCHEMA = SCHEMA.set(0, pa.field("timestamp", pa.string(), nullable=False))
+
+# A slice holds one interval (tens to thousands of rows): dictionaries pay off for the tags only.
+SLICE_PARQUET: dict[str, Any] = {
+    "compression": "zstd",
+    "use_dictionary": list(DICTIONARY_COLUMNS),
+    "write_statistics": True,
+}
+# A day file holds a whole device-day, read by analytics for years: encodings chosen by measuring
+# a 1 Hz simulator day (benchmark P6 in bench/results.json). Timestamps delta-encoded; every other
+# column, floats included, dictionary-encoded (a day's voltage, current, power and temperature
+# take about a thousand values each; where a dictionary outgrows its page, Arrow falls back to
+# plain); zstd level 9 (levels up to 19 saved 3 % more for 4-5 times the encoding time).
+# Statistics, a page index and the declared sort by timestamp let readers skip by time.
+DAY_FILE_PARQUET: dict[str, Any] = {
+    "compression": "zstd",
+    "compression_level": 9,
+    "use_dictionary": [name for name in SCHEMA.names if name != "timestamp"],
+    "column_encoding": {"timestamp": "DELTA_BINARY_PACKED"},
+    "write_statistics": True,
+    "write_page_index": True,
+    "sorting_columns": [pq.SortingColumn(0)],
+}
+# Rows per row group of a day file: a 1 Hz day is one group; bigger days are cut into groups of
+# about 2 MB that readers can skip by their timestamp statistics; it bounds the writer's memory
+# (a 5 M-row day: see P4).
+DAY_FILE_ROWS_PER_GROUP = 256 * 1024
+
+
+class ExportFile:
+    """Rows written to `path` (or, without one, to memory: a single small slice) as Parquet or
+    CSV, buffered into row groups of `rows_per_group`."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        fmt: str,
+        *,
+        rows_per_group: int,
+        parquet: Mapping[str, Any] = SLICE_PARQUET,
+    ) -> None:
+        self.path = path
+        self.fmt = fmt
+        self.batch_rows = rows_per_group
+        self.rows = 0
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._memory = pa.BufferOutputStream() if path is None else None
+        sink: Any = self._memory if path is None else path
+        self._writer: pq.ParquetWriter | pacsv.CSVWriter
+        if fmt == "parquet":
+            self._writer = pq.ParquetWriter(sink, SCHEMA, **parquet)
+        elif fmt == "csv":
+            options = pacsv.WriteOptions(quoting_style="needed")
+            self._writer = pacsv.CSVWriter(sink, CSV_SCHEMA, write_options=options)
+        else:
+            raise ValueError(f"EXPORT_FORMAT={fmt!r} is not one of parquet, csv")
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        self.rows += batch.num_rows
+        if self._pending_rows >= self.batch_rows:
+            self._flush(whole_groups=True)
+
+    def _flush(self, whole_groups: bool = False) -> None:
+        """Write what is pending; with `whole_groups`, only full row groups of `batch_rows` rows
+        (the rest stays pending), so every row group but the last is full."""
+        if not self._pending:
+            return
+        table = pa.Table.from_batches(self._pending, schema=SCHEMA)
+        keep = table.num_rows % self.batch_rows if whole_groups else 0
+        table, rest = table.slice(0, table.num_rows - keep), table.slice(table.num_rows - keep)
+        self._pending, self._pending_rows = rest.to_batches(), rest.num_rows
+        if isinstance(self._writer, pq.ParquetWriter):
+            self._writer.write_table(table, row_group_size=self.batch_rows)
+        else:
+            text = pc.strftime(table.column("timestamp"), format=CSV_TIMESTAMP_FORMAT)
+            self._writer.write_table(table.set_column(0, CSV_SCHEMA.field(0), text))
+
+    def abandon(self) -> None:
+        """Close the file after a failure; it is never uploaded."""
+        try:
+            self._writer.close()
+        finally:
+            if self.path is not None:
+                self.path.unlink(missing_ok=True)
+
+    def close(self) -> int:
+        """Finish the file; return its size in bytes."""
+        self._flush()
+        self._writer.close()
+        if self._memory is not None:
+            return int(self._memory.tell())
+        assert self.path is not None
+        return os.path.getsize(self.path)
+
+    def body(self) -> bytes:
+        """The finished file's bytes, when written to memory."""
+        if self._memory is None:
+            raise ValueError("the file was written to disk")
+        return self._memory.getvalue().to_pybytes()
