@@ -46,6 +46,8 @@ from export_pipeline.record.keys import (
     date_key,
 )
 from export_pipeline.record.ledger import record_progress
+from export_pipeline.record.storage import write_values
+from export_pipeline.record.versions import RECORD_VERSION, VERSION_KEY
 from export_pipeline.settings import Settings
 from export_pipeline_tests.services import POSTGRES
 
@@ -191,6 +193,7 @@ def load_history(
     through = end.replace(second=0, microsecond=0) - timedelta(minutes=1)
     totals = DayTotals(rows=3_600 * through.hour, files=60 * through.hour)
     record_progress(instance, {d: Progress(through, end.date(), totals) for d in devices})
+    write_values(instance, {VERSION_KEY: str(RECORD_VERSION)})  # this release's: no migration
     return counts
 
 

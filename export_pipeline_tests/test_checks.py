@@ -352,8 +352,14 @@ def test_the_reconciled_summary_names_failed_device_days_and_changes_only_with_t
     assert len(list(reconciled_evaluation(RECONCILED, many, [day]).metadata["failed"].value)) == 20  # type: ignore[arg-type]
 
 
-def test_the_sensor_cursor_reads_the_format_before_the_summaries() -> None:
-    assert SensorCursor.of(None) == SensorCursor("", "")
+def test_the_sensor_cursor_reads_its_earlier_forms() -> None:
+    """The slice alone, then with the summaries' digest, then with the record's version: an
+    earlier form reads as version 0, which the sensor checks again."""
+    assert SensorCursor.of(None) == SensorCursor("", "", 0)
     assert SensorCursor.of("2026-02-07T12:00:00+00:00") == SensorCursor("2026-02-07T12:00:00+00:00")
-    cursor = SensorCursor("2026-02-07T12:00:00+00:00", "0a1b2c3d")
+    assert SensorCursor.of("2026-02-07T12:00:00+00:00 0a1b2c3d") == SensorCursor(
+        "2026-02-07T12:00:00+00:00", "0a1b2c3d", 0
+    )
+    cursor = SensorCursor("2026-02-07T12:00:00+00:00", "0a1b2c3d", 2)
     assert SensorCursor.of(cursor.text) == cursor
+    assert SensorCursor.of(SensorCursor("2026-02-07T12:00:00+00:00", "", 2).text).record == 2

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from dagster import AssetMaterialization, DagsterInstance, MetadataValue
 
+from export_pipeline.defs.planning import SensorCursor
 from export_pipeline.engine.progress import Progress
 from export_pipeline.record.keys import EXPORTED_THROUGH, TELEMETRY_EXPORT, DeviceDay
 from export_pipeline.record.ledger import progress_of, record_progress
@@ -20,6 +21,8 @@ from export_pipeline.record.versions import (
     ensure_current,
     record_version,
 )
+from export_pipeline_tests.conftest import Stack
+from export_pipeline_tests.test_sensors import T0, Fleet
 
 
 @pytest.fixture
@@ -72,3 +75,23 @@ def test_a_record_of_a_version_this_release_cannot_read_is_refused_naming_both(
     with pytest.raises(RecordVersionError, match=f"is version {version}; this release reads"):
         ensure_current(restored, devices=[], date_events=no_dates)
     assert record_version(restored) == version  # nothing was migrated
+
+
+def test_the_sensor_migrates_on_its_first_tick_then_trusts_its_cursor(
+    stack: Stack, restored: DagsterInstance
+) -> None:
+    """The version is read on a tick whose cursor does not hold this release's version (the
+    first after an upgrade, or after the cursor was reset), and not on the ticks after it."""
+    fleet = Fleet(stack, restored, DEVICE_IDS=f"v1-{uuid.uuid4().hex[:8]}")
+    write_values(restored, {VERSION_KEY: "1"})
+    fleet.tick(T0)
+    assert record_version(restored) == RECORD_VERSION
+    assert SensorCursor.of(fleet.cursor).record == RECORD_VERSION
+
+    write_values(restored, {VERSION_KEY: "1"})  # what no release does: shows the read is skipped
+    fleet.tick(T0 + timedelta(minutes=1))
+    assert record_version(restored) == 1
+
+    fleet.cursor = SensorCursor.of(fleet.cursor)._replace(record=0).text  # an earlier form
+    fleet.tick(T0 + timedelta(minutes=2))
+    assert record_version(restored) == RECORD_VERSION

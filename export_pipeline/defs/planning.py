@@ -220,19 +220,23 @@ class TickPlan:
 
 class SensorCursor(NamedTuple):
     """What the sensor last reported: the slice its freshness was for (reported once a slice,
-    not every tick), and a digest of the `reconciled` summaries (reported when it changes)."""
+    not every tick), a digest of the `reconciled` summaries (reported when it changes), and the
+    export record's version it last found current (checked again only when this release's
+    differs: the cursor is stored in the same PostgreSQL as the record, so a restored database
+    brings back both, and a cursor from an older release has none)."""
 
     until: str
     summaries: str = ""
+    record: int = 0
 
     @property
     def text(self) -> str:
-        return f"{self.until} {self.summaries}"
+        return f"{self.until} {self.summaries} {self.record}"
 
     @classmethod
     def of(cls, text: str | None) -> SensorCursor:
-        until, _, summaries = (text or "").partition(" ")  # before 2026-12: the slice alone
-        return cls(until, summaries)
+        until, summaries, record = [*(text or "").split(" ", 2), "", ""][:3]
+        return cls(until, summaries, int(record) if record.isdigit() else 0)
 
 
 def outcomes(checks: Mapping[DeviceDay, CheckPartition]) -> dict[DeviceDay, bool | None]:

@@ -62,6 +62,7 @@ from export_pipeline.record.keys import (
     TELEMETRY_DAILY,
 )
 from export_pipeline.record.ledger import latest_checks, progress_of, recorded_dates
+from export_pipeline.record.versions import RECORD_VERSION
 from export_pipeline.settings import Settings
 
 
@@ -80,8 +81,10 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
         clock: ClockResource,
     ) -> SensorResult:
         config, now, instance = export.settings(), clock.now(), context.instance
-        for note in bring_record_current(instance, s3, config):
-            context.log.info(note)
+        reported = SensorCursor.of(context.cursor)
+        if reported.record != RECORD_VERSION:
+            for note in bring_record_current(instance, s3, config):
+                context.log.info(note)
         known = frozenset(instance.get_dynamic_partitions(DEVICES))
         candidates = list(config.device_ids)
         if not candidates:
@@ -120,7 +123,7 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
 
         for warning in skipped + plan.warnings:
             context.log.warning(warning)
-        reported, cursor = SensorCursor.of(context.cursor), plan.cursor()
+        cursor = plan.cursor()._replace(record=RECORD_VERSION)
         if reported.until != cursor.until:
             instance.report_runless_asset_event(plan.freshness)
         if reported.summaries != cursor.summaries:

@@ -8,9 +8,10 @@ and telemetry_daily materialized on device-days before its partitions were dates
 a progress row for every exported device, and telemetry_daily's materializations on dates.
 
 The sensor brings the record to the current version on its first tick after an upgrade, before
-it plans anything (and the daily retention does, if it runs first): one read of the version each
-tick, a migration once. Dropping an old version is a change of `OLDEST_RECORD_VERSION` with a
-test: a record older than that, or newer than this release, is refused naming both.
+it plans anything (and the daily retention does, if it runs first): a migration once, and no
+read of the version on later ticks, since the sensor's cursor holds the version it found.
+Dropping an old version is a change of `OLDEST_RECORD_VERSION` with a test: a record older than
+that, or newer than this release, is refused naming both.
 """
 
 from __future__ import annotations
