@@ -5,6 +5,9 @@ timeout, so it answers within two seconds even when a dependency hangs: the Dags
 sensor heartbeat is fresh, PostgreSQL answers a query, S3_BUCKET answers HeadBucket, InfluxDB
 answers a ping. A failing check's reason is logged, never returned, so nothing internal reaches an
 unauthenticated caller. Invalid settings make every check fail (and are logged by name).
+
+`/ready` also lists `warnings` that do not make it fail: a fleet discovery has filled to
+EXPORT_MAX_DEVICES, whose new devices are not exported.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from export_pipeline.defs.resources import ExportBucketResource
+from export_pipeline.record.keys import DEVICES
 from export_pipeline.settings import Settings, SettingsError, load_env_file
 
 log = logging.getLogger("export_pipeline.health")
@@ -100,6 +104,19 @@ def build_checks(settings: Settings) -> dict[str, Check]:
     }
 
 
+def fleet_warnings(settings: Settings) -> list[str]:
+    """The fleet at discovery's cap (DEVICE_IDS empty): new devices are not exported."""
+    if settings.export.device_ids:
+        return []
+    registered = len(dagster_instance().get_dynamic_partitions(DEVICES))
+    if registered < settings.export.max_devices:
+        return []
+    return [
+        f"the fleet is at EXPORT_MAX_DEVICES={settings.export.max_devices:,} "
+        f"({registered:,} devices registered): new devices are not exported"
+    ]
+
+
 def run_checks(
     checks: Mapping[str, Check],
     pool: ThreadPoolExecutor,
@@ -132,8 +149,11 @@ def run_checks(
     return results
 
 
-def build_app(checks: Mapping[str, Check] | None) -> Starlette:
-    """`checks` is None when the settings are invalid: the service stays up and is not ready."""
+def build_app(
+    checks: Mapping[str, Check] | None, warnings: Callable[[], list[str]] | None = None
+) -> Starlette:
+    """`checks` is None when the settings are invalid: the service stays up and is not ready.
+    `warnings` runs beside the checks, within their timeout."""
     # Hung checks keep their thread until their own timeout ends; enough threads for a few.
     pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ready")
     pending: dict[str, Future[None]] = {}
@@ -148,12 +168,22 @@ def build_app(checks: Mapping[str, Check] | None) -> Starlette:
         )
 
     async def ready(request: Request) -> JSONResponse:
+        noted: list[str] = []
         if checks is None:
             results = dict.fromkeys(CHECKS, False)
         else:
+            found = pool.submit(warnings) if warnings is not None else None
             results = await _in_thread(lambda: run_checks(checks, pool, pending))
+            if found is not None:
+                try:
+                    noted = found.result(timeout=0.1)
+                except Exception as error:  # a timeout too: the checks say what is down
+                    log.warning("readiness warnings could not be read: %r", error)
         ok = all(results.values())
-        return JSONResponse({"ready": ok, "checks": results}, status_code=200 if ok else 503)
+        body: dict[str, object] = {"ready": ok, "checks": results}
+        if noted:
+            body["warnings"] = noted
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -189,7 +219,10 @@ def main() -> int:
         settings = None
     raw_port = os.environ.get("PORT", "8080")
     port = settings.port if settings else int(raw_port) if raw_port.isdigit() else 8080
-    app = build_app(build_checks(settings) if settings else None)
+    app = build_app(
+        build_checks(settings) if settings else None,
+        functools.partial(fleet_warnings, settings) if settings else None,
+    )
     # uvicorn stops gracefully on SIGTERM: it finishes the requests in flight, then exits.
     uvicorn.run(app, host="0.0.0.0", port=port, log_level=level.lower(), access_log=False)
     return 0

@@ -52,6 +52,11 @@ def is_valid_cron(expression: str) -> bool:
     return bool(is_valid_cron_string(expression))
 
 
+# A host name, an IPv4 address, or an IPv6 address in brackets, as a Host header carries it.
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_HOST = re.compile(rf"{_LABEL}(\.{_LABEL})*|\[[0-9a-f:.]+\]")
+
+
 class SettingsError(ValueError):
     """One or more settings are invalid; the message names each variable and what it expects."""
 
@@ -113,6 +118,10 @@ class ExportSettings:
     partition_days: int = 14  # telemetry_export's dates: the last N (0: all from start_date)
     ledger_retention_days: int = 7  # how long Dagster keeps superseded events and run logs
     retention_cron: str = "40 3 * * *"  # when the ledger's retention runs (UTC)
+    # Discovery's bounds (DEVICE_IDS empty): every tag value anyone writes would be a partition.
+    max_devices: int = 50_000
+    new_devices_per_tick: int = 1_000
+    device_id_pattern: str = ""  # a regular expression discovered ids must match; "": any
 
     @property
     def stale_run_after(self) -> int:
@@ -137,6 +146,7 @@ class Settings:
     checkpoint: CheckpointSettings = CheckpointSettings()
     port: int = 8080
     log_level: str = "INFO"
+    ui_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -154,6 +164,15 @@ def load_env_file() -> None:
     from dotenv import load_dotenv
 
     load_dotenv(Path.cwd() / ".env")
+
+
+def parse_ui_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
+    """UI_ALLOWED_HOSTS alone, for the UI's process (`export_pipeline.ui`), which needs no other
+    setting."""
+    parser = _Parser(env)
+    hosts = parser.ui_hosts()
+    parser.finish()
+    return hosts
 
 
 def parse_influx(env: Mapping[str, str]) -> InfluxSettings:
@@ -310,6 +329,11 @@ class _Parser:
             layout=cast(Layout, self.choice("EXPORT_LAYOUT", "seed", LAYOUTS)),
             start_date=self.start_date(),
             device_ids=self.device_ids(),
+            max_devices=self.integer("EXPORT_MAX_DEVICES", ExportSettings.max_devices, 1),
+            new_devices_per_tick=self.integer(
+                "EXPORT_NEW_DEVICES_PER_TICK", ExportSettings.new_devices_per_tick, 1
+            ),
+            device_id_pattern=self.pattern("DEVICE_ID_PATTERN"),
             lookback_hours=self.integer("LOOKBACK_HOURS", ExportSettings.lookback_hours, 1),
             lateness_seconds=self.integer(
                 "EXPORT_LATENESS_SECONDS", ExportSettings.lateness_seconds, 0, 86_400
@@ -337,6 +361,7 @@ class _Parser:
         )
         port = self.integer("PORT", 8080, 1, 65_535)
         log_level = self.choice("LOG_LEVEL", "info", tuple(x.lower() for x in LOG_LEVELS)).upper()
+        ui_hosts = self.ui_hosts()
         self.finish()
         return Settings(
             influx=influx,
@@ -345,7 +370,22 @@ class _Parser:
             checkpoint=checkpoint,
             port=port,
             log_level=log_level,
+            ui_hosts=ui_hosts,
         )
+
+    def ui_hosts(self) -> tuple[str, ...]:
+        default = ",".join(Settings.ui_hosts)
+        self.note("UI_ALLOWED_HOSTS", default, "comma-separated host names or IP addresses")
+        hosts = tuple(
+            host.strip().lower() for host in self.text("UI_ALLOWED_HOSTS", default).split(",")
+        )
+        bad = [host for host in hosts if not _HOST.fullmatch(host)]
+        if bad:
+            self.problems.append(
+                f"UI_ALLOWED_HOSTS has {', '.join(repr(host) for host in bad)}: each must be a "
+                "host name or an IP address without a port, such as dagster.example.com"
+            )
+        return tuple(host for host in hosts if host not in bad)
 
     def interval(self) -> int:
         self.note(
@@ -416,6 +456,16 @@ class _Parser:
             )
         return value
 
+    def pattern(self, name: str) -> str:
+        self.note(name, "", "a regular expression (Python's `re`), matched against the whole id")
+        value = self.text(name)
+        try:
+            re.compile(value)
+        except re.error as error:
+            self.problems.append(f"{name}={value!r} is not a regular expression: {error}")
+            return ""
+        return value
+
     def device_ids(self) -> tuple[str, ...]:
         self.note("DEVICE_IDS", "", "comma-separated device ids, or `*`")
         return device_ids_of(self.env.get("DEVICE_IDS", ""))
@@ -460,6 +510,12 @@ DESCRIPTIONS: dict[str, str] = {
     "EXPORT_PARTITION_DAYS": "`telemetry_export`'s dates are the last N days (lengthened past "
     "slice retention and the lookback); `0`: every day since EXPORT_START_DATE",
     "DEVICE_IDS": "the devices to export; empty or `*`: every `device_id` InfluxDB lists",
+    "EXPORT_MAX_DEVICES": "with DEVICE_IDS empty, the most devices discovery registers: past it, "
+    "new ids are not exported, and the sensor's log and `/ready` say so",
+    "EXPORT_NEW_DEVICES_PER_TICK": "with DEVICE_IDS empty, the most new devices one tick "
+    "registers; the others wait for the next ticks",
+    "DEVICE_ID_PATTERN": "with DEVICE_IDS empty, discovered ids must match it whole (e.g. "
+    "`dev-[0-9]{4}`); others are refused and logged once; empty: any safe id",
     "LOOKBACK_HOURS": "how far back continuous export starts for a device never exported",
     "EXPORT_LATENESS_SECONDS": "a slice is exported once it has been closed this long, so late "
     "points land in it",
@@ -484,6 +540,9 @@ DESCRIPTIONS: dict[str, str] = {
     "CHECKPOINT_DB_PASSWORD": "the role's password",
     "PORT": "the port of the health service (`python -m export_pipeline.health`)",
     "LOG_LEVEL": "the level of the package's loggers, in its processes and in the run logs",
+    "UI_ALLOWED_HOSTS": "the names the Dagster UI (`python -m export_pipeline.ui`) is reached "
+    "by: a request for another Host is refused (DNS rebinding), and a change must come from a "
+    "page of the same one (docs/security.md)",
 }
 
 

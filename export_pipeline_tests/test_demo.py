@@ -33,7 +33,7 @@ START_TIMEOUT_SECONDS = 120
 INFLUXDB_DATABASE = "telemetry"
 # Every kind of process the demo runs, by a piece of its command line.
 PARTS = {
-    "Dagster webserver": "dagster-webserver",
+    "Dagster webserver": "export_pipeline.ui",
     "Dagster daemon": "dagster-daemon run",
     "Dagster code server": "dagster api grpc",
     "health service": "export_pipeline.health",

@@ -285,3 +285,18 @@ def test_a_hanging_check_is_not_started_again_by_the_next_probe() -> None:
     finally:
         release.set()
         pool.shutdown(wait=True)
+
+
+def test_a_fleet_at_the_discovery_cap_is_a_warning_not_a_failure(
+    health_service: Service, instance: DagsterInstance
+) -> None:
+    instance.add_dynamic_partitions("devices", ["cap-device"])
+    registered = len(instance.get_dynamic_partitions("devices"))
+    heartbeat(instance, age_seconds=5)
+    url, _ = health_service(EXPORT_MAX_DEVICES=str(registered))
+    answer = requests.get(f"{url}/ready", timeout=5)
+    assert answer.status_code == 200
+    (warning,) = answer.json()["warnings"]
+    assert f"EXPORT_MAX_DEVICES={registered:,}" in warning
+    roomy, _ = health_service(EXPORT_MAX_DEVICES=str(registered + 1))
+    assert "warnings" not in requests.get(f"{roomy}/ready", timeout=5).json()

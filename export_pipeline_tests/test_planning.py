@@ -360,3 +360,25 @@ def test_the_documented_hand_written_run_config_is_a_valid_export_due_slices_con
     assert again == {"device-001": [DayRange.whole(date(2026, 2, 7))]}
     assert due == {"device-001": []}
     assert run_devices(config) == {"device-001"}
+
+
+def test_discovery_keeps_registered_devices_and_bounds_new_ones() -> None:
+    from export_pipeline.defs.planning import discover
+    from export_pipeline.defs.sensors import LoggedOnce
+
+    settings = ExportSettings(max_devices=4, new_devices_per_tick=2, device_id_pattern="d[0-9]")
+    # A registered device stays exported though it no longer matches the pattern.
+    found = discover(["old-1", "d3", "d1", "d2", "zz", "a/b"], {"old-1"}, settings)
+    assert found.fleet == ["old-1", "d1", "d2"]  # new ones in sorted order, two a tick
+    assert (found.waiting, found.over_cap) == (1, 0)
+    assert set(found.refused) == {"zz", "a/b"}
+    full = discover(["d1", "d2", "d3", "d4"], {"d1", "d2", "d3", "old-1"}, settings)
+    assert full.fleet == ["d1", "d2", "d3"] and (full.waiting, full.over_cap) == (0, 1)
+    assert "beyond EXPORT_MAX_DEVICES=4" in full.warnings(settings)[0]
+
+    once = LoggedOnce(most=2)
+    assert once.first_time({"a": "A", "b": "B"}) == ["A", "B"]
+    assert once.first_time({"a": "A"}) == ["1 device ids refused as before"]
+    assert once.first_time({"c": "C"}) == ["C"]  # the least recently refused, b, is let go
+    assert once.first_time({"a": "A"}) == ["1 device ids refused as before"]
+    assert once.first_time({"b": "B"}) == ["B"]  # logged again

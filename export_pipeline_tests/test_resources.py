@@ -54,6 +54,9 @@ EVERY_SETTING = {
     "EXPORT_PARTITION_DAYS": "45",
     "EXPORT_LEDGER_RETENTION_DAYS": "3",
     "EXPORT_RETENTION_CRON": "0 1 * * *",
+    "EXPORT_MAX_DEVICES": "500",
+    "EXPORT_NEW_DEVICES_PER_TICK": "20",
+    "DEVICE_ID_PATTERN": "dev-[0-9]+",
     "CHECKPOINT_DB_HOST": "db.example",
     "CHECKPOINT_DB_PORT": "6543",
     "CHECKPOINT_DB_NAME": "ledger",
@@ -61,6 +64,7 @@ EVERY_SETTING = {
     "CHECKPOINT_DB_PASSWORD": "secret",
     "PORT": "9090",
     "LOG_LEVEL": "DEBUG",
+    "UI_ALLOWED_HOSTS": "dagster.example.com,10.0.0.5",
 }
 DEFAULTS = {
     InfluxSettings: InfluxSettings(),
@@ -79,6 +83,7 @@ def test_every_setting_is_read_from_the_environment() -> None:
         ]
         assert unchanged == [], f"{type(part).__name__} fields not set by any variable: {unchanged}"
     assert (settings.port, settings.log_level) == (9090, "DEBUG")
+    assert settings.ui_hosts == ("dagster.example.com", "10.0.0.5")
 
 
 def test_every_setting_reaches_its_resource_and_comes_back_unchanged(

@@ -7,8 +7,12 @@ stored event, run record and the code location's snapshot are searched for them.
 
 import importlib
 import os
+import socket
 import subprocess
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,11 +20,15 @@ from dagster import DagsterInstance
 from dagster._core.remote_representation.external_data import RepositorySnap
 from dagster._serdes import serialize_value
 
+from export_pipeline.defs.continuous import export_due_slices, export_slices
+from export_pipeline.defs.planning import WorkItem
 from export_pipeline.defs.resources import build_resources
+from export_pipeline.defs.run_config import run_config_for
+from export_pipeline.engine.grid import DayRange
 from export_pipeline.settings import Settings
 from export_pipeline_tests.conftest import CLI_CWD, Stack
 from export_pipeline_tests.services import dagster_command, free_port, point
-from export_pipeline_tests.test_export import at
+from export_pipeline_tests.test_export import DAY, at
 
 SECRETS = {
     "INFLUXDB_TOKEN": "tok-FAKESECRET-1a2b",
@@ -86,3 +94,81 @@ def test_no_secret_appears_in_logs_events_run_records_or_the_ui(
         for name, secret in SECRETS.items():
             assert secret not in text, f"{name} leaked into the {where}"
     assert "INFLUXDB_TOKEN" in snapshot  # the UI shows the variable's name instead
+
+
+class Listener:
+    """A TCP port that counts the connections made to it (a host an attacker controls)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self.connections = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.done.is_set():
+            try:
+                connection, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            connection.close()
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join()
+        self.server.close()
+
+
+@pytest.mark.parametrize(
+    ("key", "config"),
+    [
+        ("influxdb", lambda url: {"url": url, "token": {"env": "INFLUXDB_TOKEN"}}),
+        ("s3", lambda url: {"endpoint_url": url, "bucket": "telemetry-exports"}),
+        ("export", lambda url: {"layout": "hive"}),
+    ],
+)
+def test_a_launch_that_sets_a_resource_field_is_refused_and_connects_nowhere(
+    stack: Stack,
+    instance: DagsterInstance,
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+    config: Callable[[str], dict[str, object]],
+) -> None:
+    """`{env: INFLUXDB_TOKEN}` supplies the secret without knowing it: a launch that could set
+    the URL beside it would send the token to any host. The run fails before its op, naming the
+    field, and the listener sees no connection."""
+    device = f"dev-{uuid.uuid4().hex[:8]}"
+    stack.write([point(at(12), device, {"voltage": 230.0})])
+    monkeypatch.setenv("INFLUXDB_TOKEN", SECRETS["INFLUXDB_TOKEN"])
+    settings = stack.settings(DEVICE_IDS=device, INFLUXDB_TOKEN=SECRETS["INFLUXDB_TOKEN"])
+    resources = build_resources(settings)
+    work = run_config_for([WorkItem(device, DayRange(DAY, 43_200, 43_500))], export_slices.name)
+    listener = Listener()
+    try:
+        url = f"http://127.0.0.1:{listener.port}"
+        # Dagster asks for every field once one is given: the bound ones, with the change.
+        bound = resources[key].get_resource_definition().config_schema.as_field().default_value
+        result = export_due_slices.execute_in_process(
+            run_config={**work, "resources": {key: {"config": {**bound, **config(url)}}}},
+            instance=instance,
+            resources=resources,
+            raise_on_error=False,
+        )
+        assert not result.success
+        failure = next(event for event in result.all_events if event.is_failure)
+        message = str(failure.event_specific_data)
+        assert f"run config may not set resources.{key}.config." in message
+        assert SECRETS["INFLUXDB_TOKEN"] not in message
+        time.sleep(0.3)
+        assert listener.connections == 0
+    finally:
+        listener.close()
+    # The same run without resource config exports the slice.
+    assert export_due_slices.execute_in_process(
+        run_config=work, instance=instance, resources=resources
+    ).success
+    assert [key for key in stack.objects() if f"device_id={device}/" in key]

@@ -630,3 +630,41 @@ def test_a_device_day_being_materialized_holds_its_device(
     assert work_of(fleet.tick(T0 + timedelta(seconds=30))) == []
     instance.report_run_canceled(run)
     assert work_of(fleet.tick(T0 + timedelta(seconds=30)))
+
+
+def test_a_flood_of_new_ids_stops_at_discoverys_bounds_and_each_refusal_is_logged_once(
+    stack: Stack, instance: DagsterInstance, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Any writer to InfluxDB chooses tag values: discovery registers at most
+    EXPORT_NEW_DEVICES_PER_TICK a tick and stops at EXPORT_MAX_DEVICES, saying so; ids not
+    matching DEVICE_ID_PATTERN, or unsafe (a 5,000-character one), are logged once, cut."""
+    run = uuid.uuid4().hex[:8]
+    flood = [f"flood-{run}-{n:02d}" for n in range(30)]
+    hostile = ["x" * 5000, "bad/id", f"other-{run}"]
+    stack.write([point(ns(T0), device, {"voltage": 1.0}) for device in flood + hostile])
+    before = set(instance.get_dynamic_partitions("devices"))
+    fleet = Fleet(
+        stack,
+        instance,
+        DEVICE_IDS="",
+        EXPORT_MAX_DEVICES=str(len(before) + 25),
+        EXPORT_NEW_DEVICES_PER_TICK="10",
+        DEVICE_ID_PATTERN=f"flood-{run}-[0-9]+",
+    )
+    added = []
+    for tick in range(4):
+        capsys.readouterr()
+        fleet.tick(T0 + timedelta(seconds=91 + 60 * tick))
+        registered = set(instance.get_dynamic_partitions("devices")) - before
+        added.append(len(registered))
+        logged = capsys.readouterr().err  # the sensor's log, as the daemon's output shows it
+        assert all(len(line) < 400 for line in logged.splitlines())
+        refusals = [line for line in logged.splitlines() if "skipped:" in line]
+        if tick == 0:
+            assert len(refusals) == 3 and "5,000 characters" in logged
+            assert f"'other-{run}' does not match DEVICE_ID_PATTERN" in logged
+        else:
+            assert refusals == [] and "3 device ids refused as before" in logged
+        assert "5 new devices seen are beyond EXPORT_MAX_DEVICES" in logged
+    assert added == [10, 20, 25, 25]
+    assert registered == set(flood[:25])

@@ -26,7 +26,9 @@ def add_devices(context: OpExecutionContext, export: ExportResource) -> list[str
         raise Failure("DEVICE_IDS is empty: set it to the device ids to export, comma-separated")
     _, refused = admit(device_ids)
     if refused:
-        raise Failure("DEVICE_IDS has unsafe ids, none were registered: " + "; ".join(refused))
+        raise Failure(
+            "DEVICE_IDS has unsafe ids, none were registered: " + "; ".join(refused.values())
+        )
     known = set(context.instance.get_dynamic_partitions(DEVICES))
     new = [device_id for device_id in device_ids if device_id not in known]
     context.instance.add_dynamic_partitions(DEVICES, new)

@@ -9,7 +9,8 @@ UTC midnights so each piece belongs to one device-day partition.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import NamedTuple
@@ -24,7 +25,7 @@ from export_pipeline.engine.grid import (
     day_ranges,
     day_start,
 )
-from export_pipeline.engine.layout import DeviceIdError, validate_device_id
+from export_pipeline.engine.layout import DeviceIdError, shown_id, validate_device_id
 from export_pipeline.engine.progress import Progress
 from export_pipeline.record.events import (
     freshness_evaluation,
@@ -134,16 +135,71 @@ def with_reexports(work: list[WorkItem], failed: list[WorkItem]) -> list[WorkIte
     return kept + failed
 
 
-def admit(candidates: Iterable[str]) -> tuple[list[str], list[str]]:
+def admit(candidates: Iterable[str]) -> tuple[list[str], dict[str, str]]:
     """The candidate ids that are safe partition keys and S3 path segments, and a reason for
     each one skipped."""
-    fleet, skipped = [], []
+    fleet, skipped = [], {}
     for device_id in candidates:
         try:
             fleet.append(validate_device_id(device_id))
         except DeviceIdError as error:
-            skipped.append(f"skipped: {error}")
+            skipped[device_id] = f"skipped: {error}"
     return fleet, skipped
+
+
+@dataclass(frozen=True)
+class Discovered:
+    """What one tick's discovery admits: every registered device it saw, and the new ones
+    within discovery's bounds; the ids refused (id to reason); the new devices left for later
+    ticks (EXPORT_NEW_DEVICES_PER_TICK) and those beyond EXPORT_MAX_DEVICES."""
+
+    fleet: list[str]
+    refused: dict[str, str]
+    waiting: int = 0
+    over_cap: int = 0
+
+    def warnings(self, settings: ExportSettings) -> list[str]:
+        found = []
+        if self.over_cap:
+            found.append(
+                f"{self.over_cap:,} new devices seen are beyond "
+                f"EXPORT_MAX_DEVICES={settings.max_devices:,} and are not exported"
+            )
+        if self.waiting:
+            found.append(
+                f"{self.waiting:,} new devices wait for the next ticks "
+                f"(EXPORT_NEW_DEVICES_PER_TICK={settings.new_devices_per_tick:,})"
+            )
+        return found
+
+
+def discover(
+    candidates: Iterable[str], known: Collection[str], settings: ExportSettings
+) -> Discovered:
+    """Discovery's ids bounded (DEVICE_IDS empty): safe ids matching DEVICE_ID_PATTERN, the
+    registered ones always, new ones at most EXPORT_NEW_DEVICES_PER_TICK a tick (in sorted
+    order) and while fewer than EXPORT_MAX_DEVICES are registered."""
+    safe, skipped = [], {}
+    pattern = re.compile(settings.device_id_pattern) if settings.device_id_pattern else None
+    for device_id in candidates:
+        try:
+            validate_device_id(device_id)
+        except DeviceIdError as error:
+            skipped[device_id] = f"skipped: {error}"
+            continue
+        if pattern is not None and device_id not in known and not pattern.fullmatch(device_id):
+            skipped[device_id] = (
+                f"skipped: device id {shown_id(device_id)} does not match DEVICE_ID_PATTERN"
+            )
+            continue
+        safe.append(device_id)
+    new = sorted(device_id for device_id in set(safe) if device_id not in known)
+    room = max(0, settings.max_devices - len(known))
+    taken = new[: min(room, settings.new_devices_per_tick)]
+    over_cap = max(0, len(new) - room)
+    admitted = set(taken)
+    fleet = [d for d in dict.fromkeys(safe) if d in known or d in admitted]
+    return Discovered(fleet, skipped, len(new) - len(taken) - over_cap, over_cap)
 
 
 def registered(fleet: Iterable[str], known: Iterable[str], settings: ExportSettings) -> set[str]:

@@ -5,13 +5,19 @@ Each resource is made from its part of `Settings` (`from_settings`) and gives it
 resources none, so a value set in the environment always reaches the code that uses it (a test
 round-trips every field). Secrets go in as `EnvVar`s, so the UI and run config show the
 variable's name, never its value.
+
+The InfluxDB, S3 and export resources take their values from the code location's environment
+only: a run whose config sets one of their fields is refused before it connects anywhere
+(`refuse_launch_config`). Whoever can launch a run could otherwise point the InfluxDB URL or the
+S3 endpoint at a host of theirs with `token: {env: INFLUXDB_TOKEN}` and receive the secret, or
+change the interval or layout under exports already made.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from datetime import UTC, date, datetime, timedelta
@@ -23,7 +29,12 @@ import boto3
 import pyarrow.fs as pafs
 from botocore import UNSIGNED
 from botocore.config import Config
-from dagster import ConfigurableResource, EnvVar
+from dagster import (
+    ConfigurableResource,
+    DagsterInvariantViolationError,
+    EnvVar,
+    InitResourceContext,
+)
 from dagster_aws.s3 import S3Resource
 
 from export_pipeline.engine.day_files import DayFiles
@@ -78,6 +89,51 @@ def _settings_of(resource: ConfigurableResource, kind: type[T], **converted: Any
     return kind(**values)
 
 
+class LaunchConfigRefused(ValueError):
+    """A run's config set a resource field that only the code location's environment sets."""
+
+
+def launch_overrides(
+    resource: ConfigurableResource, bound: Mapping[str, Any], environ: Mapping[str, str]
+) -> list[str]:
+    """The fields of `resource` (as a run built it) that differ from `bound`, the values the
+    code location gave it (Dagster's default config of the resource: `{"env": NAME}` for an
+    `EnvVar`, absent for a field left at its default)."""
+    resolved = {
+        name: environ.get(value["env"], "") if isinstance(value, Mapping) else value
+        for name, value in bound.items()
+    }
+    expected = type(resource)(**resolved)
+    return [
+        name
+        for name in type(resource).model_fields
+        if getattr(resource, name) != getattr(expected, name)
+    ]
+
+
+def refuse_launch_config(
+    resource: ConfigurableResource, key: str, context: InitResourceContext
+) -> None:
+    """Refuse a run whose config changed any field of the resource bound under `key`."""
+    try:
+        definition = context.resource_def
+    except DagsterInvariantViolationError:  # built by hand (`build_init_resource_context`)
+        return
+    if definition is None or definition.config_schema is None:
+        return
+    field = definition.config_schema.as_field()
+    if not field.default_provided:
+        return
+    changed = launch_overrides(resource, field.default_value, os.environ)
+    if changed:
+        names = ", ".join(f"resources.{key}.config.{name}" for name in changed)
+        raise LaunchConfigRefused(
+            f"run config may not set {names}: the {key} resource takes its values from the "
+            "code location's environment only (see docs/configuration.md); launch without "
+            "resource config, or change the setting where the code location runs"
+        )
+
+
 class InfluxDBResource(ConfigurableResource):
     """InfluxDB's v1 `/query` endpoint (1.x, 2.x compatibility API, 3.x)."""
 
@@ -99,6 +155,9 @@ class InfluxDBResource(ConfigurableResource):
                 password=EnvVar("INFLUXDB_PASSWORD") if influx.password else "",
             )
         )
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        refuse_launch_config(self, "influxdb", context)
 
     def settings(self) -> InfluxSettings:
         return _settings_of(self, InfluxSettings)
@@ -128,6 +187,9 @@ class ExportBucketResource(S3Resource):
             region_name=s3.region,
             endpoint_url=s3.endpoint_url,
         )
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        refuse_launch_config(self, "s3", context)
 
     def settings(self) -> S3Settings:
         return _settings_of(self, S3Settings, region=self.region_name)
@@ -265,6 +327,12 @@ class ExportResource(ConfigurableResource):
     partition_days: int
     ledger_retention_days: int
     retention_cron: str
+    max_devices: int
+    new_devices_per_tick: int
+    device_id_pattern: str
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        refuse_launch_config(self, "export", context)
 
     def settings(self) -> ExportSettings:
         return _settings_of(

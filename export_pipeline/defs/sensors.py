@@ -5,6 +5,8 @@ reconciliation failed, day files for closed device-days, the freshness check rep
 `reconciled` summaries when they change, and the dates of telemetry_daily that a day-files run
 which died left unrecorded."""
 
+from collections import OrderedDict
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 from dagster import (
@@ -30,6 +32,7 @@ from export_pipeline.defs.planning import (
     Snapshot,
     admit,
     closed_window,
+    discover,
     first_due,
     plan_tick,
     ready_at,
@@ -66,7 +69,30 @@ from export_pipeline.record.versions import RECORD_VERSION
 from export_pipeline.settings import Settings
 
 
+class LoggedOnce:
+    """The ids whose refusal this process has logged, so each is logged once, not every tick
+    (until the code server restarts, or `most` later refusals push it out): a writer of
+    arbitrary tag values would otherwise fill the log."""
+
+    def __init__(self, most: int = 10_000) -> None:
+        self.most = most
+        self.logged: OrderedDict[str, None] = OrderedDict()
+
+    def first_time(self, refused: Mapping[str, str]) -> list[str]:
+        """The messages of the ids not logged before, and a count of the others."""
+        new = [message for key, message in refused.items() if key not in self.logged]
+        for key in refused:
+            self.logged[key] = None
+            self.logged.move_to_end(key)
+        while len(self.logged) > self.most:
+            self.logged.popitem(last=False)
+        again = len(refused) - len(new)
+        return new + ([f"{again:,} device ids refused as before"] if again else [])
+
+
 def build_continuous_export(settings: Settings) -> SensorDefinition:
+    refusals = LoggedOnce()
+
     @sensor(
         name="continuous_export",
         jobs=[export_due_slices, export_day_files],
@@ -86,8 +112,10 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
             for note in bring_record_current(instance, s3, config):
                 context.log.info(note)
         known = frozenset(instance.get_dynamic_partitions(DEVICES))
-        candidates = list(config.device_ids)
-        if not candidates:
+        bounds: list[str] = []
+        if config.device_ids:
+            fleet, refused = admit(config.device_ids)
+        else:
             since = int(first_due(now, config).timestamp()) * NS_PER_SECOND
             try:
                 with influxdb.source() as source:
@@ -95,7 +123,9 @@ def build_continuous_export(settings: Settings) -> SensorDefinition:
             except Exception as error:
                 context.log.warning(f"device discovery failed, using known devices: {error}")
                 candidates = sorted(known)
-        fleet, skipped = admit(candidates)
+            found = discover(candidates, known, config)
+            fleet, refused, bounds = found.fleet, found.refused, found.warnings(config)
+        skipped = refusals.first_time(refused) + bounds
 
         stale = timedelta(seconds=config.stale_run_after)
         runs, wall = runs_in_flight(instance), datetime.now(UTC)

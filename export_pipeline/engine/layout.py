@@ -30,8 +30,16 @@ def validate_device_id(device_id: str) -> str:
     """Return `device_id` unchanged, or raise DeviceIdError saying what makes it unsafe."""
     reason = _unsafe_reason(device_id)
     if reason:
-        raise DeviceIdError(f"device id {device_id!r} is refused: {reason}")
+        raise DeviceIdError(f"device id {shown_id(device_id)} is refused: {reason}")
     return device_id
+
+
+def shown_id(device_id: str, most: int = 80) -> str:
+    """An id as a message shows it: quoted, escaped, and cut to `most` characters (a tag value
+    can be 64 KB, and any writer to InfluxDB chooses it)."""
+    if len(device_id) <= most:
+        return repr(device_id)
+    return f"{device_id[:most]!r}… ({len(device_id):,} characters)"
 
 
 def _unsafe_reason(device_id: str) -> str | None:
