@@ -98,17 +98,19 @@ def launch_overrides(
 ) -> list[str]:
     """The fields of `resource` (as a run built it) that differ from `bound`, the values the
     code location gave it (Dagster's default config of the resource: `{"env": NAME}` for an
-    `EnvVar`, absent for a field left at its default)."""
-    resolved = {
-        name: environ.get(value["env"], "") if isinstance(value, Mapping) else value
-        for name, value in bound.items()
-    }
-    expected = type(resource)(**resolved)
-    return [
-        name
-        for name in type(resource).model_fields
-        if getattr(resource, name) != getattr(expected, name)
-    ]
+    `EnvVar`, absent for a field left at its default). A resource nested in another one is
+    initialised with a default config of no values (None for its required fields): nothing to
+    compare, and no run config reaches it but through the top-level resource, checked there."""
+    declared = type(resource).model_fields
+    if any(field.is_required() and bound.get(name) is None for name, field in declared.items()):
+        return []
+    changed = []
+    for name, field in declared.items():
+        value = bound.get(name, field.default)
+        expected = environ.get(value["env"], "") if isinstance(value, Mapping) else value
+        if getattr(resource, name) != expected:
+            changed.append(name)
+    return changed
 
 
 def refuse_launch_config(
