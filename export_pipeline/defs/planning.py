@@ -179,20 +179,15 @@ def discover(
     """Discovery's ids bounded (DEVICE_IDS empty): safe ids matching DEVICE_ID_PATTERN, the
     registered ones always, new ones at most EXPORT_NEW_DEVICES_PER_TICK a tick (in sorted
     order) and while fewer than EXPORT_MAX_DEVICES are registered."""
-    safe, skipped = [], {}
-    pattern = re.compile(settings.device_id_pattern) if settings.device_id_pattern else None
-    for device_id in candidates:
-        try:
-            validate_device_id(device_id)
-        except DeviceIdError as error:
-            skipped[device_id] = f"skipped: {error}"
-            continue
-        if pattern is not None and device_id not in known and not pattern.fullmatch(device_id):
+    safe, skipped = admit(candidates)
+    if settings.device_id_pattern:
+        pattern = re.compile(settings.device_id_pattern)
+        unmatched = [d for d in safe if d not in known and not pattern.fullmatch(d)]
+        for device_id in unmatched:
             skipped[device_id] = (
                 f"skipped: device id {shown_id(device_id)} does not match DEVICE_ID_PATTERN"
             )
-            continue
-        safe.append(device_id)
+        safe = [d for d in safe if d not in skipped]
     new = sorted(device_id for device_id in set(safe) if device_id not in known)
     room = max(0, settings.max_devices - len(known))
     taken = new[: min(room, settings.new_devices_per_tick)]
