@@ -13,5 +13,8 @@ ENV DAGSTER_HOME=/opt/dagster/home
 # run costs").
 ENV DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS=true
 RUN mkdir -p "$DAGSTER_HOME" && cp dagster.yaml "$DAGSTER_HOME/dagster.yaml"
-RUN useradd --system --uid 10001 exporter && chown -R exporter "$DAGSTER_HOME"
+# /opt/dagster/grpc: where compose's code server serves its socket (a volume the daemon and the
+# webservers mount; a new volume takes this folder's owner).
+RUN useradd --system --uid 10001 exporter && mkdir -p /opt/dagster/grpc \
+    && chown -R exporter "$DAGSTER_HOME" /opt/dagster/grpc
 USER exporter

@@ -492,7 +492,8 @@ DESCRIPTIONS: dict[str, str] = {
         "`current`, `power`, `temperature`"
     ),
     "INFLUXDB_TOKEN": "sent as `Authorization: Token …` (2.x, 3.x); empty: no token",
-    "INFLUXDB_USERNAME": "basic authentication (1.x), used when there is no token",
+    "INFLUXDB_USERNAME": "basic authentication (1.x, or a 2.x v1 authorization), used when "
+    "there is no token",
     "INFLUXDB_PASSWORD": "the password of INFLUXDB_USERNAME",
     "INFLUXDB_ORG": "the 2.x organisation (informational: the v1 API does not use it)",
     "INFLUXDB_TIMEOUT_SECONDS": "the timeout of each request to InfluxDB",
@@ -585,9 +586,26 @@ READ_ELSEWHERE: dict[str, ReadElsewhere] = {
         "one planned event per run rather than one per partition (docs/operations.md)",
     ),
     "INFLUXDB_ADMIN_USER": ReadElsewhere(
-        "docker-compose.yml", "", "the InfluxDB 2.x server's initial admin"
+        "docker-compose.yml", "", "the InfluxDB 2.x server's administrator"
     ),
-    "INFLUXDB_ADMIN_PASSWORD": ReadElsewhere("docker-compose.yml", "", "that admin's password"),
+    "INFLUXDB_ADMIN_PASSWORD": ReadElsewhere(
+        "docker-compose.yml", "generated", "that administrator's password"
+    ),
+    "INFLUXDB_ADMIN_TOKEN": ReadElsewhere(
+        "docker-compose.yml",
+        "generated",
+        "that administrator's token: InfluxDB's init steps alone hold it",
+    ),
+    "SIMULATOR_INFLUXDB_PASSWORD": ReadElsewhere(
+        "docker-compose.yml",
+        "generated",
+        "the password of the simulator's write-only authorization (`--profile demo`)",
+    ),
+    "POSTGRES_ADMIN_PASSWORD": ReadElsewhere(
+        "docker-compose.yml",
+        "generated",
+        "PostgreSQL's administrator: its init step alone holds it",
+    ),
     "PUBLISH_ADDRESS": ReadElsewhere(
         "docker-compose.yml",
         "`127.0.0.1`",
@@ -614,6 +632,9 @@ SECRETS: frozenset[str] = frozenset(
         "AWS_SECRET_ACCESS_KEY",
         "AWS_SESSION_TOKEN",
         "INFLUXDB_ADMIN_PASSWORD",
+        "INFLUXDB_ADMIN_TOKEN",
+        "SIMULATOR_INFLUXDB_PASSWORD",
+        "POSTGRES_ADMIN_PASSWORD",
     }
 )
 
@@ -626,7 +647,8 @@ test fails when the two differ. -->
 
 The pipeline reads the environment, or a `.env` file in the working directory: the Dagster CLI
 reads it and lets the file win over the environment; the health service and the simulator let the
-environment win. `.env.example` lists the variables with the demo's values.
+environment win. `.env.example` lists the variables with the demo's values and no secret:
+`scripts/env` writes `.env` from it, generating each secret marked *generated*.
 
 Every setting is validated when the code location loads: a bad value stops it with a message that
 names the variable, e.g. `EXPORT_FORMAT='xml' is not one of parquet, csv`, listing every problem at

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import subprocess
+import tempfile
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -83,3 +86,30 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:  # "" (every interface) or a name
         return False
+
+
+def generated_env() -> dict[str, str]:
+    """A .env as `scripts/env` writes it from .env.example (its secrets generated), read as
+    compose reads it."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / ".env"
+        subprocess.run(
+            ["bash", str(REPO / "scripts" / "env"), str(path)], check=True, capture_output=True
+        )
+        return {name: value or "" for name, value in dotenv_values(path).items()}
+
+
+DOT_ENV = generated_env()
+
+
+def environment(service: Mapping[str, Any], env: Env) -> dict[str, str]:
+    """The variables a service's process is started with (`environment` alone: the stack has no
+    env_file), interpolated from `env`."""
+    return {
+        name: interpolate(str(value), env) for name, value in service.get("environment", {}).items()
+    }
+
+
+def uses(service: Mapping[str, Any], variable: str) -> bool:
+    """Whether any value of `service` interpolates `variable`."""
+    return any(variable in variables_used(text) for text in compose_strings(service))

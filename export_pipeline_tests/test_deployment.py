@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from dagster import DagsterInstance
 from dagster._core.definitions.run_request import InstigatorType
 from dagster._core.scheduler.instigation import TickStatus
@@ -24,8 +23,10 @@ from dagster._core.scheduler.instigation import TickStatus
 from export_pipeline.settings import Settings
 from export_pipeline_tests.compose import (
     COMPOSE,
+    DOT_ENV,
     ENV_EXAMPLE,
     compose_strings,
+    environment,
     interpolate,
     variables_used,
 )
@@ -88,7 +89,7 @@ def test_env_example_holds_only_settings_something_reads() -> None:
 
 
 def test_every_variable_the_stack_uses_is_defined_in_env_example() -> None:
-    assert {"INFLUXDB_TOKEN", "PORT", "PUBLISH_ADDRESS"} <= COMPOSE_VARIABLES
+    assert {"INFLUXDB_PASSWORD", "PORT", "PUBLISH_ADDRESS"} <= COMPOSE_VARIABLES
     assert COMPOSE_VARIABLES - set(ENV_EXAMPLE) == set()
 
 
@@ -97,8 +98,6 @@ def test_the_stack_has_every_service_of_the_deployment() -> None:
     assert {"influxdb", "postgres", "seaweedfs"} | PIPELINE_SERVICES <= set(services)
     assert services["influxdb"]["image"].startswith("influxdb:2.7.")
     assert services["postgres"]["image"].startswith("postgres:16.")
-    for name in PIPELINE_SERVICES:
-        assert services[name]["env_file"] == ".env"
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINE_SERVICES))
@@ -113,14 +112,6 @@ def test_each_pipeline_command_starts_something_that_exists(name: str) -> None:
             assert (REPO / value).is_file()
 
 
-def test_the_webserver_reaches_the_code_server_on_the_port_it_serves() -> None:
-    workspace = yaml.safe_load((REPO / "deploy" / "workspace.yaml").read_text())
-    grpc = workspace["load_from"][0]["grpc_server"]
-    command = COMPOSE["services"]["code-server"]["command"]
-    assert grpc["host"] == "code-server"
-    assert str(grpc["port"]) == command[command.index("-p") + 1]
-
-
 def test_the_health_service_publishes_port_and_the_read_only_webserver_3000_on_this_host() -> None:
     services = COMPOSE["services"]
     assert services["health"]["ports"] == ["${PUBLISH_ADDRESS:-127.0.0.1}:${PORT}:${PORT}"]
@@ -131,14 +122,19 @@ def test_the_health_service_publishes_port_and_the_read_only_webserver_3000_on_t
 
 
 def test_the_stack_points_the_pipeline_at_its_own_services() -> None:
-    environment = COMPOSE["x-pipeline"]["environment"]
-    assert environment["INFLUXDB_URL"] == "http://influxdb:8086"
-    assert environment["CHECKPOINT_DB_HOST"] == "postgres"
-    assert environment["S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
-    assert COMPOSE["x-pipeline"]["depends_on"]["seaweedfs"] == {"condition": "service_healthy"}
-    influx = COMPOSE["services"]["influxdb"]["environment"]
-    assert influx["DOCKER_INFLUXDB_INIT_BUCKET"] == "${INFLUXDB_BUCKET}"
-    assert influx["DOCKER_INFLUXDB_INIT_ADMIN_TOKEN"] == "${INFLUXDB_TOKEN}"
+    settings = Settings.from_env(environment(COMPOSE["services"]["code-server"], DOT_ENV))
+    assert settings.influx.url == "http://influxdb:8086"
+    assert settings.checkpoint.host == "postgres"
+    assert settings.s3.endpoint_url == "http://seaweedfs:8333"
+    assert COMPOSE["services"]["code-server"]["depends_on"]["seaweedfs"] == {
+        "condition": "service_healthy"
+    }
+    influx = environment(COMPOSE["services"]["influxdb"], DOT_ENV)
+    assert (
+        influx["DOCKER_INFLUXDB_INIT_BUCKET"]
+        == settings.influx.bucket
+        == DOT_ENV["INFLUXDB_BUCKET"]
+    )
 
 
 def image_tag(image: str) -> str | None:
@@ -188,11 +184,9 @@ def test_s3_is_seaweedfs_at_the_version_the_tests_run_and_no_image_is_minios() -
 def test_seaweedfs_starts_with_one_identity_limited_to_the_pipelines_bucket() -> None:
     config = re.search(r"-s3\.config=(\S+)", SEAWEEDFS_START)
     assert config is not None
-    # Run the part of the start command that writes the config, with .env.example's values.
+    # Run the part of the start command that writes the config, with a generated .env's values.
     write = SEAWEEDFS_START.split(f" > {config[1]}", 1)[0]
-    env = {
-        name: interpolate(value, ENV_EXAMPLE) for name, value in SEAWEEDFS["environment"].items()
-    }
+    env = environment(SEAWEEDFS, DOT_ENV)
     written = subprocess.run(
         ["sh", "-c", write], env=env, capture_output=True, text=True, check=True
     )
@@ -203,8 +197,8 @@ def test_seaweedfs_starts_with_one_identity_limited_to_the_pipelines_bucket() ->
                 "name": "export-pipeline",
                 "credentials": [
                     {
-                        "accessKey": ENV_EXAMPLE["AWS_ACCESS_KEY_ID"],
-                        "secretKey": ENV_EXAMPLE["AWS_SECRET_ACCESS_KEY"],
+                        "accessKey": DOT_ENV["AWS_ACCESS_KEY_ID"],
+                        "secretKey": DOT_ENV["AWS_SECRET_ACCESS_KEY"],
                     }
                 ],
                 "actions": [f"Read:{bucket}", f"Write:{bucket}", f"List:{bucket}"],

@@ -22,10 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import boto3
-import psycopg2
 import pytest
 from botocore.exceptions import ClientError
-from dagster import DagsterInstance
 from dagster_webserver.cli import cli as webserver_cli
 
 from export_pipeline.defs.resources import ExportBucketResource
@@ -47,10 +45,8 @@ from export_pipeline_tests.compose import (
 )
 from export_pipeline_tests.conftest import REPO
 from export_pipeline_tests.services import (
-    POSTGRES,
     InfluxServer,
     MotoServer,
-    ensure_postgres,
     point,
 )
 
@@ -491,43 +487,3 @@ def test_the_readme_policy_refuses_what_the_exporter_never_does(
     with pytest.raises(ClientError) as refused:
         call(iam_s3.exporter)
     assert refused.value.response["Error"]["Code"] == "AccessDenied"
-
-
-def test_the_readme_postgresql_role_can_create_and_use_dagsters_storage(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    ensure_postgres()
-    name = f"export_pipeline_role_{os.getpid()}"
-    statements = security_block("sql").replace("export_pipeline", name).split(";")
-    _as_postgres(*[s.strip() for s in statements if s.strip()])
-    try:
-        (tmp_path / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
-        monkeypatch.setenv("CHECKPOINT_DB_HOST", str(POSTGRES["host"]))
-        monkeypatch.setenv("CHECKPOINT_DB_PORT", str(POSTGRES["port"]))
-        monkeypatch.setenv("CHECKPOINT_DB_NAME", name)
-        monkeypatch.setenv("CHECKPOINT_DB_USER", name)
-        monkeypatch.setenv("CHECKPOINT_DB_PASSWORD", "change-me")
-        with DagsterInstance.from_config(str(tmp_path)) as instance:  # creates Dagster's tables
-            instance.add_dynamic_partitions("devices", [DEVICE])
-            assert instance.get_dynamic_partitions("devices") == [DEVICE]
-        rights = _as_postgres(
-            f"SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = '{name}'"
-        )
-        assert rights == [(False, False, False)]
-    finally:
-        _as_postgres(
-            f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'DROP ROLE IF EXISTS "{name}"'
-        )
-
-
-def _as_postgres(*statements: str) -> list[tuple[Any, ...]]:
-    """Run `statements` as the administrator; the rows of the last."""
-    connection = psycopg2.connect(dbname="postgres", **POSTGRES)
-    connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
-    try:
-        with connection.cursor() as cursor:
-            for statement in statements:
-                cursor.execute(statement)
-            return cursor.fetchall() if cursor.description else []
-    finally:
-        connection.close()
