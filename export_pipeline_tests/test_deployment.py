@@ -234,7 +234,7 @@ def test_seaweedfs_serves_s3_on_the_network_and_calls_nothing_outside() -> None:
 def test_the_image_installs_the_package_and_ships_the_instance_config() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "COPY export_pipeline ./export_pipeline" in dockerfile
-    assert "pip install --no-cache-dir ." in dockerfile
+    assert "pip install --no-cache-dir '.[k8s]'" in dockerfile
     assert 'cp dagster.yaml "$DAGSTER_HOME/dagster.yaml"' in dockerfile
     assert Path(REPO / "deploy" / "workspace.yaml").is_file()
 
