@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import stat
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +216,9 @@ def test_the_code_server_answers_only_on_a_socket_dagsters_processes_mount() -> 
     assert socket in code_server["healthcheck"]["test"]
     volume = f"grpc:{Path(socket).parent}"
     mounting = {name for name, s in SERVICES.items() if volume in s.get("volumes", [])}
-    assert mounting == {"code-server", "daemon", "webserver", "webserver-operator"}
+    assert mounting == {"code-server"}  # the one that serves it may write there
+    connecting = {name for name, s in SERVICES.items() if f"{volume}:ro" in s.get("volumes", [])}
+    assert connecting == {"daemon", "webserver", "webserver-operator"}
 
 
 def test_each_store_is_reached_only_by_the_services_that_use_it() -> None:
@@ -280,14 +284,19 @@ def test_scripts_env_writes_fresh_secrets_and_fills_only_what_is_missing(tmp_pat
 
 
 def postgres_init(role: str, password: str, database: str) -> subprocess.CompletedProcess[str]:
-    """psql with the script, as the administrator, with the variables postgres-init passes."""
+    """psql with the script, as the administrator, given the pipeline's settings in its
+    environment as postgres-init is."""
     return subprocess.run(
         [
             *("psql", "-q", "-h", str(POSTGRES["host"]), "-p", str(POSTGRES["port"])),
-            *("-U", "postgres", "-d", "postgres", "-v", f"role={role}"),
-            *("-v", f"password={password}", "-v", f"db={database}"),
-            *("-f", str(REPO / "deploy" / "postgres-init.sql")),
+            *("-U", "postgres", "-d", "postgres", "-f", str(REPO / "deploy" / "postgres-init.sql")),
         ],
+        env={
+            **os.environ,
+            "CHECKPOINT_DB_USER": role,
+            "CHECKPOINT_DB_PASSWORD": password,
+            "CHECKPOINT_DB_NAME": database,
+        },
         capture_output=True,
         text=True,
     )
@@ -308,10 +317,12 @@ def as_administrator(*statements: str) -> list[tuple[Any, ...]]:
 def test_the_postgres_init_script_matches_what_postgres_init_runs() -> None:
     service = SERVICES["postgres-init"]
     assert "./deploy/postgres-init.sql:/postgres-init.sql:ro" in service["volumes"]
-    assert "-f /postgres-init.sql" in service["command"][0]
+    assert service["command"] == ["psql", "-q", "-f", "/postgres-init.sql"]
     env = environment(service, DOT_ENV)
-    assert env["ROLE"] == environment(SERVICES["code-server"], DOT_ENV)["CHECKPOINT_DB_USER"]
-    assert env["PGUSER"] == "postgres" != env["ROLE"]
+    pipeline = environment(SERVICES["code-server"], DOT_ENV)
+    for name in ("CHECKPOINT_DB_USER", "CHECKPOINT_DB_NAME", "CHECKPOINT_DB_PASSWORD"):
+        assert env[name] == pipeline[name], name
+    assert env["PGUSER"] == "postgres" != env["CHECKPOINT_DB_USER"]
 
 
 def test_the_postgres_init_script_makes_a_role_that_owns_dagsters_database_alone(
@@ -336,22 +347,62 @@ def test_the_postgres_init_script_makes_a_role_that_owns_dagsters_database_alone
         assert as_administrator(
             f"SELECT has_database_privilege('public', '{name}', 'CONNECT')"
         ) == [(False,)]
-        (tmp_path / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
-        for variable, value in {
-            "CHECKPOINT_DB_HOST": POSTGRES["host"],
-            "CHECKPOINT_DB_PORT": POSTGRES["port"],
-            "CHECKPOINT_DB_NAME": name,
-            "CHECKPOINT_DB_USER": name,
-            "CHECKPOINT_DB_PASSWORD": "it's changed",
-        }.items():
-            monkeypatch.setenv(variable, str(value))
-        with DagsterInstance.from_config(str(tmp_path)) as instance:  # creates Dagster's tables
-            instance.add_dynamic_partitions("devices", ["device-001"])
+        with dagster_storage(tmp_path, monkeypatch, database=name, user=name) as instance:
+            instance.add_dynamic_partitions("devices", ["device-001"])  # creates Dagster's tables
             assert instance.get_dynamic_partitions("devices") == ["device-001"]
     finally:
         as_administrator(
             f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'DROP ROLE IF EXISTS "{name}"'
         )
+
+
+def test_the_postgres_init_script_hands_an_earlier_stacks_storage_to_the_role(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stack that ran the pipeline as the administrator left Dagster's tables owned by it: the
+    script hands them to the pipeline's role, which goes on with the record it finds."""
+    ensure_postgres()
+    name = f"export_pipeline_upgrade_{os.getpid()}"
+    as_administrator(f'CREATE DATABASE "{name}"')
+    try:
+        with dagster_storage(tmp_path, monkeypatch, database=name, user="postgres") as instance:
+            instance.add_dynamic_partitions("devices", ["device-001"])
+        done = postgres_init(name, "new password", name)
+        assert done.returncode == 0, done.stderr
+        with dagster_storage(tmp_path, monkeypatch, database=name, user=name) as instance:
+            instance.add_dynamic_partitions("devices", ["device-002"])
+            assert instance.get_dynamic_partitions("devices") == ["device-001", "device-002"]
+        with (
+            psycopg2.connect(**{**POSTGRES, "user": name}, dbname=name) as connection,
+            connection.cursor() as cursor,
+        ):
+            cursor.execute(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' "
+                "AND tableowner <> current_user"
+            )
+            assert cursor.fetchone() == (0,)
+    finally:
+        as_administrator(
+            f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'DROP ROLE IF EXISTS "{name}"'
+        )
+
+
+@contextlib.contextmanager
+def dagster_storage(
+    home: Path, monkeypatch: pytest.MonkeyPatch, *, database: str, user: str
+) -> Iterator[DagsterInstance]:
+    """Dagster's instance (the repo's dagster.yaml) on `database`, connecting as `user`."""
+    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
+    for variable, value in {
+        "CHECKPOINT_DB_HOST": POSTGRES["host"],
+        "CHECKPOINT_DB_PORT": POSTGRES["port"],
+        "CHECKPOINT_DB_NAME": database,
+        "CHECKPOINT_DB_USER": user,
+        "CHECKPOINT_DB_PASSWORD": "",
+    }.items():
+        monkeypatch.setenv(variable, str(value))
+    with DagsterInstance.from_config(str(home)) as instance:
+        yield instance
 
 
 def test_the_postgres_init_script_refuses_to_demote_the_administrator() -> None:
@@ -372,7 +423,9 @@ def test_the_code_server_serves_the_stacks_workspace_on_its_socket(
 ) -> None:
     """The stack's code-server command, healthcheck and workspace, with the socket moved into a
     temporary folder: the daemon and webservers find the code location through it."""
-    socket = str(tmp_path / "code-server.sock")
+    # A socket's path is limited to 107 bytes: a short folder of its own, whatever --basetemp.
+    folder = Path(tempfile.mkdtemp(prefix="cs-", dir="/tmp"))
+    socket = str(folder / "code-server.sock")
     stack_socket = SERVICES["code-server"]["command"][
         SERVICES["code-server"]["command"].index("--socket") + 1
     ]
@@ -386,14 +439,13 @@ def test_the_code_server_serves_the_stacks_workspace_on_its_socket(
         env=env,
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=(tmp_path / "code-server.log").open("w"),  # read only if it fails: no pipe to fill
     )
     try:
         health = here(SERVICES["code-server"]["healthcheck"]["test"][1:])
         deadline = time.monotonic() + 120
         while subprocess.run(health, env=env, capture_output=True).returncode != 0:
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert server.poll() is None, (tmp_path / "code-server.log").read_text()
             assert time.monotonic() < deadline, "the code server never answered on its socket"
             time.sleep(0.5)
         workspace = tmp_path / "workspace.yaml"
@@ -412,3 +464,4 @@ def test_the_code_server_serves_the_stacks_workspace_on_its_socket(
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -38,6 +38,7 @@ from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
 from dagster._core.test_utils import create_run_for_test
 from dagster_k8s import K8sRunLauncher
 
+from export_pipeline.defs.runs import launches_here, run_slots
 from export_pipeline.settings import (
     READ_ELSEWHERE,
     S3_CLIENTS,
@@ -801,6 +802,25 @@ def test_the_instance_config_is_valid_for_dagster_and_each_class_it_names(tmp_pa
     assert INSTANCE_YAML["run_launcher"]["class"] == K8sRunLauncher.__name__
 
 
+def test_the_sensor_sizes_a_tick_in_the_code_servers_pod_without_an_api_token(
+    tmp_path: Path, checkpoint_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sensor runs in the code server's pod, which mounts no API token: sizing a tick reads
+    the launcher from the instance's config (Kubernetes: not this host's cores) and never builds
+    dagster-k8s's launcher, which would load the in-cluster config and fail."""
+    (tmp_path / "dagster.yaml").write_text((BASE / "dagster.yaml").read_text())
+    for name, value in checkpoint_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert not launches_here(instance)
+        assert (
+            run_slots(instance) == INSTANCE_YAML["run_coordinator"]["config"]["max_concurrent_runs"]
+        )
+        with pytest.raises(Exception, match=r"(?i)service (host|token)|kube"):
+            instance.run_launcher  # noqa: B018  (what the sensor must not do here)
+
+
 def test_an_invalid_launcher_config_is_refused() -> None:
     wrong = {**LAUNCHER_CONFIG, "env_secret": [SECRET_NAME]}
     assert not process_config(K8sRunLauncher.config_type(), wrong).success
@@ -827,7 +847,7 @@ def test_a_runs_pod_is_labelled_isolated_and_configured_like_the_deployments(
     assert spec["serviceAccountName"] == "export-pipeline"
     [run] = spec["containers"]
     # The code server's Python runs the run: `python -m dagster api execute_run <the run>`.
-    assert run["args"][:5] == ["/usr/local/bin/python", "-m", "dagster", "api", "execute_run"]
+    assert run["args"][1:5] == ["-m", "dagster", "api", "execute_run"]
     assert {"name": "DAGSTER_HOME", "value": LAUNCHER_CONFIG["dagster_home"]} in run["env"]
     labels = launched.pod["metadata"]["labels"]
     assert labels["app.kubernetes.io/name"] == "export-pipeline"

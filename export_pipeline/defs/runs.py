@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, DefaultRunLauncher, RunsFilter
+from dagster._check import CheckError
 
 from export_pipeline.defs.run_config import run_devices
 from export_pipeline.record.keys import DEVICES, TELEMETRY_DAILY, TELEMETRY_EXPORT, DeviceDay
@@ -94,9 +95,24 @@ def run_slots(instance: DagsterInstance) -> int | None:
     queue = instance.get_concurrency_config().run_queue_config
     if queue is not None and queue.max_concurrent_runs > 0:
         slots.append(queue.max_concurrent_runs)
-    if isinstance(instance.run_launcher, DefaultRunLauncher):
+    if launches_here(instance):
         slots.append(len(os.sched_getaffinity(0)))
     return min(slots, default=None)
+
+
+def launches_here(instance: DagsterInstance) -> bool:
+    """Whether the instance's run launcher is Dagster's default (runs as processes of the code
+    server's host), read from its configuration: building another launcher to ask may connect
+    to its cluster, which the code server may have no credential for (on Kubernetes, the code
+    server's pod mounts no API token, and dagster-k8s's launcher loads one when built)."""
+    try:
+        data = instance.get_ref().run_launcher_data
+    except CheckError:  # an instance made in code (tests): its launcher is already built
+        return isinstance(instance.run_launcher, DefaultRunLauncher)
+    return data is None or (
+        data.class_name == DefaultRunLauncher.__name__
+        and data.module_name.split(".")[0] == "dagster"
+    )
 
 
 def range_devices(start: str, end: str, registered: Sequence[str]) -> set[str]:
