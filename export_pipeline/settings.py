@@ -16,7 +16,7 @@ import contextlib
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -61,6 +61,50 @@ class SettingsError(ValueError):
     """One or more settings are invalid; the message names each variable and what it expects."""
 
 
+# The seed's fields and tags: what is exported unless EXPORT_FIELDS and EXPORT_TAGS say otherwise.
+SEED_FIELDS = ("voltage", "current", "power", "temperature")
+SEED_TAGS = ("device_type", "location")
+# InfluxDB's field types (`SHOW FIELD KEYS`), the names EXPORT_FIELD_TYPES declares them by.
+FIELD_TYPES = ("float", "integer", "unsigned", "boolean", "string")
+# Names no field or tag may take: the columns the export makes itself, InfluxDB's `time`, and the
+# datasets' partition keys (`device_id=…/date=…` in every path: a reader of the hive layout would
+# see two columns of that name).
+RESERVED_NAMES = frozenset(
+    {"time", "timestamp", "device_id", "date", "hour", "day_of_week", "is_weekend", "power_factor"}
+)
+
+
+def listed(text: str) -> tuple[str, ...] | None:
+    """A comma-separated setting's names (trimmed, empty ones dropped); None for `*` (every one)."""
+    if text.strip() == "*":
+        return None
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def name_problems(*, fields: Sequence[str], tags: Sequence[str]) -> list[str]:
+    """Why these fields and tags cannot each become a column of their own name: a name the
+    export's own columns take, a control character, or two names that only case tells apart
+    (Athena, Trino, DuckDB and Hive read column names in any case). Quotes, spaces, dots and
+    other characters are kept as they are: InfluxQL quotes them, Parquet and CSV hold them."""
+    problems = []
+    seen: dict[str, str] = {}
+    for kind, names in (("field", fields), ("tag", tags)):
+        for name in names:
+            shown = name if len(name) <= 80 else name[:80] + "…"
+            if name.lower() in RESERVED_NAMES:
+                problems.append(
+                    f"{kind} {shown!r} would be a column the export makes itself "
+                    f"({', '.join(sorted(RESERVED_NAMES))}): leave it out of EXPORT_FIELDS and "
+                    "EXPORT_TAGS"
+                )
+            elif any(ord(character) < 32 or character == "\x7f" for character in name):
+                problems.append(f"{kind} {shown!r} has a control character")
+            elif name.lower() in seen:
+                problems.append(f"{kind} {shown!r} and {seen[name.lower()]} would be one column")
+            seen.setdefault(name.lower(), f"{kind} {shown!r}")
+    return problems
+
+
 @dataclass(frozen=True)
 class InfluxSettings:
     url: str = "http://localhost:8086"
@@ -71,6 +115,11 @@ class InfluxSettings:
     token: str = field(default="", repr=False)
     password: str = field(default="", repr=False)
     timeout_seconds: float = 30.0
+    # What is exported: comma-separated names, or `*` for every one InfluxDB lists; and the
+    # fields read as another type than InfluxDB's (`name:float`), where shards disagree.
+    fields: str = ",".join(SEED_FIELDS)
+    tags: str = ",".join(SEED_TAGS)
+    field_types: str = ""
 
 
 @dataclass(frozen=True)
@@ -310,7 +359,46 @@ class _Parser:
             token=self.text("INFLUXDB_TOKEN"),
             password=self.secret("INFLUXDB_PASSWORD"),
             timeout_seconds=self.number("INFLUXDB_TIMEOUT_SECONDS", InfluxSettings.timeout_seconds),
+            **self.columns(),
         )
+
+    def columns(self) -> dict[str, str]:
+        """EXPORT_FIELDS, EXPORT_TAGS and EXPORT_FIELD_TYPES, each checked, as InfluxSettings
+        holds them (names joined by commas, or `*`)."""
+        self.note("EXPORT_FIELDS", InfluxSettings.fields, "field names separated by commas, or `*`")
+        self.note("EXPORT_TAGS", InfluxSettings.tags, "tag names separated by commas, or `*`")
+        self.note("EXPORT_FIELD_TYPES", "", "`name:type` pairs separated by commas")
+        chosen = {}
+        for name, default in (
+            ("EXPORT_FIELDS", InfluxSettings.fields),
+            ("EXPORT_TAGS", InfluxSettings.tags),
+        ):
+            raw = self.env.get(name, "").strip()
+            names = listed(raw or default)
+            if names == ():
+                self.problems.append(f"{name}={raw!r} names nothing: list names, or `*`")
+            chosen[name] = names
+        fields, tags = chosen["EXPORT_FIELDS"], chosen["EXPORT_TAGS"]
+        for problem in name_problems(fields=fields or (), tags=tags or ()):
+            self.problems.append(f"EXPORT_FIELDS/EXPORT_TAGS: {problem}")
+        types = {}
+        for pair in listed(self.env.get("EXPORT_FIELD_TYPES", "")) or ():
+            name, _, kind = pair.rpartition(":")
+            name, kind = name.strip(), kind.strip().lower()
+            if kind not in FIELD_TYPES:
+                self.problems.append(
+                    f"EXPORT_FIELD_TYPES: {pair!r} is not `field:type` with a type of "
+                    f"{', '.join(FIELD_TYPES)}"
+                )
+            elif fields is not None and name not in fields:
+                self.problems.append(f"EXPORT_FIELD_TYPES: {name!r} is not in EXPORT_FIELDS")
+            else:
+                types[name] = kind
+        return {
+            "fields": "*" if fields is None else ",".join(fields or ()),
+            "tags": "*" if tags is None else ",".join(tags or ()),
+            "field_types": ",".join(f"{name}:{kind}" for name, kind in sorted(types.items())),
+        }
 
     def settings(self) -> Settings:
         influx = self.influx()
@@ -497,6 +585,11 @@ DESCRIPTIONS: dict[str, str] = {
     "INFLUXDB_PASSWORD": "the password of INFLUXDB_USERNAME",
     "INFLUXDB_ORG": "the 2.x organisation (informational: the v1 API does not use it)",
     "INFLUXDB_TIMEOUT_SECONDS": "the timeout of each request to InfluxDB",
+    "EXPORT_FIELDS": "the fields exported, each a column typed as InfluxDB types it; `*`: every "
+    "field of the measurement (docs/datasets.md#schema)",
+    "EXPORT_TAGS": "the tags exported, each a string column; `*`: every tag but `device_id`",
+    "EXPORT_FIELD_TYPES": "the type to read a field as where InfluxDB's shards disagree: "
+    "`rpm:float` reads its integers and floats as floats",
     "S3_BUCKET": "the bucket both datasets are written to",
     "S3_PREFIX": "the key prefix of the slices (`telemetry_export`); `/`: the bucket's root",
     "S3_DAILY_PREFIX": "the key prefix of the day files (`telemetry_daily`)",

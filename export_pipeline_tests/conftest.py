@@ -66,9 +66,9 @@ TEST_IDENTITY = S3Identity(
 
 def docs_example(name: str, language: str = "python") -> str:
     """The ```language block right after `<!-- example: {name} -->`, in whichever page of docs/
-    holds that marker (exactly one does, once)."""
+    (or the README) holds that marker (exactly one does, once)."""
     marker = f"<!-- example: {name} -->\n"
-    pages = [path.read_text() for path in sorted(DOCS.glob("*.md"))]
+    pages = [path.read_text() for path in [REPO / "README.md", *sorted(DOCS.glob("*.md"))]]
     found = [page for page in pages if marker in page]
     assert len(found) == 1 and found[0].count(marker) == 1, f"{marker.strip()} is not once in docs/"
     after = found[0].split(marker, 1)[1]

@@ -20,7 +20,7 @@ import export_pipeline.engine.slice_files
 from export_pipeline.engine.files import ExportFile
 from export_pipeline.engine.grid import DayRange
 from export_pipeline.engine.influx import InfluxSource
-from export_pipeline.engine.schema import SCHEMA
+from export_pipeline.engine.schema import SCHEMA, Columns
 from export_pipeline.engine.slice_files import write_slices
 from export_pipeline.settings import Settings
 from export_pipeline_tests import audit
@@ -236,6 +236,10 @@ class LosesTheLastRow:
     def __init__(self, source: InfluxSource) -> None:
         self.source = source
 
+    @property
+    def columns(self) -> Columns:
+        return self.source.columns
+
     def read(
         self, device_id: str, *, start_ns: int, end_ns: int, batch_rows: int = 50_000
     ) -> Iterator[pa.RecordBatch]:
@@ -268,8 +272,8 @@ def test_the_audit_catches_a_transform_that_does_not_clip_the_power_factor(
 ) -> None:
     real = export_pipeline.engine.slice_files.to_export
 
-    def unclipped(batch: pa.RecordBatch, device_id: str) -> pa.RecordBatch:
-        rows = real(batch, device_id)
+    def unclipped(batch: pa.RecordBatch, device_id: str, columns: Columns) -> pa.RecordBatch:
+        rows = real(batch, device_id, columns)
         apparent = pc.multiply(batch.column("voltage"), batch.column("current"))
         ratio = pc.divide(batch.column("power"), apparent)
         clipped = rows.column("power_factor")

@@ -1,6 +1,8 @@
 """The reader against a real InfluxDB 1.6 server."""
 
+from collections.abc import Iterator, Sequence
 from datetime import date, timedelta
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -171,11 +173,11 @@ def test_shared_reads_query_once_per_group_and_fall_back_per_device_on_failure(
     stack: Stack,
 ) -> None:
     devices = [f"G{n}" for n in range(4)]
-    stack.write([point(T0, device_id, {"power": 1.0}) for device_id in devices[:3]])
-    # G3's voltage is a string: reading it fails, naming the value.
-    stack.influx.write(stack.database, [f'telemetry,device_id=G3 voltage="bad" {T0 + NS}'])
+    stack.write([point(T0, device_id, {"power": 1.0}) for device_id in devices])
     span = (T0, T0 + 60 * NS)
-    shared = SharedReads(source_for(stack), [(devices[:2], *span), (devices[2:], *span)])
+    shared = SharedReads(
+        RefusesG3(stack.settings().influx), [(devices[:2], *span), (devices[2:], *span)]
+    )
 
     def rows(device_id: str) -> int:
         return sum(b.num_rows for b in shared.read(device_id, start_ns=span[0], end_ns=span[1]))
@@ -183,8 +185,17 @@ def test_shared_reads_query_once_per_group_and_fall_back_per_device_on_failure(
     assert rows("G0") == 1 and rows("G1") == 1 and shared.shared_queries == 1
     assert rows("G0") == 1 and shared.shared_queries == 1  # read again (a retry): on its own
     assert rows("G2") == 1 and shared.fallbacks == 1  # G3 spoiled its group: each reads alone
-    with pytest.raises(InfluxError, match="bad"):
+    with pytest.raises(InfluxError, match="G3 cannot be read"):
         rows("G3")
+
+
+class RefusesG3(InfluxSource):
+    """A source whose every read of device G3 fails (one bad device in a shared group)."""
+
+    def _stream(self, device_ids: Sequence[str], **kwargs: Any) -> Iterator[pa.RecordBatch]:
+        if "G3" in device_ids:
+            raise InfluxError("G3 cannot be read")
+        return super()._stream(device_ids, **kwargs)
 
 
 def test_shared_read_groups_share_a_range_and_stay_within_their_bounds() -> None:

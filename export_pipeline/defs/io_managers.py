@@ -57,12 +57,15 @@ class DayFilesIOManager(ConfigurableIOManager):
                 lambda key: key in store.list_keys(key.rsplit("/", 1)[0] + "/"), candidates
             )
             keys = [key for key, present in zip(candidates, list(found), strict=True) if present]
-        dataset = ds.dataset(
+        # Files written before a field appeared lack its column: the dataset's schema is the
+        # union of the files' (their footers read), a missing column reading as nulls.
+        factory = ds.FileSystemDatasetFactory(
+            self.s3.filesystem(),
             [f"{self.s3.bucket}/{key}" for key in keys],
-            schema=SCHEMA,
-            format="parquet",
-            filesystem=self.s3.filesystem(),
+            ds.ParquetFileFormat(),
         )
+        # Permissive: a field declared another type later (EXPORT_FIELD_TYPES) still unifies.
+        dataset = factory.finish(factory.inspect(promote_options="permissive") if keys else SCHEMA)
         if context.dagster_type.typing_type is ds.Dataset:
             return dataset
         return dataset.to_table()

@@ -147,6 +147,9 @@ class InfluxDBResource(ConfigurableResource):
     token: str
     password: str
     timeout_seconds: float
+    fields: str
+    tags: str
+    field_types: str
 
     @classmethod
     def from_settings(cls, influx: InfluxSettings) -> InfluxDBResource:

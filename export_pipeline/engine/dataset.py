@@ -43,12 +43,17 @@ class ExportReport:
     last_timestamp: datetime | None = None
     read_seconds: float = 0.0
     write_seconds: float = 0.0
-    field_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FIELD_COLUMNS, 0))
+    fields: tuple[str, ...] = FIELD_COLUMNS  # the exported fields (`Columns.field_names`)
+    field_counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in self.fields:
+            self.field_counts.setdefault(name, 0)
 
     def add(self, rows: pa.RecordBatch) -> None:
         """Count a batch of exported rows in."""
         self.rows += rows.num_rows
-        for name in FIELD_COLUMNS:
+        for name in self.fields:
             column = rows.column(name)
             self.field_counts[name] += len(column) - column.null_count
         if rows.num_rows:

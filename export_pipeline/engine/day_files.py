@@ -38,7 +38,7 @@ from export_pipeline.engine.reconciliation import (
     parquet_field_counts,
     parquet_footer,
 )
-from export_pipeline.engine.schema import FIELD_COLUMNS, SCHEMA, to_export
+from export_pipeline.engine.schema import to_export
 from export_pipeline.engine.store import ObjectStore
 
 
@@ -66,7 +66,8 @@ def stage_day(
 ) -> StagedDay:
     """Read the device-day from InfluxDB into a Parquet file in `directory`, by time."""
     validate_device_id(device_id)
-    report = ExportReport(device_id, day, folder_uri)
+    columns = source.columns
+    report = ExportReport(device_id, day, folder_uri, fields=columns.field_names)
     handle, name = tempfile.mkstemp(dir=directory, suffix=".parquet")
     os.close(handle)
     path = Path(name)
@@ -76,7 +77,11 @@ def stage_day(
     )
     started = time.perf_counter()
     day_file = ExportFile(
-        path, "parquet", rows_per_group=DAY_FILE_ROWS_PER_GROUP, parquet=DAY_FILE_PARQUET
+        path,
+        "parquet",
+        columns=columns,
+        rows_per_group=DAY_FILE_ROWS_PER_GROUP,
+        parquet=DAY_FILE_PARQUET,
     )
     last = start_ns
     try:
@@ -89,7 +94,7 @@ def stage_day(
             ):
                 raise ValueError("InfluxDB returned points out of time order")
             last = times[-1].as_py() if len(times) else last
-            rows = to_export(raw, device_id)
+            rows = to_export(raw, device_id, columns)
             day_file.write(rows)
             report.add(rows)
         report.bytes_written = day_file.close()
@@ -130,19 +135,23 @@ def reconcile_day_file(
     against the day file's, taken from its Parquet statistics; `footer` None: there is no file."""
     start_ns, end_ns = day_bounds_ns(day)
     counts = source.field_counts(start_ns=start_ns, end_ns=end_ns, device_id=device_id)
+    columns = source.columns
     result = Reconciliation(
         device_id,
         day,
         SECONDS_PER_DAY,
-        field_counts=counts.get(device_id, dict.fromkeys(FIELD_COLUMNS, 0)),
-        exported_field_counts=dict.fromkeys(FIELD_COLUMNS, 0),
+        field_counts=counts.get(device_id, dict.fromkeys(columns.field_names, 0)),
+        exported_field_counts=dict.fromkeys(columns.field_names, 0),
     )
     if footer is None:
         return result
     result.files, result.exported_rows = 1, footer.num_rows
-    file_counts = parquet_field_counts(footer)
+    file_counts = parquet_field_counts(footer, columns.field_names)
     result.exported_field_counts = file_counts or {}
-    if file_counts is None or not footer.schema.to_arrow_schema().remove_metadata().equals(SCHEMA):
+    # A file of other columns (written before a field appeared, or EXPORT_FIELDS changed) is
+    # written again with today's.
+    schema = footer.schema.to_arrow_schema().remove_metadata()
+    if file_counts is None or not schema.equals(columns.schema):
         result.schema_mismatches.append(key)
     return result
 

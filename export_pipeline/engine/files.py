@@ -13,17 +13,16 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from export_pipeline.engine.schema import DICTIONARY_COLUMNS, SCHEMA
+from export_pipeline.engine.schema import SEED_COLUMNS, Columns
 
 # CSV timestamps read as ISO-8601 with microseconds and a Z: 2026-02-07T12:00:00.000000Z
 # (Arrow's %S carries the fraction for microsecond timestamps).
 CSV_TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-CSV_SCHEMA = SCHEMA.set(0, pa.field("timestamp", pa.string(), nullable=False))
 
-# A slice holds one interval (tens to thousands of rows): dictionaries pay off for the tags only.
+# A slice holds one interval (tens to thousands of rows): dictionaries pay off for the device and
+# its tags only (`Columns.dictionary_columns`).
 SLICE_PARQUET: dict[str, Any] = {
     "compression": "zstd",
-    "use_dictionary": list(DICTIONARY_COLUMNS),
     "write_statistics": True,
 }
 # A day file holds a whole device-day, read by analytics for years: encodings chosen by measuring
@@ -35,7 +34,7 @@ SLICE_PARQUET: dict[str, Any] = {
 DAY_FILE_PARQUET: dict[str, Any] = {
     "compression": "zstd",
     "compression_level": 9,
-    "use_dictionary": [name for name in SCHEMA.names if name != "timestamp"],
+    "use_dictionary": True,  # every column but the timestamp (`parquet_options`)
     "column_encoding": {"timestamp": "DELTA_BINARY_PACKED"},
     "write_statistics": True,
     "write_page_index": True,
@@ -45,6 +44,26 @@ DAY_FILE_PARQUET: dict[str, Any] = {
 # about 2 MB that readers can skip by their timestamp statistics; it bounds the writer's memory
 # (a 5 M-row day: see P4).
 DAY_FILE_ROWS_PER_GROUP = 256 * 1024
+
+
+_CSV_TIMESTAMP = pa.field("timestamp", pa.string(), nullable=False)
+
+
+def csv_schema(schema: pa.Schema) -> pa.Schema:
+    """A CSV file's columns: the rows' own, the timestamp as ISO-8601 text."""
+    return schema.set(0, _CSV_TIMESTAMP)
+
+
+def parquet_options(parquet: Mapping[str, Any], columns: Columns) -> dict[str, Any]:
+    """`parquet` for these columns: `use_dictionary` True is every column whose encoding is not
+    set; unset, the device and its tags."""
+    options = dict(parquet)
+    if options.get("use_dictionary") is True:
+        encoded = options.get("column_encoding", {})
+        options["use_dictionary"] = [n for n in columns.schema.names if n not in encoded]
+    else:
+        options.setdefault("use_dictionary", columns.dictionary_columns)
+    return options
 
 
 class ExportFile:
@@ -57,10 +76,12 @@ class ExportFile:
         fmt: str,
         *,
         rows_per_group: int,
+        columns: Columns = SEED_COLUMNS,
         parquet: Mapping[str, Any] = SLICE_PARQUET,
     ) -> None:
         self.path = path
         self.fmt = fmt
+        self.schema = columns.schema
         self.batch_rows = rows_per_group
         self.rows = 0
         self._pending: list[pa.RecordBatch] = []
@@ -69,10 +90,10 @@ class ExportFile:
         sink: Any = self._memory if path is None else path
         self._writer: pq.ParquetWriter | pacsv.CSVWriter
         if fmt == "parquet":
-            self._writer = pq.ParquetWriter(sink, SCHEMA, **parquet)
+            self._writer = pq.ParquetWriter(sink, self.schema, **parquet_options(parquet, columns))
         elif fmt == "csv":
             options = pacsv.WriteOptions(quoting_style="needed")
-            self._writer = pacsv.CSVWriter(sink, CSV_SCHEMA, write_options=options)
+            self._writer = pacsv.CSVWriter(sink, csv_schema(self.schema), write_options=options)
         else:
             raise ValueError(f"EXPORT_FORMAT={fmt!r} is not one of parquet, csv")
 
@@ -88,7 +109,7 @@ class ExportFile:
         (the rest stays pending), so every row group but the last is full."""
         if not self._pending:
             return
-        table = pa.Table.from_batches(self._pending, schema=SCHEMA)
+        table = pa.Table.from_batches(self._pending, schema=self.schema)
         keep = table.num_rows % self.batch_rows if whole_groups else 0
         table, rest = table.slice(0, table.num_rows - keep), table.slice(table.num_rows - keep)
         self._pending, self._pending_rows = rest.to_batches(), rest.num_rows
@@ -96,7 +117,7 @@ class ExportFile:
             self._writer.write_table(table, row_group_size=self.batch_rows)
         else:
             text = pc.strftime(table.column("timestamp"), format=CSV_TIMESTAMP_FORMAT)
-            self._writer.write_table(table.set_column(0, CSV_SCHEMA.field(0), text))
+            self._writer.write_table(table.set_column(0, _CSV_TIMESTAMP, text))
 
     def abandon(self) -> None:
         """Close the file after a failure; it is never uploaded."""

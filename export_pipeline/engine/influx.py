@@ -19,12 +19,16 @@ import pyarrow.csv as pacsv
 import requests
 import requests.adapters
 
-from export_pipeline.engine.schema import FIELD_COLUMNS, SOURCE_SCHEMA, TAG_COLUMNS, constant
-from export_pipeline.settings import InfluxSettings
+from export_pipeline.engine.schema import (
+    SEED_COLUMNS,
+    Columns,
+    ColumnsError,
+    constant,
+    plan_columns,
+)
+from export_pipeline.settings import InfluxSettings, listed
 
 _RESPONSE_CHUNK = 1 << 20
-# A shared read's answer (`read_many`) also carries each row's device.
-_SHARED_SCHEMA = SOURCE_SCHEMA.insert(1, pa.field("device_id", pa.string()))
 
 
 class InfluxError(RuntimeError):
@@ -47,39 +51,75 @@ def quote_identifier(name: str) -> str:
     return f'"{escaped}"'
 
 
-def device_query(*, measurement: str, device_id: str, start_ns: int, end_ns: int) -> str:
+def alias(position: int) -> str:
+    """The name a query gives the answer's column at `position` (after time): InfluxDB's CSV
+    header names a column as selected, unquoted, so a field named `a,b` or `"x"` would break it;
+    the reader renames the columns back."""
+    return f"c{position}"
+
+
+def read_schema(columns: Columns, *, shared: bool) -> pa.Schema:
+    """The answer of a read: time, then (shared) the device, the tags and the fields."""
+    schema = columns.source_schema
+    return schema.insert(1, pa.field("device_id", pa.string())) if shared else schema
+
+
+def device_query(
+    *, measurement: str, device_id: str, start_ns: int, end_ns: int, columns: Columns = SEED_COLUMNS
+) -> str:
     """One device's points in `[start_ns, end_ns)`, tags and fields as columns, oldest first."""
     return devices_query(
-        measurement=measurement, device_ids=[device_id], start_ns=start_ns, end_ns=end_ns
+        measurement=measurement,
+        device_ids=[device_id],
+        start_ns=start_ns,
+        end_ns=end_ns,
+        columns=columns,
     )
 
 
 def devices_query(
-    *, measurement: str, device_ids: Sequence[str], start_ns: int, end_ns: int
+    *,
+    measurement: str,
+    device_ids: Sequence[str],
+    start_ns: int,
+    end_ns: int,
+    columns: Columns = SEED_COLUMNS,
 ) -> str:
     """These devices' points in `[start_ns, end_ns)`, as `device_query`; `device_id` is a column
-    of the answer, so no `GROUP BY` (and no CSV `tags` column) is needed to tell them apart."""
+    of the answer, so no `GROUP BY` (and no CSV `tags` column) is needed to tell them apart.
+    Each column is named by its position (`alias`); a field of a declared widening is cast."""
     if not device_ids:
         raise ValueError("no device to query")
-    tags = TAG_COLUMNS if len(device_ids) == 1 else ("device_id", *TAG_COLUMNS)
-    columns = [f"{quote_identifier(tag)}::tag" for tag in tags]
-    columns += [f"{quote_identifier(name)}::field" for name in FIELD_COLUMNS]
+    tags = columns.tags if len(device_ids) == 1 else ("device_id", *columns.tags)
+    selected = [f"{quote_identifier(tag)}::tag" for tag in tags]
+    selected += [
+        f"{quote_identifier(name)}::{kind if name in columns.casts else 'field'}"
+        for name, kind in columns.fields
+    ]
+    aliased = [f"{column} AS {alias(i)}" for i, column in enumerate(selected)]
     return (
-        f"SELECT {', '.join(columns)} FROM {quote_identifier(measurement)} "
+        f"SELECT {', '.join(aliased)} FROM {quote_identifier(measurement)} "
         f"WHERE {_device_match(device_ids)}time >= {int(start_ns)} AND time < {int(end_ns)}"
     )
 
 
 def counts_query(
-    measurement: str, *, start_ns: int, end_ns: int, device_ids: Sequence[str] = ()
+    measurement: str,
+    *,
+    start_ns: int,
+    end_ns: int,
+    device_ids: Sequence[str] = (),
+    fields: Sequence[str] = SEED_COLUMNS.field_names,
+    condition: str = "",
 ) -> str:
     """Every device's (or these devices') non-null count of each exported field in
-    `[start_ns, end_ns)`."""
-    columns = [f"count({quote_identifier(n)}) AS {quote_identifier(n)}" for n in FIELD_COLUMNS]
+    `[start_ns, end_ns)` (and `condition`, which starts with AND), each named by its position
+    (`alias`)."""
+    columns = [f"count({quote_identifier(n)}) AS {alias(i)}" for i, n in enumerate(fields)]
     return (
         f"SELECT {', '.join(columns)} FROM {quote_identifier(measurement)} "
-        f"WHERE {_device_match(device_ids)}time >= {int(start_ns)} AND time < {int(end_ns)} "
-        'GROUP BY "device_id"'
+        f"WHERE {_device_match(device_ids)}time >= {int(start_ns)} AND time < {int(end_ns)}"
+        f'{condition} GROUP BY "device_id"'
     )
 
 
@@ -89,6 +129,20 @@ def _device_match(device_ids: Sequence[str]) -> str:
         return ""
     match = " OR ".join(f'"device_id"::tag = {quote_string(d)}' for d in device_ids)
     return f"({match}) AND " if len(device_ids) > 1 else f"{match} AND "
+
+
+def columns_of(influx: InfluxSettings, answer: Callable[[str], list[list[Any]]]) -> Columns:
+    """The columns to export (`schema.plan_columns`), with what InfluxDB lists: its field keys
+    with their types, and its tag keys where EXPORT_TAGS is `*`. `answer(query)` gives the rows
+    of a SHOW query's one series."""
+    measurement = quote_identifier(influx.measurement)
+    field_keys = [(str(n), str(k)) for n, k in answer(f"SHOW FIELD KEYS FROM {measurement}")]
+    tag_keys = (
+        [str(row[0]) for row in answer(f"SHOW TAG KEYS FROM {measurement}")]
+        if listed(influx.tags) is None
+        else []
+    )
+    return plan_columns(influx, field_keys=field_keys, tag_keys=tag_keys)
 
 
 class _ChunkStream(io.RawIOBase):
@@ -114,7 +168,11 @@ class _ChunkStream(io.RawIOBase):
 
 
 class Source(Protocol):
-    """What an export reads from: one device's points in `[start_ns, end_ns)`, by time."""
+    """What an export reads from: one device's points in `[start_ns, end_ns)`, by time, as
+    `columns.source_schema` batches."""
+
+    @property
+    def columns(self) -> Columns: ...
 
     def read(
         self, device_id: str, *, start_ns: int, end_ns: int, batch_rows: int = ...
@@ -135,10 +193,13 @@ class CountingSource(Source, Protocol):
 
 
 class InfluxSource:
-    """Reads one device's telemetry for a time range as SOURCE_SCHEMA record batches."""
+    """Reads one device's telemetry for a time range as record batches of its `columns`."""
 
     def __init__(self, settings: InfluxSettings, connections: int = 10) -> None:
         self.settings = settings
+        self._columns: Columns | None = None
+        self._refused: str | None = None
+        self._columns_lock = threading.Lock()
         self.session = requests.Session()
         # One pooled connection per concurrent reader, so parallel exports do not reconnect.
         adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=connections)
@@ -229,6 +290,28 @@ class InfluxSource:
                 f"INFLUXDB_BUCKET={self.settings.bucket!r} at INFLUXDB_URL={self.settings.url}"
             )
 
+    @property
+    def columns(self) -> Columns:
+        """What this source reads and exports, asked of InfluxDB once (the first read of a run):
+        a field that appears later is in the next run's columns."""
+        with self._columns_lock:
+            if self._columns is None:
+                if self._refused is not None:  # every device of the run fails alike, asked once
+                    raise InfluxError(self._refused)
+                try:
+                    self._columns = columns_of(self.settings, self._show)
+                except ColumnsError as error:
+                    self._refused = str(error)
+                    raise InfluxError(self._refused) from error
+            return self._columns
+
+    def _show(self, query: str) -> list[list[Any]]:
+        answer = self._get({"q": query}, "application/json").json()
+        result = (answer.get("results") or [{}])[0]
+        if result.get("error"):
+            raise InfluxError(f"InfluxDB could not answer {query}: {result['error']}")
+        return [row for series in result.get("series", []) for row in series["values"]]
+
     def device_ids(self, since_ns: int) -> list[str]:
         """Every device_id tag value, limited to points since `since_ns` where the server can
         (InfluxDB 1.x ignores the time bound in SHOW TAG VALUES and lists every series)."""
@@ -256,39 +339,54 @@ class InfluxSource:
         aggregate query for the whole fleet (or one device), a fingerprint that grows with every
         late point. It scans every point of the range, so it may be given longer than other
         queries."""
-        query = counts_query(
-            self.settings.measurement,
-            start_ns=start_ns,
-            end_ns=end_ns,
-            device_ids=() if device_id is None else [device_id],
-        )
-        return self._counts(query, timeout_seconds)
+        devices = () if device_id is None else [device_id]
+        return self._counts(devices, start_ns=start_ns, end_ns=end_ns, timeout=timeout_seconds)
 
     def field_counts_of(
         self, device_ids: Sequence[str], *, start_ns: int, end_ns: int
     ) -> dict[str, dict[str, int]]:
         """`field_counts` of these devices, with one query; a device without points in the
         range is not in the answer."""
-        query = counts_query(
-            self.settings.measurement, start_ns=start_ns, end_ns=end_ns, device_ids=device_ids
-        )
-        counts = self._counts(query, None)
+        counts = self._counts(device_ids, start_ns=start_ns, end_ns=end_ns, timeout=None)
         if not counts.keys() <= set(device_ids):
             raise InfluxError("InfluxDB counted points of devices that were not asked for")
         return counts
 
-    def _counts(self, query: str, timeout_seconds: float | None) -> dict[str, dict[str, int]]:
-        answer = self._get({"q": query}, "application/json", timeout=timeout_seconds).json()
-        result = (answer.get("results") or [{}])[0]
-        if result.get("error"):
-            raise InfluxError(f"InfluxDB could not count the fields: {result['error']}")
+    def _counts(
+        self, device_ids: Sequence[str], *, start_ns: int, end_ns: int, timeout: float | None
+    ) -> dict[str, dict[str, int]]:
+        """One count of every field, and one more per string field counting its non-empty
+        values: InfluxDB's CSV writes an empty string as it writes a missing value, so the
+        export holds "" as null, and only those are what it can be reconciled with."""
+        columns = self.columns
+        names = columns.field_names
+        strings = [name for name, kind in columns.fields if kind == "string"]
+        queries = [(names, "")] + [
+            ((name,), f" AND {quote_identifier(name)} != ''") for name in strings
+        ]
         counts: dict[str, dict[str, int]] = {}
-        for series in result.get("series", []):
-            device_id = str(series.get("tags", {}).get("device_id", ""))
-            if not device_id:
-                continue
-            row = dict(zip(series["columns"], series["values"][0], strict=True))
-            counts[device_id] = {name: int(row.get(name) or 0) for name in FIELD_COLUMNS}
+        for fields, condition in queries:
+            query = counts_query(
+                self.settings.measurement,
+                start_ns=start_ns,
+                end_ns=end_ns,
+                device_ids=device_ids,
+                fields=fields,
+                condition=condition,
+            )
+            answer = self._get({"q": query}, "application/json", timeout=timeout).json()
+            result = (answer.get("results") or [{}])[0]
+            if result.get("error"):
+                raise InfluxError(f"InfluxDB could not count the fields: {result['error']}")
+            for series in result.get("series", []):
+                device_id = str(series.get("tags", {}).get("device_id", ""))
+                if not device_id:
+                    continue
+                row = dict(zip(series["columns"], series["values"][0], strict=True))
+                mine = counts.setdefault(device_id, dict.fromkeys(names, 0))
+                for i, name in enumerate(fields):
+                    if condition or name not in strings:
+                        mine[name] = int(row.get(alias(i)) or 0)
         return counts
 
     def read(
@@ -308,11 +406,11 @@ class InfluxSource:
         if len(device_ids) < 2:
             raise ValueError("a shared read is for two devices or more")
         batches = list(self._stream(device_ids, start_ns=start_ns, end_ns=end_ns))
-        table = pa.Table.from_batches(batches, _SHARED_SCHEMA)
+        table = pa.Table.from_batches(batches, read_schema(self.columns, shared=True))
         found = {}
         for device_id in device_ids:
             mine = table.filter(pc.equal(table["device_id"], constant(device_id, pa.string())))
-            found[device_id] = mine.select(SOURCE_SCHEMA.names)
+            found[device_id] = mine.drop_columns(["device_id"])
         if sum(part.num_rows for part in found.values()) != table.num_rows:
             raise InfluxError("InfluxDB answered with points of devices that were not asked for")
         return found
@@ -320,11 +418,13 @@ class InfluxSource:
     def _stream(
         self, device_ids: Sequence[str], *, start_ns: int, end_ns: int, batch_rows: int = 50_000
     ) -> Iterator[pa.RecordBatch]:
+        columns = self.columns
         query = devices_query(
             measurement=self.settings.measurement,
             device_ids=device_ids,
             start_ns=start_ns,
             end_ns=end_ns,
+            columns=columns,
         )
         params = {"q": query, "epoch": "ns", "chunked": "true", "chunk_size": "10000"}
         response = self._get(params, "application/csv", stream=True)
@@ -336,8 +436,9 @@ class InfluxSource:
             # Buffered, so the CSV reader gets whole blocks rather than network-sized pieces
             # (which made batches of a few hundred rows and multiplied per-batch costs).
             stream = io.BufferedReader(_ChunkStream(_chain(first, chunks)), _RESPONSE_CHUNK)
-            schema = SOURCE_SCHEMA if len(device_ids) == 1 else _SHARED_SCHEMA
-            yield from _parse_csv(stream, batch_rows, schema)
+            schema = read_schema(columns, shared=len(device_ids) > 1)
+            strings = any(kind == "string" for _, kind in columns.fields)
+            yield from _parse_csv(stream, batch_rows, schema, newlines=strings)
         except requests.RequestException as error:
             raise InfluxUnavailable(
                 f"InfluxDB at INFLUXDB_URL={self.settings.url} broke off the answer: "
@@ -446,6 +547,10 @@ class SharedReads:
                 index[(device_id, start_ns, end_ns)] = shared
         return index
 
+    @property
+    def columns(self) -> Columns:
+        return self.source.columns
+
     def field_counts(
         self,
         *,
@@ -467,7 +572,7 @@ class SharedReads:
     ) -> dict[str, dict[str, int]]:
         counts = self.source.field_counts_of(device_ids, start_ns=start_ns, end_ns=end_ns)
         # A device without points is in no series of the answer: it counted none.
-        return {d: counts.get(d, dict.fromkeys(FIELD_COLUMNS, 0)) for d in device_ids}
+        return {d: counts.get(d, dict.fromkeys(self.columns.field_names, 0)) for d in device_ids}
 
     def read(
         self, device_id: str, *, start_ns: int, end_ns: int, batch_rows: int = 50_000
@@ -512,11 +617,16 @@ def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def _parse_csv(
-    stream: io.BufferedIOBase, batch_rows: int, schema: pa.Schema = SOURCE_SCHEMA
+    stream: io.BufferedIOBase,
+    batch_rows: int,
+    schema: pa.Schema = SEED_COLUMNS.source_schema,
+    *,
+    newlines: bool = False,
 ) -> Iterator[pa.RecordBatch]:
-    """Parse InfluxDB's CSV answer; a value that is not a number in a numeric field (a field
-    written as a string in some shard) fails the read, naming the value, rather than being
-    exported as a null."""
+    """Parse InfluxDB's CSV answer, whose columns after `time` are named by position (`alias`),
+    into `schema`; a value that is not of its field's type (a field written as a string in some
+    shard) fails the read, naming the value, rather than being exported as a null."""
+    named = [schema.field(0)] + [f.with_name(alias(i)) for i, f in enumerate(list(schema)[1:])]
     # About 70 bytes a row in InfluxDB's CSV; the block size is what bounds rows per batch.
     block_size = min(max(batch_rows * 80, 1 << 16), 1 << 26)
     try:
@@ -525,15 +635,21 @@ def _parse_csv(
             read_options=pacsv.ReadOptions(
                 block_size=block_size, encoding="utf8", use_threads=False
             ),
+            # A string field's value may hold a newline (quoted; a tag's never does): only then
+            # is the slower parse needed.
+            parse_options=pacsv.ParseOptions(newlines_in_values=newlines),
             convert_options=pacsv.ConvertOptions(
-                column_types={field.name: field.type for field in schema},
-                include_columns=schema.names,
+                column_types={field.name: field.type for field in named},
+                include_columns=[field.name for field in named],
                 include_missing_columns=True,
                 strings_can_be_null=True,
+                true_values=["true"],
+                false_values=["false"],
             ),
         )
         for batch in reader:
             if batch.num_rows:
-                yield batch.select(schema.names)
+                columns = batch.select([field.name for field in named]).columns
+                yield pa.RecordBatch.from_arrays(columns, schema=schema)
     except pa.ArrowInvalid as error:
         raise InfluxError(f"InfluxDB's CSV answer could not be parsed: {error}") from error

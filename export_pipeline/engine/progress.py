@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 
 from export_pipeline.engine.grid import DayRange
-from export_pipeline.engine.schema import FIELD_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -23,10 +22,13 @@ class DayTotals:
 
     rows: int = 0
     files: int = 0
-    counts: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(FIELD_COLUMNS, 0))
+    counts: Mapping[str, int] = field(default_factory=dict)
 
     def __add__(self, other: DayTotals) -> DayTotals:
-        counts = {name: self.counts[name] + other.counts[name] for name in FIELD_COLUMNS}
+        """Both days' values per field; a field one of them did not export (it appeared in
+        InfluxDB later) counts none there."""
+        names = [*self.counts, *(name for name in other.counts if name not in self.counts)]
+        counts = {name: self.counts.get(name, 0) + other.counts.get(name, 0) for name in names}
         return DayTotals(self.rows + other.rows, self.files + other.files, counts)
 
 

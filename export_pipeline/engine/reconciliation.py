@@ -10,14 +10,15 @@ one aggregate query per day for the whole fleet, instead of reading every device
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from export_pipeline.engine.schema import FIELD_COLUMNS
 from export_pipeline.engine.store import ObjectStore
+from export_pipeline.settings import SEED_FIELDS
 
 FOOTER_PROBE = 64 * 1024
 
@@ -33,14 +34,15 @@ class Reconciliation:
     exported_rows: int = 0
     files: int = 0
     schema_mismatches: list[str] = field(default_factory=list)
-    field_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FIELD_COLUMNS, 0))
+    field_counts: dict[str, int] = field(default_factory=dict)
     exported_field_counts: dict[str, int] | None = None
     expected_files: int | None = None  # the objects the day's exports wrote, where counted
     unknown: bool = False  # what the day's exports wrote is not known: not reconcilable
 
     @property
     def passed(self) -> bool:
-        counts = self.exported_field_counts in (None, self.field_counts)
+        exported = self.exported_field_counts
+        counts = exported is None or same_counts(exported, self.field_counts)
         files = self.expected_files in (None, self.files)
         return counts and files and not self.schema_mismatches and not self.unknown
 
@@ -52,17 +54,31 @@ class Reconciliation:
             return "the day was exported in overlapping pieces, so what they hold is not known"
         parts = []
         exported = self.exported_field_counts
-        if exported is not None and exported != self.field_counts:
+        if exported is not None and not same_counts(exported, self.field_counts):
             parts += [
-                f"InfluxDB has {self.field_counts[name]} {name} values, S3 {exported[name]}"
-                for name in FIELD_COLUMNS
-                if exported[name] != self.field_counts[name]
+                f"InfluxDB has {self.field_counts.get(name, 0)} {name} values, "
+                f"S3 {exported.get(name, 0)}"
+                for name in names_of(exported, self.field_counts)
+                if exported.get(name, 0) != self.field_counts.get(name, 0)
             ]
         if self.expected_files is not None and self.expected_files != self.files:
             parts.append(f"S3 holds {self.files} files, the exports wrote {self.expected_files}")
         if self.schema_mismatches:
             parts.append(f"{len(self.schema_mismatches)} files with another schema")
         return "; ".join(parts)
+
+
+def names_of(*counts: Mapping[str, int]) -> list[str]:
+    """The fields of these counts in the columns' order: the seed's first, then by name."""
+    names = {name for each in counts for name in each}
+    seed = [name for name in SEED_FIELDS if name in names]
+    return seed + sorted(names - set(seed))
+
+
+def same_counts(one: Mapping[str, int], other: Mapping[str, int]) -> bool:
+    """The same values per field, a field missing from one counting none there (exported before
+    it appeared in InfluxDB, or no longer exported)."""
+    return all(one.get(name, 0) == other.get(name, 0) for name in names_of(one, other))
 
 
 def parquet_footer(store: ObjectStore, key: str) -> pq.FileMetaData:
@@ -73,14 +89,15 @@ def parquet_footer(store: ObjectStore, key: str) -> pq.FileMetaData:
     return pq.read_metadata(pa.BufferReader(tail))
 
 
-def parquet_field_counts(metadata: pq.FileMetaData) -> dict[str, int] | None:
-    """Each exported field's non-null values in a Parquet file, from its statistics (None when
-    a row group has none)."""
+def parquet_field_counts(metadata: pq.FileMetaData, fields: Sequence[str]) -> dict[str, int] | None:
+    """Each of these fields' non-null values in a Parquet file, from its statistics (None when
+    a row group has none); a field the file has no column for counts none."""
     columns = metadata.schema.to_arrow_schema().names
-    counts = dict.fromkeys(FIELD_COLUMNS, 0)
+    counts = dict.fromkeys(fields, 0)
+    present = [name for name in fields if name in columns]
     for group in range(metadata.num_row_groups):
         row_group = metadata.row_group(group)
-        for name in FIELD_COLUMNS:
+        for name in present:
             statistics = row_group.column(columns.index(name)).statistics
             if statistics is None or not statistics.has_null_count:
                 return None
@@ -101,7 +118,7 @@ class LateData:
     def description(self) -> str:
         changes = [
             f"{name} {self.reconciled.get(name, 0)} -> {self.now.get(name, 0)}"
-            for name in FIELD_COLUMNS
+            for name in names_of(self.reconciled, self.now)
             if self.reconciled.get(name, 0) != self.now.get(name, 0)
         ]
         return f"InfluxDB changed after the day was reconciled: {', '.join(changes)}"
@@ -119,10 +136,11 @@ def late_data(
     that only fell are not late data: a retention policy expired or points were deleted, and the
     objects in S3, perhaps the only copy left, are kept.
     """
-    empty = dict.fromkeys(FIELD_COLUMNS, 0)
     changed = []
     for (device_id, day), then in sorted(reconciled.items()):
-        now = counts_by_day.get(day, {}).get(device_id, empty)
-        if any(now.get(name, 0) > then.get(name, 0) for name in FIELD_COLUMNS):
+        now = counts_by_day.get(day, {}).get(device_id, {})
+        # A field exported since the day was reconciled (EXPORT_FIELDS grew, or a field first
+        # written later) counts as new points.
+        if any(now.get(name, 0) > then.get(name, 0) for name in now):
             changed.append(LateData(device_id, day, dict(then), dict(now)))
     return changed

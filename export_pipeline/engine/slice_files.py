@@ -49,7 +49,7 @@ from export_pipeline.engine.layout import (
 )
 from export_pipeline.engine.progress import DayTotals
 from export_pipeline.engine.reconciliation import Reconciliation
-from export_pipeline.engine.schema import FIELD_COLUMNS, to_export
+from export_pipeline.engine.schema import to_export
 from export_pipeline.engine.store import ObjectStore
 from export_pipeline.settings import ExportSettings
 
@@ -97,7 +97,8 @@ def write_slices(
     if piece.start % interval or piece.end % interval or not 0 <= piece.start <= piece.end:
         raise ValueError(f"[{piece.start}, {piece.end}) is not a range of whole slices")
     folder = device_folder(prefix, device_id=device_id, day=day, layout=settings.layout)
-    report = ExportReport(device_id, day, store.uri(folder))
+    columns = source.columns
+    report = ExportReport(device_id, day, store.uri(folder), fields=columns.field_names)
     if piece.start == piece.end:
         return report
     existing = {} if fresh else store.list_keys(folder)
@@ -143,7 +144,7 @@ def write_slices(
         reading = batches if single else prefetched(batches)
         try:
             for raw in timed(reading, report):
-                rows = to_export(raw, device_id)
+                rows = to_export(raw, device_id, columns)
                 for offset, first, count in split_by_slice(raw.column("time"), day, interval):
                     key = slice_key(
                         prefix,
@@ -161,7 +162,12 @@ def write_slices(
                         )
                         current = (
                             key,
-                            ExportFile(path, settings.format, rows_per_group=settings.batch_size),
+                            ExportFile(
+                                path,
+                                settings.format,
+                                columns=columns,
+                                rows_per_group=settings.batch_size,
+                            ),
                         )
                     current[1].write(rows.slice(first, count))
                 report.add(rows)
@@ -262,7 +268,7 @@ class Slices:
             SECONDS_PER_DAY,
             exported_rows=totals.rows if totals else 0,
             files=len(listed),
-            field_counts=counts.get(device_id, dict.fromkeys(FIELD_COLUMNS, 0)),
+            field_counts=counts.get(device_id, dict.fromkeys(self.source.columns.field_names, 0)),
             exported_field_counts=dict(totals.counts) if totals else None,
             expected_files=totals.files if totals else None,
             unknown=totals is None,
