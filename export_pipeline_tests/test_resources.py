@@ -1,7 +1,7 @@
 """One configuration source: every setting reaches the resource that carries it, unchanged."""
 
 from dataclasses import fields
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from botocore import UNSIGNED
@@ -9,9 +9,11 @@ from botocore.exceptions import ProfileNotFound
 from dagster_aws.s3 import S3Resource
 
 from export_pipeline.defs.resources import (
+    ClockResource,
     ExportBucketResource,
     ExportResource,
     InfluxDBResource,
+    LaunchConfigRefused,
     build_resources,
 )
 from export_pipeline.settings import (
@@ -138,3 +140,13 @@ def test_the_bucket_resource_honours_the_s3resource_fields_it_inherits() -> None
     assert plain.meta.endpoint_url.startswith("http://")
     with pytest.raises(ProfileNotFound):
         base.model_copy(update={"profile_name": "no-such-profile"}).client()
+
+
+def test_a_runs_clock_may_be_pinned_to_the_past_never_to_the_future() -> None:
+    # A clock ahead would export slices that have not closed and record them as done.
+    past = datetime.now(UTC) - timedelta(days=3)
+    assert ClockResource(frozen_at=past.isoformat()).now() == past
+    future = datetime.now(UTC) + timedelta(hours=1)
+    with pytest.raises(LaunchConfigRefused, match=r"frozen_at=.* is in the future"):
+        ClockResource(frozen_at=future.isoformat()).now()
+    assert abs(ClockResource().now() - datetime.now(UTC)) < timedelta(seconds=5)

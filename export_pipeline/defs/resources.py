@@ -357,14 +357,28 @@ class ExportResource(ConfigurableResource):
 
 
 class ClockResource(ConfigurableResource):
-    """Now, in UTC; `frozen_at` (ISO-8601) pins it, so tests drive ticks without sleeping."""
+    """Now, in UTC; `frozen_at` (ISO-8601) pins it, so tests drive ticks without sleeping.
+
+    A run's config may set it (the tests' runs do), but never to a time still to come: a run
+    whose clock is ahead would export slices that have not closed, and record the device as
+    exported through them, so points written since would wait for the day's reconciliation."""
 
     frozen_at: str = ""
 
     def now(self) -> datetime:
-        if self.frozen_at:
-            return datetime.fromisoformat(self.frozen_at).astimezone(UTC)
-        return datetime.now(UTC)
+        if not self.frozen_at:
+            return datetime.now(UTC)
+        frozen = datetime.fromisoformat(self.frozen_at).astimezone(UTC)
+        if frozen > datetime.now(UTC) + CLOCK_SLACK:
+            raise LaunchConfigRefused(
+                f"resources.clock.config.frozen_at={self.frozen_at!r} is in the future: a run "
+                "may pin its clock to a past moment only"
+            )
+        return frozen
+
+
+# How far a pinned clock may run ahead of this host's (clocks of two hosts differ a little).
+CLOCK_SLACK = timedelta(minutes=1)
 
 
 def build_resources(settings: Settings) -> dict[str, ConfigurableResource]:
