@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -440,6 +441,7 @@ def test_the_code_server_serves_the_stacks_workspace_on_its_socket(
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=(tmp_path / "code-server.log").open("w"),  # read only if it fails: no pipe to fill
+        start_new_session=True,  # its group holds the server it starts: stopped together
     )
     try:
         health = here(SERVICES["code-server"]["healthcheck"]["test"][1:])
@@ -462,6 +464,17 @@ def test_the_code_server_serves_the_stacks_workspace_on_its_socket(
         assert listed.returncode == 0, listed.stderr
         assert "continuous_export" in listed.stdout
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_group(server)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process's group, SIGKILL to what is left after 30 s: nothing outlives the
+    test, however slowly the code server shuts down."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
