@@ -223,9 +223,12 @@ def main() -> int:
         build_checks(settings) if settings else None,
         functools.partial(fleet_warnings, settings) if settings else None,
     )
-    # uvicorn stops gracefully on SIGTERM: it finishes the requests in flight, then exits.
+    # uvicorn stops gracefully on SIGTERM: it finishes the requests in flight, then returns.
     uvicorn.run(app, host="0.0.0.0", port=port, log_level=level.lower(), access_log=False)
-    return 0
+    # A readiness check still blocked on a dependency that hangs holds a worker thread, which
+    # the interpreter would wait for at exit: nothing is left to finish, so exit now.
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":
