@@ -57,13 +57,12 @@ from export_pipeline.engine.dataset import ExportReport
 from export_pipeline.engine.export import Exported
 from export_pipeline.engine.grid import SECONDS_PER_DAY, DayRange
 from export_pipeline.engine.progress import DayTotals, Progress
-from export_pipeline.engine.schema import FIELD_COLUMNS
 from export_pipeline.record.events import worth_recording
 from export_pipeline.record.keys import (
     DEVICES,
 )
 from export_pipeline.record.ledger import record_progress, retain
-from export_pipeline.settings import Settings
+from export_pipeline.settings import SEED_FIELDS, Settings
 from export_pipeline_tests.services import POSTGRES, drop_database, fresh_database
 
 NS = 1_000_000_000
@@ -755,7 +754,7 @@ class Simulation:
         """Each device's progress, upserted as the runs do (once an hour here: one row a
         device whatever the rate)."""
         through = datetime.fromtimestamp(moment, UTC)
-        totals = DayTotals(3600, 60, dict.fromkeys(FIELD_COLUMNS, 3600))
+        totals = DayTotals(3600, 60, dict.fromkeys(SEED_FIELDS, 3600))
         record_progress(
             self.instance, {d: Progress(through, through.date(), totals) for d in self.fleet}
         )

@@ -113,3 +113,19 @@ def environment(service: Mapping[str, Any], env: Env) -> dict[str, str]:
 def uses(service: Mapping[str, Any], variable: str) -> bool:
     """Whether any value of `service` interpolates `variable`."""
     return any(variable in variables_used(text) for text in compose_strings(service))
+
+
+class RecordingEnv(dict[str, str]):
+    """An environment that remembers every variable read from it."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return super().__getitem__(key)

@@ -34,6 +34,7 @@ from export_pipeline_tests.compose import (
     COMPOSE,
     DOT_ENV,
     ENV_EXAMPLE,
+    RecordingEnv,
     compose_strings,
     environment,
     interpolate,
@@ -51,24 +52,8 @@ ADMIN_SECRETS = {"INFLUXDB_ADMIN_PASSWORD", "INFLUXDB_ADMIN_TOKEN", "POSTGRES_AD
 DAGSTER_YAML_VARIABLES = set(re.findall(r"\{env: ([A-Z_]+)\}", (REPO / "dagster.yaml").read_text()))
 
 
-class Recording(dict[str, str]):
-    """An environment that remembers every variable read from it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.read: set[str] = set()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.read.add(key)
-        return super().get(key, default)
-
-    def __getitem__(self, key: str) -> str:
-        self.read.add(key)
-        return super().__getitem__(key)
-
-
 def read_by(parse: Callable[[Mapping[str, str]], object]) -> set[str]:
-    env = Recording()
+    env = RecordingEnv({})
     with contextlib.suppress(ValueError):  # required settings missing: what was read matters
         parse(env)
     return env.read

@@ -13,7 +13,6 @@ import tomllib
 from importlib.metadata import version
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import pytest
 from dagster import DagsterInstance
@@ -25,6 +24,7 @@ from export_pipeline_tests.compose import (
     COMPOSE,
     DOT_ENV,
     ENV_EXAMPLE,
+    RecordingEnv,
     compose_strings,
     environment,
     interpolate,
@@ -45,22 +45,6 @@ COMPOSE_VARIABLES = set().union(*(variables_used(text) for text in compose_strin
 SEAWEEDFS = COMPOSE["services"]["seaweedfs"]
 # The shell command that writes SeaweedFS's S3 config and starts it, with compose's $$ resolved.
 SEAWEEDFS_START = interpolate(SEAWEEDFS["command"][0], {})
-
-
-class RecordingEnv(dict[str, str]):
-    """An environment that remembers every variable read from it."""
-
-    def __init__(self, values: dict[str, str]) -> None:
-        super().__init__(values)
-        self.read: set[str] = set()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.read.add(key)
-        return super().get(key, default)
-
-    def __getitem__(self, key: str) -> str:
-        self.read.add(key)
-        return super().__getitem__(key)
 
 
 def test_every_setting_the_code_reads_is_in_env_example() -> None:

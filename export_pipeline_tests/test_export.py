@@ -13,7 +13,7 @@ from export_pipeline.defs.resources import ExportBucketResource
 from export_pipeline.engine.dataset import EmptyReadRefused, ExportReport, prefetched
 from export_pipeline.engine.grid import DayRange
 from export_pipeline.engine.influx import InfluxError, InfluxSource
-from export_pipeline.engine.schema import DICTIONARY_COLUMNS, SCHEMA, SOURCE_SCHEMA
+from export_pipeline.engine.schema import SCHEMA, SEED_COLUMNS, SOURCE_SCHEMA
 from export_pipeline.engine.slice_files import write_slices
 from export_pipeline.engine.store import ObjectStore, StoreError
 from export_pipeline.settings import S3Settings
@@ -146,7 +146,7 @@ def test_parquet_files_carry_the_declared_schema_zstd_and_dictionary_strings(
     metadata = pq.ParquetFile(pa.BufferReader(body.read())).metadata.row_group(0)
     columns = {metadata.column(i).path_in_schema: metadata.column(i) for i in range(12)}
     assert columns["voltage"].compression == "ZSTD"
-    for name in DICTIONARY_COLUMNS:
+    for name in SEED_COLUMNS.dictionary_columns:
         assert "RLE_DICTIONARY" in columns[name].encodings
 
 

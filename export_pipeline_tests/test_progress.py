@@ -11,7 +11,6 @@ from export_pipeline.engine.dataset import ExportReport
 from export_pipeline.engine.export import Exported
 from export_pipeline.engine.grid import DayRange
 from export_pipeline.engine.progress import DayTotals, Progress, carried
-from export_pipeline.engine.schema import FIELD_COLUMNS
 from export_pipeline.record.events import worth_recording
 from export_pipeline.record.progress import (
     PROGRESS_FORM,
@@ -19,7 +18,7 @@ from export_pipeline.record.progress import (
     progress_json,
     progress_of_json,
 )
-from export_pipeline.settings import ExportSettings
+from export_pipeline.settings import SEED_FIELDS, ExportSettings
 
 DAY, NEXT = date(2026, 2, 7), date(2026, 2, 8)
 
@@ -89,7 +88,7 @@ def test_progress_stored_in_the_first_form_reads_as_the_same_progress() -> None:
     first_form = json.dumps(
         {"through": through.timestamp(), "day": DAY.isoformat(), "totals": [12, 3, [1, 2, 3, 4]]}
     )
-    counts = dict(zip(FIELD_COLUMNS, [1, 2, 3, 4], strict=True))
+    counts = dict(zip(SEED_FIELDS, [1, 2, 3, 4], strict=True))
     expected = Progress(through, DAY, DayTotals(12, 3, counts))
     assert progress_of_json(first_form, key="progress/d") == expected
     assert json.loads(progress_json(expected))["v"] == PROGRESS_FORM

@@ -17,7 +17,8 @@ import pyarrow as pa
 from export_pipeline.engine.grid import DayRange
 from export_pipeline.engine.progress import DayTotals
 from export_pipeline.engine.reconciliation import Reconciliation
-from export_pipeline.engine.schema import FIELD_COLUMNS, timestamp_of
+from export_pipeline.engine.schema import timestamp_of
+from export_pipeline.settings import SEED_FIELDS
 
 
 class EmptyReadRefused(RuntimeError):
@@ -43,7 +44,7 @@ class ExportReport:
     last_timestamp: datetime | None = None
     read_seconds: float = 0.0
     write_seconds: float = 0.0
-    fields: tuple[str, ...] = FIELD_COLUMNS  # the exported fields (`Columns.field_names`)
+    fields: tuple[str, ...] = SEED_FIELDS  # the exported fields (`Columns.field_names`)
     field_counts: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -32,11 +32,6 @@ from export_pipeline.settings import (
     name_problems,
 )
 
-# The seed's columns, in the seed's order (its four fields are floats).
-FIELD_COLUMNS = SEED_FIELDS
-TAG_COLUMNS = SEED_TAGS
-DICTIONARY_COLUMNS = ("device_id", *SEED_TAGS)
-DERIVED_COLUMNS = ("hour", "day_of_week", "is_weekend", "power_factor")
 POWER_FACTOR_INPUTS = ("power", "voltage", "current")
 
 # InfluxDB's field types, as Arrow reads them.

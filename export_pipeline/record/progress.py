@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from export_pipeline.engine.progress import DayTotals, Progress
-from export_pipeline.engine.schema import FIELD_COLUMNS
+from export_pipeline.settings import SEED_FIELDS
 
 PROGRESS_FORM = 2
 OLDEST_PROGRESS_FORM = 1
@@ -68,7 +68,7 @@ def _from_form_1(state: dict[str, Any]) -> dict[str, Any]:
         else {
             "rows": found[0],
             "files": found[1],
-            "counts": dict(zip(FIELD_COLUMNS, found[2], strict=True)),
+            "counts": dict(zip(SEED_FIELDS, found[2], strict=True)),
         }
     )
     return {**state, "v": 2, "totals": totals}
