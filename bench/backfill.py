@@ -24,7 +24,7 @@ from typing import Any
 from dagster import DagsterInstance, RunsFilter
 
 from bench.load import load
-from bench.run import REPO, Bench, machine
+from bench.run import Bench, record
 from export_pipeline.defs.continuous import export_day_files, export_days
 from export_pipeline.defs.planning import WorkItem
 from export_pipeline.defs.run_config import run_config_for
@@ -138,14 +138,7 @@ def main() -> None:
             result = p8(bench, args.devices, args.days, args.points, args.baseline_runs)
         finally:
             bench.close()
-    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    path = REPO / "bench" / "results.json"
-    report = json.loads(path.read_text()) if path.exists() else {"results": {}}
-    name = f"P8 backfill of telemetry_daily, {args.days} days x {args.devices} devices"
-    report.setdefault("results", {})[name] = result
-    report["machine"] = machine()
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    record(f"P8 backfill of telemetry_daily, {args.days} days x {args.devices} devices", result)
 
 
 if __name__ == "__main__":

@@ -518,6 +518,18 @@ def p7(bench: Bench, results: dict[str, Any], devices: int, points: int) -> None
     }
 
 
+def record(name: str, result: dict[str, Any]) -> None:
+    """Add or replace the row `name` of bench/results.json, stamped with when it ran, and print
+    it: the benchmarks that run alone (P3, P8, P11) record themselves this way."""
+    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    path = REPO / "bench" / "results.json"
+    report = json.loads(path.read_text()) if path.exists() else {"results": {}}
+    report.setdefault("results", {})[name] = result
+    report["machine"] = machine()
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
 def machine(s3: str = "seaweedfs") -> dict[str, Any]:
     memory = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
     return {

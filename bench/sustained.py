@@ -11,7 +11,6 @@ lateness allowance is the default (EXPORT_LATENESS_SECONDS, 30 s).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -26,7 +25,7 @@ from typing import Any
 
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-from bench.run import REPO, Bench, machine
+from bench.run import Bench, record
 from export_pipeline.record.ledger import checkpoints
 
 JOB_NAME = "export_due_slices"
@@ -156,17 +155,11 @@ def main() -> None:
             result = sustained(bench, args.devices, args.minutes, args.interval)
         finally:
             bench.close()
-    path = REPO / "bench" / "results.json"
-    report = json.loads(path.read_text()) if path.exists() else {"results": {}}
     name = f"P3 sustained, {args.devices} devices"
     if "EXPORT_DEVICES_PER_RUN" in os.environ:  # a tuned run is a row of its own
         name += f", EXPORT_DEVICES_PER_RUN={os.environ['EXPORT_DEVICES_PER_RUN']}"
         result["devices_per_run"] = int(os.environ["EXPORT_DEVICES_PER_RUN"])
-    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    report.setdefault("results", {})[name] = result
-    report["machine"] = machine()
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    record(name, result)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,16 @@ from export_pipeline.defs.assets import (
 from export_pipeline.defs.checks import build_freshness_check, build_reconciled_check
 from export_pipeline.defs.continuous import export_day_files, export_due_slices
 from export_pipeline.defs.devices import register_devices
+from export_pipeline.defs.iceberg import iceberg_maintenance
 from export_pipeline.defs.io_managers import with_io_managers
 from export_pipeline.defs.maintenance import retain_ledger, sweep_late_data
 from export_pipeline.defs.partitions import closed_dates, device_days
 from export_pipeline.defs.resources import build_resources
-from export_pipeline.defs.schedules import build_late_data_sweep, build_ledger_retention
+from export_pipeline.defs.schedules import (
+    build_iceberg_maintenance,
+    build_late_data_sweep,
+    build_ledger_retention,
+)
 from export_pipeline.defs.sensors import build_continuous_export
 from export_pipeline.record.keys import DAILY_RECONCILIATION, RECONCILIATION, first_window_day
 from export_pipeline.settings import Settings
@@ -46,9 +51,20 @@ defs = Definitions(
         build_reconciled_check(telemetry_export, RECONCILIATION),
         build_reconciled_check(telemetry_daily, DAILY_RECONCILIATION),
     ],
-    jobs=[register_devices, export_due_slices, export_day_files, sweep_late_data, retain_ledger],
+    jobs=[
+        register_devices,
+        export_due_slices,
+        export_day_files,
+        sweep_late_data,
+        retain_ledger,
+        iceberg_maintenance,
+    ],
     sensors=[build_continuous_export(settings)],
-    schedules=[build_late_data_sweep(settings), build_ledger_retention(settings)],
+    schedules=[
+        build_late_data_sweep(settings),
+        build_ledger_retention(settings),
+        build_iceberg_maintenance(settings),
+    ],
     resources=with_io_managers(build_resources(settings)),
     # Every step runs in the run's own process: a second (step) process would cost ~200 MB and
     # seconds of start-up for no parallelism the export needs (it has its own thread pools).

@@ -142,6 +142,29 @@ class CheckpointSettings:
     password: str = field(default="", repr=False)
 
 
+ICEBERG_SCHEMES = ("postgresql", "postgresql+psycopg2", "sqlite", "http", "https")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+@dataclass(frozen=True)
+class IcebergSettings:
+    """The Iceberg table of closed days (`engine/table.py`)."""
+
+    enabled: bool = True
+    # A SQLAlchemy URL (SQL catalog) or an http(s) REST catalog; "": the SQL catalog in the
+    # PostgreSQL database of CHECKPOINT_DB_*.
+    catalog_uri: str = field(default="", repr=False)
+    catalog_token: str = field(default="", repr=False)  # a REST catalog's bearer token
+    warehouse: str = ""  # a REST catalog's warehouse
+    # A REST catalog that takes requests signed with the S3 credentials (SigV4): its service
+    # name (`s3tables` for S3 Tables and SeaweedFS, `glue` for Glue); "": a token or nothing.
+    catalog_signing_name: str = ""
+    namespace: str = "telemetry"
+    table: str = "daily"
+    snapshot_retention_days: int = 7
+    maintenance_cron: str = "50 4 * * *"
+
+
 # The closed days the sensor, the late-data sweep and the `reconciled` checks look back over, and
 # slice retention considers a day for after it falls out of retention: a week.
 WEEK_DAYS = 7
@@ -193,6 +216,7 @@ class Settings:
     s3: S3Settings
     export: ExportSettings
     checkpoint: CheckpointSettings = CheckpointSettings()
+    iceberg: IcebergSettings = IcebergSettings()
     port: int = 8080
     log_level: str = "INFO"
     ui_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
@@ -447,6 +471,7 @@ class _Parser:
             user=self.text("CHECKPOINT_DB_USER", CheckpointSettings.user),
             password=self.secret("CHECKPOINT_DB_PASSWORD"),
         )
+        iceberg = self.iceberg()
         port = self.integer("PORT", 8080, 1, 65_535)
         log_level = self.choice("LOG_LEVEL", "info", tuple(x.lower() for x in LOG_LEVELS)).upper()
         ui_hosts = self.ui_hosts()
@@ -456,9 +481,57 @@ class _Parser:
             s3=s3,
             export=export,
             checkpoint=checkpoint,
+            iceberg=iceberg,
             port=port,
             log_level=log_level,
             ui_hosts=ui_hosts,
+        )
+
+    def boolean(self, name: str, default: bool) -> bool:
+        self.note(name, "true" if default else "false", "`true` or `false`")
+        raw = self.text(name).lower()
+        if not raw:
+            return default
+        if raw not in ("true", "false"):
+            self.problems.append(f"{name}={raw!r} is not true or false")
+            return default
+        return raw == "true"
+
+    def identifier(self, name: str, default: str) -> str:
+        self.note(name, default, "a name of letters, digits and `_`, not starting with a digit")
+        value = self.text(name, default)
+        if not _IDENTIFIER.fullmatch(value):
+            self.problems.append(
+                f"{name}={value!r} is not a name of letters, digits and _ (at most 63, not "
+                "starting with a digit)"
+            )
+        return value
+
+    def iceberg(self) -> IcebergSettings:
+        enabled = self.boolean("ICEBERG_ENABLED", IcebergSettings.enabled)
+        self.note("ICEBERG_CATALOG_URI", "", f"a URL: {', '.join(ICEBERG_SCHEMES)}")
+        uri = self.secret("ICEBERG_CATALOG_URI").strip()
+        scheme = urlsplit(uri).scheme
+        if uri and (scheme not in ICEBERG_SCHEMES or "://" not in uri):
+            # The URL may hold a password: only its scheme is named.
+            self.problems.append(
+                f"ICEBERG_CATALOG_URI (scheme {scheme or 'none'!r}) is not a SQLAlchemy URL "
+                "of PostgreSQL or SQLite, nor an http(s) REST catalog"
+            )
+        return IcebergSettings(
+            enabled=enabled,
+            catalog_uri=uri,
+            catalog_token=self.secret("ICEBERG_CATALOG_TOKEN"),
+            warehouse=self.text("ICEBERG_WAREHOUSE"),
+            catalog_signing_name=self.text("ICEBERG_CATALOG_SIGNING_NAME"),
+            namespace=self.identifier("ICEBERG_NAMESPACE", IcebergSettings.namespace),
+            table=self.identifier("ICEBERG_TABLE", IcebergSettings.table),
+            snapshot_retention_days=self.integer(
+                "ICEBERG_SNAPSHOT_RETENTION_DAYS", IcebergSettings.snapshot_retention_days, 1, 3_650
+            ),
+            maintenance_cron=self.cron(
+                "ICEBERG_MAINTENANCE_CRON", IcebergSettings.maintenance_cron
+            ),
         )
 
     def ui_hosts(self) -> tuple[str, ...]:
@@ -632,6 +705,19 @@ DESCRIPTIONS: dict[str, str] = {
     "CHECKPOINT_DB_NAME": "its database",
     "CHECKPOINT_DB_USER": "its role (least privilege: docs/security.md)",
     "CHECKPOINT_DB_PASSWORD": "the role's password",
+    "ICEBERG_ENABLED": "every day file is also in an Apache Iceberg table (docs/datasets.md)",
+    "ICEBERG_CATALOG_URI": "the table's catalog: a SQLAlchemy URL (`postgresql+psycopg2://...`) "
+    "or an `http(s)://` REST catalog (S3 Tables, Polaris, Glue); empty: a SQL catalog in the "
+    "CHECKPOINT_DB_* database",
+    "ICEBERG_CATALOG_TOKEN": "the bearer token of a REST catalog",
+    "ICEBERG_WAREHOUSE": "the warehouse a REST catalog asks for (e.g. an S3 Tables bucket ARN)",
+    "ICEBERG_CATALOG_SIGNING_NAME": "a REST catalog that takes requests signed with the S3 "
+    "credentials (SigV4): its service name, `s3tables` (AWS S3 Tables, SeaweedFS) or `glue`",
+    "ICEBERG_NAMESPACE": "the table's namespace",
+    "ICEBERG_TABLE": "the table's name in it",
+    "ICEBERG_SNAPSHOT_RETENTION_DAYS": "snapshots older than this are expired, and files no "
+    "retained snapshot needs are deleted, by `iceberg_maintenance`",
+    "ICEBERG_MAINTENANCE_CRON": "when `iceberg_maintenance` runs (UTC)",
     "PORT": "the port of the health service (`python -m export_pipeline.health`)",
     "LOG_LEVEL": "the level of the package's loggers, in its processes and in the run logs",
     "UI_ALLOWED_HOSTS": "the names the Dagster UI (`python -m export_pipeline.ui`) is reached "
@@ -728,6 +814,8 @@ SECRETS: frozenset[str] = frozenset(
         "INFLUXDB_ADMIN_TOKEN",
         "SIMULATOR_INFLUXDB_PASSWORD",
         "POSTGRES_ADMIN_PASSWORD",
+        "ICEBERG_CATALOG_URI",
+        "ICEBERG_CATALOG_TOKEN",
     }
 )
 

@@ -28,6 +28,7 @@ from export_pipeline.defs.partitions import closed_dates
 from export_pipeline.defs.partitions import device_days as device_days_of
 from export_pipeline.defs.resources import ExportBucketResource
 from export_pipeline.engine.store import ObjectStore
+from export_pipeline.engine.table import TABLE_FOLDER
 from export_pipeline.settings import ExportSettings, Settings
 from export_pipeline_tests.services import (
     POSTGRES,
@@ -132,6 +133,7 @@ class Stack:
     database: str
     bucket: str
     prefix: str = "telemetry"
+    iceberg: bool = False
 
     def env(self, **overrides: str) -> dict[str, str]:
         """The environment a user would set to export from this stack."""
@@ -146,6 +148,16 @@ class Stack:
             # The tests' days are in February 2026 (the clock resource is frozen there), and
             # telemetry_export's window of dates is taken from the real date: every day.
             "EXPORT_PARTITION_DAYS": "0",
+            # The Iceberg catalog is in the tests' PostgreSQL database (`checkpoint_env`), shared:
+            # each stack's table in its own namespace.
+            "CHECKPOINT_DB_HOST": str(POSTGRES["host"]),
+            "CHECKPOINT_DB_PORT": str(POSTGRES["port"]),
+            "CHECKPOINT_DB_NAME": TEST_DATABASE,
+            "CHECKPOINT_DB_USER": str(POSTGRES["user"]),
+            "ICEBERG_NAMESPACE": self.database,
+            # Off but where a test is about the table (`iceberg`): it costs each run that writes
+            # day files about a second, and the other tests are about the files.
+            "ICEBERG_ENABLED": str(self.iceberg).lower(),
             **AWS_ENV,
         }
         values.update(overrides)
@@ -166,11 +178,14 @@ class Stack:
     def write(self, lines: Iterable[str]) -> None:
         self.influx.write(self.database, lines)
 
-    def objects(self) -> dict[str, bytes]:
-        """Every object in the bucket, key to content."""
+    def objects(self, *, table: bool = False) -> dict[str, bytes]:
+        """Every object of the datasets in the bucket, key to content; with `table`, the
+        Iceberg table's own files (`_iceberg/`: metadata, replaced copies) too."""
         found = {}
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
             for item in page.get("Contents", []):
+                if not table and f"/{TABLE_FOLDER}/" in f"/{item['Key']}":
+                    continue
                 body = self.s3.get_object(Bucket=self.bucket, Key=item["Key"])["Body"].read()
                 found[item["Key"]] = body
         return found

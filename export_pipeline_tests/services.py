@@ -213,16 +213,26 @@ class SeaweedServer(LocalServer):
     """SeaweedFS (`weed mini`: master, volume, filer and S3 gateway in one process), its data
     under `root`, S3 on `port`, every other listener on a free loopback port of its own (so
     test sessions, the demo and a benchmark never meet), and no traffic beyond loopback:
-    telemetry, WebDAV, the admin UI and the Iceberg and Lance catalogs are off."""
+    telemetry, WebDAV, the admin UI and the Lance catalog are off, and the Iceberg catalog but
+    where a test asks for it."""
 
     COMPONENTS = ("master", "volume", "filer", "admin")
 
     def __init__(
-        self, root: Path, identities: Iterable[S3Identity], *, many_buckets: bool = False
+        self,
+        root: Path,
+        identities: Iterable[S3Identity],
+        *,
+        many_buckets: bool = False,
+        table_bucket: str = "",
     ) -> None:
+        """`table_bucket`: serve SeaweedFS's Iceberg REST catalog too (`iceberg_url`), with
+        this S3 Tables bucket as its warehouse."""
         super().__init__(root)
         self.identities = list(identities)
         self.many_buckets = many_buckets
+        self.table_bucket = table_bucket
+        self.iceberg_port = free_port() if table_bucket else 0
         self._command: list[str] | None = None  # kept, so a restart has the same ports
 
     def command(self) -> list[str]:
@@ -254,10 +264,15 @@ class SeaweedServer(LocalServer):
             "-master.telemetry=false",
             "-webdav=false",
             "-admin.ui=false",
-            "-s3.port.iceberg=0",
+            f"-s3.port.iceberg={self.iceberg_port}",
+            *([f"-tableBucket={self.table_bucket}"] if self.table_bucket else []),
             "-s3.port.lance=0",
             *sizes,
         ]
+
+    @property
+    def iceberg_url(self) -> str:
+        return f"http://127.0.0.1:{self.iceberg_port}"
 
     def start(self) -> None:
         """Start (or, after `stop` or `kill`, restart on the same data and ports) and wait

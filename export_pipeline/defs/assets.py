@@ -34,6 +34,7 @@ from export_pipeline.defs.resources import (
     ClockResource,
     ExportBucketResource,
     ExportResource,
+    IcebergResource,
     InfluxDBResource,
     slices_of,
 )
@@ -165,11 +166,13 @@ def build_telemetry_daily(
         influxdb: InfluxDBResource,
         s3: ExportBucketResource,
         export: ExportResource,
+        iceberg: IcebergResource,
         clock: ClockResource,
     ) -> Iterator[MaterializeResult]:
         """Writes each device's day file of each closed date, read from InfluxDB in one streamed
-        query and published in one upload under its fixed key, then reconciled. A device-day
-        without rows has no file. The fleet is DEVICE_IDS, or every registered device."""
+        query and published in one upload under its fixed key, then reconciled, and each date
+        committed to the Iceberg table once. A device-day without rows has no file. The fleet
+        is DEVICE_IDS, or every registered device."""
         settings, now = export.settings(), clock.now()
         closed = due_until(now, settings).date()
         days = [date.fromisoformat(key) for key in context.partition_keys]
@@ -185,16 +188,17 @@ def build_telemetry_daily(
                 "no devices to write day files for: set DEVICE_IDS, or let the continuous_export "
                 "sensor register the devices InfluxDB has"
             )
-        write_day_files(
+        tables = write_day_files(
             context.op_execution_context,
             dict.fromkeys(fleet, days),
             influxdb=influxdb,
             s3=s3,
+            iceberg=iceberg,
             settings=settings,
             clock=clock,
             retry="materialize the dates again to retry them",
         )
-        found = date_metadata(context.instance, s3, settings, days)
+        found = date_metadata(context.instance, s3, settings, days, tables)
         add_partition_metadata(
             context, TELEMETRY_DAILY, {date_key(day): metadata for day, metadata in found.items()}
         )

@@ -18,11 +18,14 @@ from dagster import (
     op,
 )
 
+from export_pipeline.defs import iceberg as table_iceberg
 from export_pipeline.defs.driver import run_exports
+from export_pipeline.defs.iceberg import commit_metadata, opened_table
 from export_pipeline.defs.resources import (
     ClockResource,
     ExportBucketResource,
     ExportResource,
+    IcebergResource,
     InfluxDBResource,
     day_files_of,
     slices_of,
@@ -135,14 +138,17 @@ def write_day_files(
     *,
     influxdb: InfluxDBResource,
     s3: ExportBucketResource,
+    iceberg: IcebergResource,
     settings: ExportSettings,
     clock: ClockResource,
     retry: str = "the sensor writes them again when their slices reconcile",
-) -> None:
+) -> dict[date, dict[str, object]]:
     """Writes the day files of these closed device-days, several devices at a time, each day on
     its own: read from InfluxDB, written, published in one upload, reconciled. The
     reconciliation is the ledger's record of the device-day (telemetry_daily's partitions are
-    dates); a device that fails is named in the run's failure, the others are written."""
+    dates); a device that fails is named in the run's failure, the others are written. Each
+    date's files are then committed to the Iceberg table, once (`defs/iceberg.py`): what that
+    gives each date's metadata is returned."""
     wanted = {device_id: sorted(set(found)) for device_id, found in days.items()}
     work = {
         device_id: DeviceWork([[DayRange.whole(day)] for day in found])
@@ -151,22 +157,39 @@ def write_day_files(
     closing = {
         device_id: [DayRange.whole(day) for day in found] for device_id, found in wanted.items()
     }
+    by_date: dict[date, list[str]] = {}
+    for device_id, found in sorted(wanted.items()):
+        for day in found:
+            by_date.setdefault(day, []).append(device_id)
     counts = shared_count_groups(days_closed_by(closing))
     with (
         tempfile.TemporaryDirectory(prefix="telemetry-daily-") as staging,
         day_files_of(
             influxdb, s3, settings, Path(staging), DayFiles, shared_counts=counts
         ) as files,
+        opened_table(iceberg, s3, files.source.columns.schema, settings) as table,
     ):
-        run_exports(
-            context,
-            files,
-            work,
-            settings=settings,
-            clock=clock,
-            record=DAY_FILES_RECORD,
-            retry=retry,
-        )
+        table_iceberg.retire(context, table, by_date, settings)
+        try:
+            run_exports(
+                context,
+                files,
+                work,
+                settings=settings,
+                clock=clock,
+                record=DAY_FILES_RECORD,
+                retry=retry,
+            )
+        except BaseException:
+            # The files that were written go into the table all the same; the run fails with
+            # the export's error (iceberg_maintenance commits what this could not).
+            try:
+                table_iceberg.commit(context, table, by_date, settings)
+            except Exception as error:
+                context.log.error(f"the Iceberg table's commit failed too: {error}")
+            raise
+        reports = table_iceberg.commit(context, table, by_date, settings)
+        return {day: commit_metadata(table, reports.get(day)) for day in by_date}
 
 
 def date_metadata(
@@ -174,9 +197,11 @@ def date_metadata(
     s3: ExportBucketResource,
     settings: ExportSettings,
     dates: Iterable[date],
+    tables: Mapping[date, Mapping[str, object]] | None = None,
 ) -> dict[date, dict[str, Any]]:
     """Each date's metadata as telemetry_daily's partition: its fleet's day files, from the
-    ledger (a date is written by several runs, a batch of devices each)."""
+    ledger (a date is written by several runs, a batch of devices each), and the table's
+    commit of the date (`tables`, from `write_day_files`)."""
     wanted = sorted(set(dates))
     if not wanted:
         return {}  # the usual tick's case: no read, no S3 client
@@ -184,9 +209,12 @@ def date_metadata(
     records = day_file_records(instance, fleet, wanted)
     store = s3.store()
     return {
-        day: day_files_metadata(
-            day, fleet, records, store.uri(day_files_glob(s3.daily_prefix, day=day))
-        )
+        day: {
+            **day_files_metadata(
+                day, fleet, records, store.uri(day_files_glob(s3.daily_prefix, day=day))
+            ),
+            **(tables or {}).get(day, {}),
+        }
         for day in wanted
     }
 
@@ -198,6 +226,7 @@ def export_days(
     influxdb: InfluxDBResource,
     s3: ExportBucketResource,
     export: ExportResource,
+    iceberg: IcebergResource,
     clock: ClockResource,
 ) -> None:
     """Writes the day files of closed device-days (`write_day_files`), then records each of
@@ -208,10 +237,20 @@ def export_days(
     for item in config.work:
         for device_id in item.device_ids():
             days.setdefault(device_id, []).append(date.fromisoformat(item.date))
+    tables: dict[date, dict[str, object]] = {}
     try:
-        write_day_files(context, days, influxdb=influxdb, s3=s3, settings=settings, clock=clock)
+        tables = write_day_files(
+            context,
+            days,
+            influxdb=influxdb,
+            s3=s3,
+            iceberg=iceberg,
+            settings=settings,
+            clock=clock,
+        )
     finally:
-        record_dates(context, s3, settings, {day for found in days.values() for day in found})
+        dates = {day for found in days.values() for day in found}
+        record_dates(context, s3, settings, dates, tables)
 
 
 def date_materializations(
@@ -219,11 +258,12 @@ def date_materializations(
     s3: ExportBucketResource,
     settings: ExportSettings,
     dates: Iterable[date],
+    tables: Mapping[date, Mapping[str, object]] | None = None,
 ) -> list[AssetMaterialization]:
     """Each date as telemetry_daily's materialization, with its fleet's day files."""
     return [
         AssetMaterialization(TELEMETRY_DAILY, partition=date_key(day), metadata=metadata)
-        for day, metadata in date_metadata(instance, s3, settings, dates).items()
+        for day, metadata in date_metadata(instance, s3, settings, dates, tables).items()
     ]
 
 
@@ -245,8 +285,9 @@ def record_dates(
     s3: ExportBucketResource,
     settings: ExportSettings,
     dates: Iterable[date],
+    tables: Mapping[date, Mapping[str, object]] | None = None,
 ) -> None:
-    for event in date_materializations(context.instance, s3, settings, dates):
+    for event in date_materializations(context.instance, s3, settings, dates, tables):
         context.log_event(event)
 
 

@@ -6,6 +6,10 @@ to, as Arrow (a `pyarrow.Table`, or a `pyarrow.dataset.Dataset` that streams fro
 big to hold), with every device's day file of it, or only the device of a downstream partition
 that has one (devices x dates, mapped to its date). A downstream asset only declares
 `telemetry_daily` as an input; it never needs a key.
+
+`day_table` loads the same rows through the Iceberg table's current snapshot instead (an input
+with `input_manager_key="day_table"`): one consistent snapshot of the dates, found from the
+table's manifests rather than the export record.
 """
 
 from collections.abc import Mapping
@@ -16,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 from dagster import ConfigurableIOManager, InputContext, OutputContext, ResourceDependency
 
-from export_pipeline.defs.resources import ExportBucketResource
+from export_pipeline.defs.resources import ExportBucketResource, IcebergResource
 from export_pipeline.engine.layout import day_file_key
 from export_pipeline.engine.schema import SCHEMA
 from export_pipeline.engine.slice_files import UPLOAD_THREADS
+from export_pipeline.engine.table import day_filter, device_filter
 from export_pipeline.record.keys import DEVICES, DeviceDay
 from export_pipeline.record.ledger import day_file_records
 
@@ -71,6 +76,37 @@ class DayFilesIOManager(ConfigurableIOManager):
         return dataset.to_table()
 
 
+class DayTableIOManager(ConfigurableIOManager):
+    """telemetry_daily's dates read through the Iceberg table's current snapshot."""
+
+    s3: ResourceDependency[ExportBucketResource]
+    iceberg: ResourceDependency[IcebergResource]
+
+    def handle_output(self, context: OutputContext, obj: Any) -> None:
+        raise TypeError(f"{context.asset_key.to_user_string()} is read here, never written")
+
+    def load_input(self, context: InputContext) -> "pa.Table | ds.Dataset":
+        import pyarrow.dataset as ds
+        from pyiceberg.expressions import And, Or
+
+        table = self.iceberg.daily_table(self.s3)
+        if table is None:
+            raise ValueError("ICEBERG_ENABLED is false: there is no table to read")
+        try:
+            if table.load(None) is None:
+                raise ValueError(f"the Iceberg table {table.name} does not exist yet")
+            days = sorted(date.fromisoformat(key) for key in context.asset_partition_keys)
+            condition = Or(*map(day_filter, days)) if len(days) > 1 else day_filter(days[0])
+            if devices := _downstream_device(context):
+                condition = And(condition, device_filter(devices[0]))
+            found = table.table.scan(row_filter=condition).to_arrow()
+        finally:
+            table.close()
+        if context.dagster_type.typing_type is ds.Dataset:
+            return ds.dataset(found)
+        return found
+
+
 def _downstream_device(context: InputContext) -> list[str]:
     """The device of the downstream partition, where it is a device-day (a downstream partitioned
     by date reads every device)."""
@@ -80,4 +116,8 @@ def _downstream_device(context: InputContext) -> list[str]:
 
 def with_io_managers(resources: Mapping[str, Any]) -> dict[str, Any]:
     """`resources` and the IO managers made of them."""
-    return {**resources, "day_files": DayFilesIOManager(s3=resources["s3"])}
+    return {
+        **resources,
+        "day_files": DayFilesIOManager(s3=resources["s3"]),
+        "day_table": DayTableIOManager(s3=resources["s3"], iceberg=resources["iceberg"]),
+    }

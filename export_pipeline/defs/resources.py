@@ -42,9 +42,12 @@ from export_pipeline.engine.influx import InfluxSource, SharedReads
 from export_pipeline.engine.retries import with_retries
 from export_pipeline.engine.slice_files import UPLOAD_THREADS, Slices
 from export_pipeline.engine.store import MultipartUploads, ObjectStore
+from export_pipeline.engine.table import DailyTable, is_rest, open_catalog, sql_catalog_uri
 from export_pipeline.settings import (
+    CheckpointSettings,
     ExportFormat,
     ExportSettings,
+    IcebergSettings,
     InfluxSettings,
     Layout,
     S3Settings,
@@ -287,10 +290,9 @@ class ExportBucketResource(S3Resource):
     def multipart_uploads(self) -> MultipartUploads:
         return MultipartUploads(self.client(), self.bucket)
 
-    def filesystem(self) -> pafs.S3FileSystem:
-        """The bucket for pyarrow's own S3 reader, with the credentials boto3 resolves from
-        these fields (profile, keys, or the default chain)."""
-        endpoint = urlsplit(self.endpoint_url or "")
+    def _frozen_credentials(self) -> Any:
+        """The credentials boto3 resolves from these fields (profile, keys, or the default
+        chain), frozen; None for an unsigned session or none found."""
         session = boto3.session.Session(
             profile_name=self.profile_name,
             aws_access_key_id=self.aws_access_key_id,
@@ -298,9 +300,16 @@ class ExportBucketResource(S3Resource):
             aws_session_token=self.aws_session_token,
         )
         credentials = None if self.use_unsigned_session else session.get_credentials()
-        frozen = credentials.get_frozen_credentials() if credentials else None
+        region = self.region_name or session.region_name or "us-east-1"
+        return (credentials.get_frozen_credentials() if credentials else None), region
+
+    def filesystem(self) -> pafs.S3FileSystem:
+        """The bucket for pyarrow's own S3 reader, with the credentials boto3 resolves from
+        these fields (profile, keys, or the default chain)."""
+        endpoint = urlsplit(self.endpoint_url or "")
+        frozen, region = self._frozen_credentials()
         return pafs.S3FileSystem(
-            region=self.region_name or session.region_name or "us-east-1",
+            region=region,
             endpoint_override=endpoint.netloc or None,
             scheme=endpoint.scheme or ("https" if self.use_ssl else "http"),
             access_key=frozen.access_key if frozen else None,
@@ -308,6 +317,24 @@ class ExportBucketResource(S3Resource):
             session_token=frozen.token if frozen else None,
             anonymous=frozen is None,
         )
+
+    def iceberg_io(self) -> dict[str, str]:
+        """pyiceberg's FileIO properties for this bucket: where the table's metadata is written
+        and read, with the same credentials as `filesystem`."""
+        frozen, region = self._frozen_credentials()
+        properties = {"s3.region": region}
+        if self.endpoint_url:
+            properties |= {"s3.endpoint": self.endpoint_url, "s3.force-virtual-addressing": "false"}
+        if frozen:
+            properties |= {
+                "s3.access-key-id": frozen.access_key,
+                "s3.secret-access-key": frozen.secret_key,
+            }
+            if frozen.token:
+                properties["s3.session-token"] = frozen.token
+        else:
+            properties["s3.anonymous"] = "true"
+        return properties
 
 
 class ExportResource(ConfigurableResource):
@@ -356,6 +383,86 @@ class ExportResource(ConfigurableResource):
         return cls(**_fields_of(export, **dates_and_lists))
 
 
+class IcebergResource(ConfigurableResource):
+    """The Iceberg table of closed days (ICEBERG_*) and its catalog: by default a SQL catalog
+    in the PostgreSQL database of CHECKPOINT_DB_* (the `db_*` fields)."""
+
+    enabled: bool
+    catalog_uri: str
+    catalog_token: str
+    warehouse: str
+    catalog_signing_name: str
+    namespace: str
+    table: str
+    snapshot_retention_days: int
+    maintenance_cron: str
+    db_host: str
+    db_port: int
+    db_name: str
+    db_user: str
+    db_password: str
+
+    @classmethod
+    def from_settings(
+        cls, iceberg: IcebergSettings, checkpoint: CheckpointSettings
+    ) -> IcebergResource:
+        return cls(
+            **_fields_of(
+                iceberg,
+                catalog_uri=EnvVar("ICEBERG_CATALOG_URI") if iceberg.catalog_uri else "",
+                catalog_token=EnvVar("ICEBERG_CATALOG_TOKEN") if iceberg.catalog_token else "",
+            ),
+            db_host=checkpoint.host,
+            db_port=checkpoint.port,
+            db_name=checkpoint.name,
+            db_user=checkpoint.user,
+            db_password=EnvVar("CHECKPOINT_DB_PASSWORD") if checkpoint.password else "",
+        )
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        refuse_launch_config(self, "iceberg", context)
+
+    def settings(self) -> IcebergSettings:
+        return _settings_of(self, IcebergSettings, catalog_uri=self.catalog_uri.strip())
+
+    def catalog_url(self) -> str:
+        return self.catalog_uri.strip() or sql_catalog_uri(
+            host=self.db_host,
+            port=self.db_port,
+            name=self.db_name,
+            user=self.db_user,
+            password=self.db_password,
+        )
+
+    def shown_catalog(self) -> str:
+        """The catalog's URL without its password, for messages."""
+        parts = urlsplit(self.catalog_url())
+        host = parts.hostname or ""
+        user = f"{parts.username}@" if parts.username else ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+    def daily_table(self, s3: ExportBucketResource, *, connections: int = 10) -> DailyTable | None:
+        """The table on this bucket, or None when ICEBERG_ENABLED is false."""
+        if not self.enabled:
+            return None
+        url = self.catalog_url()
+        catalog = open_catalog(
+            url,
+            io=s3.iceberg_io(),
+            token=self.catalog_token,
+            warehouse=self.warehouse,
+            signing_name=self.catalog_signing_name,
+        )
+        return DailyTable(
+            catalog,
+            (self.namespace, self.table),
+            s3.store(connections=connections),
+            s3.daily_prefix,
+            placed=not is_rest(url),
+        )
+
+
 class ClockResource(ConfigurableResource):
     """Now, in UTC; `frozen_at` (ISO-8601) pins it, so tests drive ticks without sleeping.
 
@@ -386,6 +493,7 @@ def build_resources(settings: Settings) -> dict[str, ConfigurableResource]:
         "influxdb": InfluxDBResource.from_settings(settings.influx),
         "s3": ExportBucketResource.from_settings(settings.s3),
         "export": ExportResource.from_settings(settings.export),
+        "iceberg": IcebergResource.from_settings(settings.iceberg, settings.checkpoint),
         "clock": ClockResource(),
     }
 

@@ -137,6 +137,14 @@ class ObjectStore:
         # obstore takes the prefix as a folder: keys under "a/b/" are listed for "a/b".
         return {item["path"]: item["size"] for item in listing["objects"]}
 
+    def list_all(self, prefix: str) -> list[Mapping[str, Any]]:
+        """Every object under `prefix`, at any depth: path, size and last_modified."""
+        return [item for chunk in obstore.list(self.store, prefix=prefix) for item in chunk]
+
+    def copy(self, source: str, target: str) -> None:
+        """A copy made inside S3 (CopyObject): no byte passes through this process."""
+        obstore.copy(self.store, source, target)
+
     def read_tail(self, key: str, size: int) -> bytes:
         """The last `size` bytes of an object (all of it if smaller): one ranged GET."""
         answer = obstore.get(self.store, key, options={"range": {"suffix": size}})
