@@ -27,6 +27,7 @@ from bench.load import load
 from bench.run import Bench, record
 from export_pipeline.defs.continuous import export_day_files, export_days
 from export_pipeline.defs.planning import WorkItem
+from export_pipeline.defs.resources import build_resources
 from export_pipeline.defs.run_config import run_config_for
 from export_pipeline.engine.grid import DayRange
 from export_pipeline.record.keys import TELEMETRY_DAILY, DeviceDay, date_key
@@ -55,6 +56,15 @@ def write_one(bench: Bench, device_day: DeviceDay) -> None:
         check=True,
         capture_output=True,
     )
+
+
+def table_of(bench: Bench) -> dict[str, int]:
+    found = build_resources(bench.settings())
+    table = found["iceberg"].daily_table(found["s3"])  # type: ignore[attr-defined]
+    if table is None or table.load(None) is None:
+        return {"data_files": 0, "commits": 0}
+    files = sum(1 for _ in table.table.scan().plan_files())
+    return {"data_files": files, "commits": len(table.table.snapshots())}
 
 
 def p8(bench: Bench, devices: int, days: int, points: int, baseline_runs: int) -> dict[str, Any]:
@@ -102,7 +112,8 @@ def p8(bench: Bench, devices: int, days: int, points: int, baseline_runs: int) -
     timeline = sorted(
         (r.create_timestamp.timestamp(), r.start_time or 0.0, r.end_time or 0.0) for r in runs
     )
-    files = sum(1 for _ in bench.folder_sizes("telemetry_daily/"))
+    files = len(bench.folder_sizes("telemetry_daily/device_id="))
+    table = table_of(bench)
     device_days = len(partitions) * len(fleet)
     rate = device_days / elapsed * 60
     baseline = 60 / per_partition
@@ -114,6 +125,9 @@ def p8(bench: Bench, devices: int, days: int, points: int, baseline_runs: int) -
         "minutes": round(elapsed / 60, 1),
         "device_days_per_min": round(rate),
         "day_files": files,
+        # The Iceberg table (on, as deployed): its data files and its date commits.
+        "table_data_files": table["data_files"],
+        "table_commits": table["commits"],
         "one_run_per_device_day_device_days_per_min": round(baseline, 1),
         "load_minutes": round(loaded / 60, 1),
         "ratio": round(rate / baseline, 1),

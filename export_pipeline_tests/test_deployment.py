@@ -228,3 +228,21 @@ def test_the_instance_keeps_sensor_ticks_a_day_not_forever(instance: DagsterInst
     retention = instance.get_tick_retention_settings(InstigatorType.SENSOR)
     assert retention[TickStatus.SUCCESS] == retention[TickStatus.SKIPPED] == 1
     assert retention[TickStatus.FAILURE] == 30
+
+
+def test_bash_reads_env_example_as_the_dagster_cli_does() -> None:
+    """scripts/run sources .env with bash (`set -a; . ./.env`), Dagster's CLI parses it with
+    python-dotenv: every line must mean the same to both (a cron unquoted is a command to bash)."""
+    from dotenv import dotenv_values
+
+    example = REPO / ".env.example"
+    sourced = subprocess.run(
+        ["bash", "-c", f"set -a; . {example}; set +a; env -0"],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        check=True,
+    )
+    assert sourced.stderr == b""
+    read = dict(item.split("=", 1) for item in sourced.stdout.decode().split("\0") if "=" in item)
+    for name, value in dotenv_values(example).items():
+        assert read.get(name, "") == (value or ""), name

@@ -320,20 +320,24 @@ class ExportBucketResource(S3Resource):
 
     def iceberg_io(self) -> dict[str, str]:
         """pyiceberg's FileIO properties for this bucket: where the table's metadata is written
-        and read, with the same credentials as `filesystem`."""
-        frozen, region = self._frozen_credentials()
-        properties = {"s3.region": region}
+        and read. Keys set on the resource (or a profile) are passed on; otherwise none are, and
+        Arrow's own AWS client takes the default chain (AWS_* variables, web identity, instance
+        credentials), refreshing temporary credentials through a long run."""
+        properties = {"s3.region": self.region_name or "us-east-1"}
         if self.endpoint_url:
             properties |= {"s3.endpoint": self.endpoint_url, "s3.force-virtual-addressing": "false"}
-        if frozen:
-            properties |= {
-                "s3.access-key-id": frozen.access_key,
-                "s3.secret-access-key": frozen.secret_key,
-            }
-            if frozen.token:
-                properties["s3.session-token"] = frozen.token
-        else:
-            properties["s3.anonymous"] = "true"
+        if self.use_unsigned_session:
+            return properties | {"s3.anonymous": "true"}
+        if self.aws_access_key_id or self.profile_name:
+            frozen, region = self._frozen_credentials()
+            properties["s3.region"] = region
+            if frozen:
+                properties |= {
+                    "s3.access-key-id": frozen.access_key,
+                    "s3.secret-access-key": frozen.secret_key,
+                }
+                if frozen.token:
+                    properties["s3.session-token"] = frozen.token
         return properties
 
 
