@@ -147,11 +147,11 @@ def p11(bench: Bench, devices: int, dates: int) -> dict[str, Any]:
     last_commit = time.perf_counter() - started
     expire_beyond_retention(table)
     table.maintain(now=datetime.now(UTC) + timedelta(hours=2), retention=timedelta(days=3650))
-    metadata_files, metadata_bytes = folder_bytes(bench, f"{table.daily_prefix}/_iceberg/")
+    metadata_files, metadata_bytes = folder_bytes(bench, f"{table.root}/")
     current = table.catalog.load_table(table.identifier)
     current_json = [
         size
-        for key, size in table.store.list_keys(f"{table.daily_prefix}/_iceberg/metadata/").items()
+        for key, size in table.store.list_keys(f"{table.root}/metadata/").items()
         if key.endswith(current.metadata_location.rsplit("/", 1)[1])
     ]
 

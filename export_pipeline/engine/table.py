@@ -62,7 +62,7 @@ SWEEP_GRACE = timedelta(hours=1)
 # Old metadata.json files are deleted by each commit past this many (Iceberg's own property).
 PREVIOUS_METADATA_VERSIONS = 10
 T = TypeVar("T")
-FOOTER_THREADS = 8
+FOOTER_THREADS = 16
 COMMIT_ATTEMPTS = 10
 
 
@@ -378,6 +378,7 @@ class DailyTable:
             removed = set(changes.removed)
             old = [data for files in held.values() for file, data in files if file.uri in removed]
             footers.update(self._footers([uri for uri in changes.added if uri not in footers]))
+            sizes = {found[0]: found[1] for found in folder.values() if found is not None}
             properties = {
                 DATE_PROPERTY: day.isoformat(),
                 DEVICE_DAYS_PROPERTY: str(len(folder)),
@@ -386,7 +387,7 @@ class DailyTable:
             with table.transaction() as tx:
                 added = {uri: footers[uri] for uri in changes.added}
                 self._widen(tx, [footer.schema.to_arrow_schema() for footer in added.values()])
-                new_files = self.data_files_of(tx.table_metadata, added)
+                new_files = self.data_files_of(tx.table_metadata, added, sizes)
                 producer = tx.update_snapshot(snapshot_properties=properties)
                 with producer.overwrite() if old else producer.fast_append() as update:
                     for data_file in old:
@@ -409,10 +410,14 @@ class DailyTable:
         return self.data_files_of(table.metadata, self._footers(uris))
 
     def data_files_of(
-        self, metadata: Any, footers: Mapping[str, pq.FileMetaData]
+        self,
+        metadata: Any,
+        footers: Mapping[str, pq.FileMetaData],
+        sizes: Mapping[str, int] | None = None,
     ) -> list[DataFile]:
         """Iceberg's entries for these files, from footers already read (pyiceberg's
-        `add_files` would read each again): statistics, partition values inferred from them."""
+        `add_files` would read each again) and sizes already listed (`sizes`; else one LIST
+        each): statistics, partition values inferred from them."""
         from pyiceberg.io.pyarrow import (
             compute_statistics_plan,
             data_file_statistics_from_parquet_metadata,
@@ -434,7 +439,7 @@ class DailyTable:
                     file_path=uri,
                     file_format=FileFormat.PARQUET,
                     partition=statistics.partition(spec, schema),
-                    file_size_in_bytes=self._size(uri),
+                    file_size_in_bytes=sizes[uri] if sizes and uri in sizes else self._size(uri),
                     sort_order_id=None,
                     spec_id=metadata.default_spec_id,
                     equality_ids=None,
