@@ -337,13 +337,16 @@ class DailyTable:
             if not retiring:
                 return 0
             old = [data for files in held.values() for file, data in files if file.uri in retiring]
-            copies = []
-            for data_file in old:
+
+            def copied(data_file: DataFile) -> tuple[str, int]:
                 key = self.key_of(data_file.file_path)
                 copy = replaced_key(self.root, key, self.daily_prefix)
                 self.store.copy(key, copy)
-                copies.append(self.store.uri(copy))
-            new_files = self._data_files(table, copies)
+                return self.store.uri(copy), data_file.file_size_in_bytes
+
+            with ThreadPoolExecutor(FOOTER_THREADS, thread_name_prefix="retire") as pool:
+                sizes = dict(pool.map(copied, old))  # a copy is the same bytes: the same size
+            new_files = self.data_files_of(table.metadata, self._footers(list(sizes)), sizes)
             properties = {DATE_PROPERTY: day.isoformat(), STEP_PROPERTY: "retire"}
             with (
                 table.transaction() as tx,
@@ -405,9 +408,6 @@ class DailyTable:
         with ThreadPoolExecutor(FOOTER_THREADS, thread_name_prefix="footer") as pool:
             footers = pool.map(lambda uri: parquet_footer(self.store, self.key_of(uri)), uris)
             return dict(zip(uris, footers, strict=True))
-
-    def _data_files(self, table: Table, uris: list[str]) -> list[DataFile]:
-        return self.data_files_of(table.metadata, self._footers(uris))
 
     def data_files_of(
         self,
