@@ -22,6 +22,7 @@ from export_pipeline.defs.resources import (
     IcebergResource,
     build_resources,
 )
+from export_pipeline.engine.reconciliation import parquet_footer
 from export_pipeline.engine.schema import SCHEMA
 from export_pipeline.engine.table import (
     DATE_PROPERTY,
@@ -226,6 +227,40 @@ def test_a_repeated_commit_changes_nothing(stack: Stack, instance: DagsterInstan
     report = table.commit_date(DAY, [device])
     assert report.snapshot_id is None and (report.added, report.removed) == (0, 0)
     assert [s.snapshot_id for s in daily_table(stack).table.snapshots()] == before
+
+
+def test_a_runs_commit_takes_its_files_as_it_found_them_and_looks_up_only_the_others(
+    stack: Stack, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    devices = registered(instance, new_device(), new_device())
+    for device in devices:
+        stack.write(hz(device, MIDNIGHT + timedelta(hours=2), 120))
+    # Written with the table off: the date is in the folder, not yet in the table.
+    assert write_days(stack, instance, devices, DAY, ICEBERG_ENABLED="false").success
+    table = daily_table(stack)
+    table.load(SCHEMA)
+    known, other = (key_of(device, DAY) for device in devices)
+    folder = known.rsplit("/", 1)[0] + "/"
+    seen = {known: (table.store.list_keys(folder)[known], parquet_footer(table.store, known))}
+    listed: list[str] = []
+    list_keys = table.store.list_keys
+
+    def listing(prefix: str) -> dict[str, int]:
+        listed.append(prefix)
+        return list_keys(prefix)
+
+    monkeypatch.setattr(table.store, "list_keys", listing)
+    report = table.commit_date(DAY, devices, seen=seen)
+    assert (report.added, report.removed) == (2, 0)
+    assert listed == [other.rsplit("/", 1)[0] + "/"]  # the file the run did not see
+    assert data_files(table) == {f"s3://{stack.bucket}/{key}": 120 for key in (known, other)}
+    sizes = {
+        task.file.file_path: task.file.file_size_in_bytes
+        for task in table.table.scan().plan_files()
+    }
+    assert sizes == {
+        f"s3://{stack.bucket}/{key}": len(body) for key, body in stack.objects().items()
+    }
 
 
 def test_a_late_day_replaces_its_file_atomically_and_the_previous_snapshot_keeps_the_old_rows(

@@ -184,11 +184,11 @@ def write_day_files(
             # The files that were written go into the table all the same; the run fails with
             # the export's error (iceberg_maintenance commits what this could not).
             try:
-                table_iceberg.commit(context, table, by_date, settings)
+                table_iceberg.commit(context, table, by_date, settings, files.seen)
             except Exception as error:
                 context.log.error(f"the Iceberg table's commit failed too: {error}")
             raise
-        reports = table_iceberg.commit(context, table, by_date, settings)
+        reports = table_iceberg.commit(context, table, by_date, settings, files.seen)
         return {day: commit_metadata(table, reports.get(day)) for day in by_date}
 
 

@@ -31,7 +31,13 @@ from export_pipeline.defs.resources import (
 from export_pipeline.defs.runs import DAILY, busy_devices, is_dead, runs_in_flight
 from export_pipeline.engine.retries import with_retries
 from export_pipeline.engine.store import first_line
-from export_pipeline.engine.table import REPLACED_FOLDER, CommitReport, DailyTable, TableError
+from export_pipeline.engine.table import (
+    REPLACED_FOLDER,
+    CommitReport,
+    DailyTable,
+    Seen,
+    TableError,
+)
 from export_pipeline.record.ledger import day_file_records, registered_devices
 from export_pipeline.settings import ExportSettings
 
@@ -97,17 +103,20 @@ def commit(
     table: DailyTable | None,
     days: Mapping[date, Sequence[str]],
     settings: ExportSettings,
+    seen: Mapping[str, Seen | None] | None = None,
 ) -> dict[date, CommitReport]:
     """One commit a date: the table holds the date's day files of these devices as S3 has
-    them, with the date's reconciliation in the snapshot's summary; retried while S3 or the
-    catalog fail transiently (a repeated commit changes nothing)."""
+    them (as the run's reconciliations found them: `seen`), with the date's reconciliation in
+    the snapshot's summary; retried while S3 or the catalog fail transiently (a repeated
+    commit changes nothing)."""
     if table is None:
         return {}
     reports = {}
     for day, devices in sorted(days.items()):
         summary = reconciliation_of(context.instance, day, devices)
         report = with_retries(
-            partial(table.commit_date, day, devices, reconciliation=summary), settings.retries
+            partial(table.commit_date, day, devices, reconciliation=summary, seen=seen),
+            settings.retries,
         )
         reports[day] = report
         if report.snapshot_id is not None:

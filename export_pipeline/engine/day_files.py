@@ -14,7 +14,7 @@ import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -166,6 +166,9 @@ class DayFiles:
     prefix: str
     batch_rows: int
     staging: Path
+    # What the reconciliations found, by key: the object's size and footer (None: no object).
+    # The Iceberg table's commit of the run's dates takes them from here, not from S3 again.
+    seen: dict[str, tuple[int, pq.FileMetaData] | None] = field(default_factory=dict)
 
     def key(self, device_id: str, day: date) -> str:
         return day_file_key(self.prefix, device_id=device_id, day=day)
@@ -198,9 +201,13 @@ class DayFiles:
         return staged.report
 
     def footer(self, key: str) -> pq.FileMetaData | None:
-        if key not in self.store.list_keys(key.rsplit("/", 1)[0] + "/"):
+        sizes = self.store.list_keys(key.rsplit("/", 1)[0] + "/")
+        if key not in sizes:
+            self.seen[key] = None
             return None
-        return parquet_footer(self.store, key)
+        footer = parquet_footer(self.store, key)
+        self.seen[key] = (sizes[key], footer)
+        return footer
 
     def reconcile(self, device_id: str, day: date, totals: DayTotals | None) -> Reconciliation:
         """From the file itself, whatever its export reported (`totals`)."""

@@ -62,6 +62,8 @@ SWEEP_GRACE = timedelta(hours=1)
 # Old metadata.json files are deleted by each commit past this many (Iceberg's own property).
 PREVIOUS_METADATA_VERSIONS = 10
 T = TypeVar("T")
+# What a run found of a day file it had just published: its size and footer.
+Seen = tuple[int, pq.FileMetaData]
 FOOTER_THREADS = 16
 COMMIT_ATTEMPTS = 10
 
@@ -289,12 +291,18 @@ class DailyTable:
     def folder_uri(self, device_id: str, day: date) -> str:
         return self.store.uri(day_file_key(self.daily_prefix, device_id=device_id, day=day))
 
-    def folder_files(self, day: date, devices: Iterable[str]) -> dict[str, tuple[str, int] | None]:
+    def folder_files(
+        self, day: date, devices: Iterable[str], seen: Mapping[str, Seen | None] | None = None
+    ) -> dict[str, tuple[str, int] | None]:
         """Each device's day file of `day` in the bucket, with its size (None: it has none):
-        one LIST of its folder each, several at a time."""
+        as `seen` has it (by key), else one LIST of its folder each, several at a time."""
+        known = seen or {}
 
         def find(device_id: str) -> tuple[str, int] | None:
             key = day_file_key(self.daily_prefix, device_id=device_id, day=day)
+            if key in known:
+                found = known[key]
+                return None if found is None else (self.store.uri(key), found[0])
             sizes = self.store.list_keys(key.rsplit("/", 1)[0] + "/")
             return (self.store.uri(key), sizes[key]) if key in sizes else None
 
@@ -366,11 +374,18 @@ class DailyTable:
         devices: Iterable[str],
         *,
         reconciliation: str = "",
+        seen: Mapping[str, Seen | None] | None = None,
     ) -> CommitReport:
         """One commit making the table hold these devices' day files of `day` as the folder
-        has them; nothing when it already does."""
-        folder = self.folder_files(day, devices)
+        has them; nothing when it already does. `seen`: what the run that wrote them found of
+        its files just after publishing each (size and footer, or None, by key), which saves
+        a LIST and a footer read a file; the devices it does not name are looked up in S3."""
+        folder = self.folder_files(day, devices, seen)
         footers: dict[str, pq.FileMetaData] = {}
+        for found in folder.values():
+            known = seen.get(self.key_of(found[0])) if seen and found else None
+            if found and known:
+                footers[found[0]] = known[1]
 
         def attempt(table: Table) -> CommitReport:
             report = CommitReport(day)
