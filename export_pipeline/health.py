@@ -3,8 +3,9 @@
 `/health` says the process is alive. `/ready` runs four checks at once, each bounded by a short
 timeout, so it answers within two seconds even when a dependency hangs: the Dagster daemon's
 sensor heartbeat is fresh, PostgreSQL answers a query, S3_BUCKET answers HeadBucket, InfluxDB
-answers a ping. A failing check's reason is logged, never returned, so nothing internal reaches an
-unauthenticated caller. Invalid settings make every check fail (and are logged by name).
+answers a ping; and a fifth where runs go to worker hosts (CELERY_BROKER_URL set): the broker
+accepts a connection. A failing check's reason is logged, never returned, so nothing internal
+reaches an unauthenticated caller. Invalid settings make every check fail (and are logged by name).
 
 `/ready` also lists `warnings` that do not make it fail: a fleet discovery has filled to
 EXPORT_MAX_DEVICES, whose new devices are not exported.
@@ -36,12 +37,14 @@ from starlette.routing import Route
 from export_pipeline.defs.resources import ExportBucketResource
 from export_pipeline.record.keys import DEVICES
 from export_pipeline.settings import Settings, SettingsError, load_env_file
+from export_pipeline.workers import BROKER_VARIABLE, broker_answers
 
 log = logging.getLogger("export_pipeline.health")
 
 CHECK_TIMEOUT_SECONDS = 1.5
 HEARTBEAT_TOLERANCE_SECONDS = 120  # the daemon heartbeats every 30 s
 CHECKS = ("worker_running", "checkpoint_store_connected", "s3_accessible", "influxdb_reachable")
+BROKER_CHECK = "broker_reachable"  # with CELERY_BROKER_URL set: runs on worker hosts
 
 Check = Callable[[], None]  # returns when healthy, raises with the reason otherwise
 
@@ -96,12 +99,16 @@ def build_checks(settings: Settings) -> dict[str, Check]:
         if answer.status_code != 204:
             raise RuntimeError(f"ping answered {answer.status_code}")
 
-    return {
+    checks = {
         "worker_running": sensor_heartbeat_is_fresh,
         "checkpoint_store_connected": checkpoint_store,
         "s3_accessible": s3.check,
         "influxdb_reachable": influxdb,
     }
+    broker = os.environ.get(BROKER_VARIABLE)
+    if broker:  # runs go to worker hosts (docs/workers.md): none starts without the broker
+        checks[BROKER_CHECK] = functools.partial(broker_answers, broker, timeout)
+    return checks
 
 
 def fleet_warnings(settings: Settings) -> list[str]:

@@ -227,6 +227,15 @@ class Settings:
         return _Parser(os.environ if env is None else env).settings()
 
 
+def without_password(url: str) -> str:
+    """A service URL as messages may show it: its password left out, the rest as it is."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    user = f"{parts.username}@" if parts.username else ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+
 def load_env_file() -> None:
     """Read a `.env` in the working directory into the environment; variables already set win.
 

@@ -314,11 +314,13 @@ class TcpProxy:
     client's next request gets through). The server behind keeps running with all it holds.
     """
 
-    def __init__(self, target_url: str) -> None:
+    def __init__(self, target_url: str, listen: str = "127.0.0.1") -> None:
+        """`listen`: the address it listens on (another host's way to a loopback server)."""
         self.target_url = target_url
         self.target = ("127.0.0.1", int(target_url.rsplit(":", 1)[1]))
+        self.listen = listen
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{listen}:{self.port}"
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -326,7 +328,7 @@ class TcpProxy:
         self._listen_on = False  # at the budget's end: drop connections, keep listening
 
     def restore(self) -> None:
-        listener = socket.create_server(("127.0.0.1", self.port))
+        listener = socket.create_server((self.listen, self.port))
         with self._lock:
             self._listener, self._budget = listener, None
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()

@@ -16,8 +16,9 @@ change the interval or layout under exports already made.
 from __future__ import annotations
 
 import os
+import socket
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from datetime import UTC, date, datetime, timedelta
@@ -53,6 +54,7 @@ from export_pipeline.settings import (
     S3Settings,
     Settings,
     device_ids_of,
+    without_password,
 )
 
 if TYPE_CHECKING:
@@ -440,11 +442,7 @@ class IcebergResource(ConfigurableResource):
 
     def shown_catalog(self) -> str:
         """The catalog's URL without its password, for messages."""
-        parts = urlsplit(self.catalog_url())
-        host = parts.hostname or ""
-        user = f"{parts.username}@" if parts.username else ""
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+        return without_password(self.catalog_url())
 
     def daily_table(self, s3: ExportBucketResource, *, connections: int = 10) -> DailyTable | None:
         """The table on this bucket, or None when ICEBERG_ENABLED is false."""
@@ -502,6 +500,16 @@ def build_resources(settings: Settings) -> dict[str, ConfigurableResource]:
     }
 
 
+def answered(check: Callable[[], None], settings: ExportSettings) -> None:
+    """A service's check, with retries; a failure names this host too: where runs execute on
+    worker hosts, which host could not reach the service is half the answer."""
+    try:
+        with_retries(check, settings.retries)
+    except Exception as error:
+        error.add_note(f"(seen from host {socket.gethostname()})")
+        raise
+
+
 @contextmanager
 def slices_of(
     influxdb: InfluxDBResource,
@@ -518,8 +526,8 @@ def slices_of(
     with one query (`SharedReads`)."""
     store = s3.store(connections=devices_at_once * UPLOAD_THREADS)
     with influxdb.source(connections=devices_at_once) as source:
-        with_retries(source.check, settings.retries)
-        with_retries(store.check, settings.retries)
+        answered(source.check, settings)
+        answered(store.check, settings)
         shared = SharedReads(source, shared_reads, counts=shared_counts)
         yield Slices(shared, store, s3.prefix, settings)
 
@@ -538,7 +546,7 @@ def day_files_of(
     `shared_counts` as for `slices_of`."""
     store = s3.store(connections=settings.concurrency * UPLOAD_THREADS)
     with influxdb.source(connections=settings.concurrency) as source:
-        with_retries(source.check, settings.retries)
-        with_retries(store.check, settings.retries)
+        answered(source.check, settings)
+        answered(store.check, settings)
         shared = SharedReads(source, counts=shared_counts)
         yield kind(shared, store, s3.daily_prefix, settings.batch_size, staging)

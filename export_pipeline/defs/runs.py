@@ -10,6 +10,7 @@ run failed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -17,7 +18,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, DefaultRunLauncher, RunsFilter
+from dagster import (
+    DagsterInstance,
+    DagsterRun,
+    DagsterRunStatus,
+    DefaultRunLauncher,
+    Failure,
+    RunsFilter,
+)
 from dagster._check import CheckError
 
 from export_pipeline.defs.run_config import run_devices
@@ -45,6 +53,24 @@ _NEVER = datetime.fromtimestamp(0, UTC)
 
 
 HOST_TAG, PID_TAG = "export/host", "export/pid"  # where a run's process runs, from the run
+CODE_TAG = "export/code"  # the code version of the process that made the run (`code_version`)
+
+
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def code_version(package: Path = PACKAGE) -> str:
+    """A digest of the package's source: two processes agree on it only when they run the same
+    code, whatever its version number says (a worker host left on an older install)."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+# Read once, when the package is imported: the code this process runs, even if its files are
+# replaced afterwards.
+CODE_VERSION = code_version()
 
 
 @dataclass(frozen=True)
@@ -81,9 +107,19 @@ def process_alive(pid: int) -> bool:
     return state != "Z"
 
 
-def mark_process(instance: DagsterInstance, run_id: str) -> None:
-    """Tag the run with its process, so a sensor on the same host sees at once if it dies."""
-    tag_run(instance, run_id, {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())})
+def mark_process(instance: DagsterInstance, run: DagsterRun) -> None:
+    """Tag the run with its process, so a sensor on the same host sees at once if it dies; and
+    refuse it on a host whose code is not the code that made it (a worker host left behind by a
+    deployment), naming the host."""
+    host = socket.gethostname()
+    tag_run(instance, run.run_id, {HOST_TAG: host, PID_TAG: str(os.getpid())})
+    made_by = run.tags.get(CODE_TAG)
+    if made_by is not None and made_by != CODE_VERSION:
+        raise Failure(
+            f"host {host} runs export-pipeline code {CODE_VERSION}, but this run was made by "
+            f"code {made_by}: install the same code on every worker host and restart its "
+            "workers; the run's slices are requested again"
+        )
 
 
 def run_slots(instance: DagsterInstance) -> int | None:
