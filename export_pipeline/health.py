@@ -3,9 +3,10 @@
 `/health` says the process is alive. `/ready` runs four checks at once, each bounded by a short
 timeout, so it answers within two seconds even when a dependency hangs: the Dagster daemon's
 sensor heartbeat is fresh, PostgreSQL answers a query, S3_BUCKET answers HeadBucket, InfluxDB
-answers a ping; and a fifth where runs go to worker hosts (CELERY_BROKER_URL set): the broker
-accepts a connection. A failing check's reason is logged, never returned, so nothing internal
-reaches an unauthenticated caller. Invalid settings make every check fail (and are logged by name).
+answers a ping; and a fifth where DAGSTER_HOME's instance runs them on worker hosts
+(deploy/workers/dagster.yaml): the broker accepts a connection. A failing check's reason is
+logged, never returned, so nothing internal reaches an unauthenticated caller. Invalid settings
+make every check fail (and are logged by name).
 
 `/ready` also lists `warnings` that do not make it fail: a fleet discovery has filled to
 EXPORT_MAX_DEVICES, whose new devices are not exported.
@@ -37,7 +38,7 @@ from starlette.routing import Route
 from export_pipeline.defs.resources import ExportBucketResource
 from export_pipeline.record.keys import DEVICES
 from export_pipeline.settings import Settings, SettingsError, load_env_file
-from export_pipeline.workers import BROKER_VARIABLE, broker_answers
+from export_pipeline.workers import broker_answers, instance_broker
 
 log = logging.getLogger("export_pipeline.health")
 
@@ -71,7 +72,8 @@ def sensor_heartbeat_is_fresh(now: Callable[[], float] = time.time) -> None:
         raise RuntimeError(f"the sensor daemon's last heartbeat is {age:.0f} s old")
 
 
-def build_checks(settings: Settings) -> dict[str, Check]:
+def build_checks(settings: Settings, broker: str | None = None) -> dict[str, Check]:
+    """`broker`: the Celery broker runs are published to, where they run on worker hosts."""
     timeout = CHECK_TIMEOUT_SECONDS
 
     def checkpoint_store() -> None:
@@ -105,7 +107,6 @@ def build_checks(settings: Settings) -> dict[str, Check]:
         "s3_accessible": s3.check,
         "influxdb_reachable": influxdb,
     }
-    broker = os.environ.get(BROKER_VARIABLE)
     if broker:  # runs go to worker hosts (docs/workers.md): none starts without the broker
         checks[BROKER_CHECK] = functools.partial(broker_answers, broker, timeout)
     return checks
@@ -224,10 +225,15 @@ def main() -> int:
     except SettingsError as error:
         log.error("%s", error)
         settings = None
+    try:
+        broker = instance_broker(os.environ.get("DAGSTER_HOME"))
+    except Exception as error:  # the instance's own check names what is wrong
+        log.error("DAGSTER_HOME's dagster.yaml could not be read: %s", error)
+        broker = None
     raw_port = os.environ.get("PORT", "8080")
     port = settings.port if settings else int(raw_port) if raw_port.isdigit() else 8080
     app = build_app(
-        build_checks(settings) if settings else None,
+        build_checks(settings, broker) if settings else None,
         functools.partial(fleet_warnings, settings) if settings else None,
     )
     # uvicorn stops gracefully on SIGTERM: it finishes the requests in flight, then returns.

@@ -808,6 +808,31 @@ READ_ELSEWHERE: dict[str, ReadElsewhere] = {
         "",
         "a virtual environment that has the project already: `.venv` links to it",
     ),
+    "CELERY_BROKER_URL": ReadElsewhere(
+        "Celery, deploy/workers/dagster.yaml, the health service",
+        "",
+        "with worker hosts (docs/workers.md): the broker runs are published to, e.g. "
+        "`redis://:password@redis:6379/0` or `pyamqp://user:password@rabbitmq//`; set, "
+        "`/ready` checks it",
+    ),
+    "CELERY_RESULT_BACKEND": ReadElsewhere(
+        "Celery, deploy/workers/dagster.yaml",
+        "",
+        "with worker hosts: where each run's task state is kept (Redis, `redis://…/1`), which "
+        "Dagster reads to see a run whose worker failed",
+    ),
+    "EXPORT_WORKER_SLOTS": ReadElsewhere(
+        "deploy/workers/dagster.yaml",
+        "required there",
+        "with worker hosts: the runs the workers take at once, all hosts together (the "
+        "hosts times EXPORT_WORKER_CONCURRENCY): the run queue's limit, and how many runs a "
+        "tick is split into",
+    ),
+    "EXPORT_WORKER_CONCURRENCY": ReadElsewhere(
+        "`python -m export_pipeline.workers`",
+        "`2`",
+        "the runs one worker host executes at once (1 to 64), each in a process of its own",
+    ),
 }
 
 # Variables whose values are secrets: kept out of ConfigMaps, logs and the UI (docs/security.md).
@@ -825,6 +850,8 @@ SECRETS: frozenset[str] = frozenset(
         "POSTGRES_ADMIN_PASSWORD",
         "ICEBERG_CATALOG_URI",
         "ICEBERG_CATALOG_TOKEN",
+        "CELERY_BROKER_URL",
+        "CELERY_RESULT_BACKEND",
     }
 )
 

@@ -69,6 +69,20 @@ class CeleryLauncher(CeleryRunLauncher):
         super().launch_run(context)
 
 
+def instance_broker(home: str | None) -> str | None:
+    """The broker runs are published to, where the instance in `home` (DAGSTER_HOME) launches
+    them on worker hosts; None where runs start on this host. Read from its dagster.yaml, with
+    the environment's values, without connecting to anything."""
+    from dagster._core.instance.ref import InstanceRef
+
+    if not home:
+        return None
+    data = InstanceRef.from_dir(home).run_launcher_data
+    if data is None or data.class_name != CeleryLauncher.__name__:
+        return None
+    return data.rehydrate(CeleryLauncher).broker
+
+
 def worker_command(env: dict[str, str], hostname: str) -> list[str]:
     """The Celery worker's command line: dagster-celery's app, its queue, EXPORT_WORKER_CONCURRENCY
     runs at once (default 2), no prefetch, named after the host."""

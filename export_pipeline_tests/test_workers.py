@@ -38,6 +38,7 @@ from export_pipeline.workers import (
     BrokerUnreachable,
     CeleryLauncher,
     broker_answers,
+    instance_broker,
     worker_command,
 )
 from export_pipeline_tests.audit import assert_reconciled
@@ -245,11 +246,19 @@ def test_a_run_is_not_published_while_the_broker_is_down_and_says_it_stays_queue
 
 
 def test_ready_says_when_the_broker_is_missing(
-    stack: Stack, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, redis: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert BROKER_CHECK not in build_checks(stack.settings())  # one host: no broker
-    monkeypatch.setenv("CELERY_BROKER_URL", f"redis://127.0.0.1:{redis.port}/0")
-    checks = {BROKER_CHECK: build_checks(stack.settings())[BROKER_CHECK]}
+    # The broker is the instance's: none with the repo's dagster.yaml, the launcher's with the
+    # workers' (its {env: CELERY_BROKER_URL}).
+    assert instance_broker(str(REPO)) is None
+    shutil.copy(WORKERS_YAML, tmp_path / "dagster.yaml")
+    url = f"redis://127.0.0.1:{redis.port}/0"
+    for name, value in {"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EXPORT_WORKER_SLOTS", "4")
+    assert instance_broker(str(tmp_path)) == url
+    assert BROKER_CHECK not in build_checks(stack.settings())
+    checks = {BROKER_CHECK: build_checks(stack.settings(), url)[BROKER_CHECK]}
     with ThreadPoolExecutor(2) as pool:
         assert run_checks(checks, pool) == {BROKER_CHECK: True}
         redis.stop()
