@@ -18,10 +18,12 @@ ENV DAGSTER_HOME=/opt/dagster/home
 # run costs").
 ENV DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS=true
 RUN mkdir -p "$DAGSTER_HOME" && cp dagster.yaml "$DAGSTER_HOME/dagster.yaml"
+# The instance with worker hosts (docs/workers.md): compose's EXPORT_DAGSTER_HOME names it.
+RUN mkdir -p /opt/dagster/workers && cp deploy/workers/dagster.yaml /opt/dagster/workers/
 # uid and gid 10001: the Kubernetes manifests run every container as 10001:10001.
 # /opt/dagster/grpc: where compose's code server serves its socket (a volume the daemon and the
 # webservers mount; a new volume takes this folder's owner).
 RUN groupadd --system --gid 10001 exporter \
     && useradd --system --uid 10001 --gid 10001 exporter && mkdir -p /opt/dagster/grpc \
-    && chown -R exporter "$DAGSTER_HOME" /opt/dagster/grpc
+    && chown -R exporter "$DAGSTER_HOME" /opt/dagster/workers /opt/dagster/grpc
 USER exporter

@@ -808,6 +808,17 @@ READ_ELSEWHERE: dict[str, ReadElsewhere] = {
         "",
         "a virtual environment that has the project already: `.venv` links to it",
     ),
+    "EXPORT_DAGSTER_HOME": ReadElsewhere(
+        "docker-compose.yml",
+        "`/opt/dagster/home`",
+        "the instance every Dagster process of the stack reads: `/opt/dagster/workers` for "
+        "runs on the workers of `--profile workers` (docs/workers.md)",
+    ),
+    "REDIS_PASSWORD": ReadElsewhere(
+        "docker-compose.yml",
+        "generated",
+        "the password of the workers' Redis (`--profile workers`)",
+    ),
     "CELERY_BROKER_URL": ReadElsewhere(
         "Celery, deploy/workers/dagster.yaml, the health service",
         "",
@@ -852,6 +863,7 @@ SECRETS: frozenset[str] = frozenset(
         "ICEBERG_CATALOG_TOKEN",
         "CELERY_BROKER_URL",
         "CELERY_RESULT_BACKEND",
+        "REDIS_PASSWORD",
     }
 )
 

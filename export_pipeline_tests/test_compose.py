@@ -50,6 +50,14 @@ GENERATED = re.findall(
 )
 ADMIN_SECRETS = {"INFLUXDB_ADMIN_PASSWORD", "INFLUXDB_ADMIN_TOKEN", "POSTGRES_ADMIN_PASSWORD"}
 DAGSTER_YAML_VARIABLES = set(re.findall(r"\{env: ([A-Z_]+)\}", (REPO / "dagster.yaml").read_text()))
+# Every Dagster process reads one of the two instances (EXPORT_DAGSTER_HOME picks): the repo's,
+# or the workers' (docs/workers.md), which reads the broker and the queue's limit besides.
+WORKERS_YAML = REPO / "deploy" / "workers" / "dagster.yaml"
+INSTANCE_VARIABLES = (
+    {"DAGSTER_HOME"}
+    | DAGSTER_YAML_VARIABLES
+    | set(re.findall(r"\{env: ([A-Z_]+)\}", WORKERS_YAML.read_text()))
+)
 
 
 def read_by(parse: Callable[[Mapping[str, str]], object]) -> set[str]:
@@ -65,11 +73,13 @@ def read_by(parse: Callable[[Mapping[str, str]], object]) -> set[str]:
 AWS_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 EVERY_SETTING = read_by(Settings.from_env)
 READS: dict[str, set[str]] = {
-    "code-server": EVERY_SETTING | DAGSTER_YAML_VARIABLES | AWS_KEYS,
-    "health": EVERY_SETTING | DAGSTER_YAML_VARIABLES | AWS_KEYS,
-    "webserver": DAGSTER_YAML_VARIABLES | read_by(parse_ui_hosts),
-    "webserver-operator": DAGSTER_YAML_VARIABLES | read_by(parse_ui_hosts),
-    "daemon": DAGSTER_YAML_VARIABLES,
+    "code-server": EVERY_SETTING | INSTANCE_VARIABLES | AWS_KEYS,
+    "health": EVERY_SETTING | INSTANCE_VARIABLES | AWS_KEYS,
+    "webserver": INSTANCE_VARIABLES | read_by(parse_ui_hosts),
+    "webserver-operator": INSTANCE_VARIABLES | read_by(parse_ui_hosts),
+    "daemon": INSTANCE_VARIABLES,
+    "worker-1": EVERY_SETTING | INSTANCE_VARIABLES | AWS_KEYS | {"EXPORT_WORKER_CONCURRENCY"},
+    "worker-2": EVERY_SETTING | INSTANCE_VARIABLES | AWS_KEYS | {"EXPORT_WORKER_CONCURRENCY"},
     "simulator": read_by(parse_influx),
 }
 
@@ -92,7 +102,7 @@ def test_each_pipeline_service_gets_only_variables_its_process_reads(name: str) 
     assert given - READS[name] == set(), f"{name} is given variables its process never reads"
 
 
-@pytest.mark.parametrize("name", ["code-server", "health"])
+@pytest.mark.parametrize("name", ["code-server", "health", "worker-1", "worker-2"])
 def test_what_the_exporting_services_are_given_is_complete_and_valid(name: str) -> None:
     # Their settings parse from what compose gives them, with the stack's own hosts.
     settings = Settings.from_env(environment(SERVICES[name], DOT_ENV))
@@ -131,13 +141,20 @@ def holders(value: str) -> set[str]:
         ("INFLUXDB_ADMIN_PASSWORD", {"influxdb"}),
         ("POSTGRES_ADMIN_PASSWORD", {"postgres", "postgres-init"}),
         # The pipeline's: the processes that use them, and the step that creates them.
-        ("INFLUXDB_PASSWORD", {"influxdb-init", "code-server", "health"}),
-        ("AWS_SECRET_ACCESS_KEY", {"seaweedfs", "code-server", "health"}),
+        ("INFLUXDB_PASSWORD", {"influxdb-init", "code-server", "health", "worker-1", "worker-2"}),
+        ("AWS_SECRET_ACCESS_KEY", {"seaweedfs", "code-server", "health", "worker-1", "worker-2"}),
         (
             "CHECKPOINT_DB_PASSWORD",
-            {"postgres-init", "code-server", "health", "daemon", "webserver", "webserver-operator"},
+            {"postgres-init", "code-server", "health", "daemon", "webserver", "webserver-operator"}
+            | {"worker-1", "worker-2"},
         ),
         ("SIMULATOR_INFLUXDB_PASSWORD", {"influxdb-demo-init", "simulator"}),
+        # The workers' Redis: the processes whose instance may be the workers' one.
+        (
+            "REDIS_PASSWORD",
+            {"redis", "code-server", "health", "daemon", "webserver", "webserver-operator"}
+            | {"worker-1", "worker-2"},
+        ),
     ],
 )
 def test_each_secret_reaches_only_the_services_that_use_it(secret: str, services: set[str]) -> None:
@@ -221,6 +238,8 @@ def test_each_store_is_reached_only_by_the_services_that_use_it() -> None:
         "webserver",
         "webserver-operator",
         "health",
+        "worker-1",
+        "worker-2",
     }
     assert members["influxdb"] == {
         "influxdb",
@@ -230,8 +249,22 @@ def test_each_store_is_reached_only_by_the_services_that_use_it() -> None:
         "health",
         "simulator",
         "inspect",
+        "worker-1",
+        "worker-2",
     }
-    assert members["s3"] == {"seaweedfs", "code-server", "health", "inspect"}
+    assert members["s3"] == {
+        "seaweedfs",
+        "code-server",
+        "health",
+        "inspect",
+        "worker-1",
+        "worker-2",
+    }
+    # The workers' broker: who publishes runs (the daemon), terminates them (the operators' UI),
+    # checks it (health) and takes them (the workers).
+    assert members["broker"] == {
+        "redis", "daemon", "webserver-operator", "health", "worker-1", "worker-2"
+    }  # fmt: skip
 
 
 # scripts/env, run. ----------------------------------------------------------------------------
@@ -463,3 +496,25 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
+
+
+def test_the_workers_profile_puts_every_dagster_process_on_the_workers_instance() -> None:
+    dagster_processes = ["code-server", "daemon", "webserver", "webserver-operator", "health"]
+    for name in dagster_processes:
+        assert environment(SERVICES[name], DOT_ENV)["DAGSTER_HOME"] == "/opt/dagster/home", name
+    chosen = {**DOT_ENV, "EXPORT_DAGSTER_HOME": "/opt/dagster/workers"}
+    for name in [*dagster_processes, "worker-1", "worker-2"]:
+        assert environment(SERVICES[name], chosen)["DAGSTER_HOME"] == "/opt/dagster/workers", name
+    # The image holds that instance; the workers and their broker exist under `workers` only.
+    assert (
+        "cp deploy/workers/dagster.yaml /opt/dagster/workers/" in (REPO / "Dockerfile").read_text()
+    )
+    profiled = {name for name, s in SERVICES.items() if s.get("profiles") == ["workers"]}
+    assert profiled == {"redis", "worker-1", "worker-2"}
+    worker = environment(SERVICES["worker-1"], DOT_ENV)
+    assert worker["CELERY_BROKER_URL"] == f"redis://:{DOT_ENV['REDIS_PASSWORD']}@redis:6379/0"
+    assert worker["CELERY_RESULT_BACKEND"].endswith("@redis:6379/1")
+    assert {SERVICES[name]["hostname"] for name in ("worker-1", "worker-2")} == {
+        "worker-1",
+        "worker-2",
+    }
