@@ -4,6 +4,11 @@ the simulator writes one point a second per device; export lag sampled every 10 
     .venv/bin/python -m bench.sustained --devices 1000 --minutes 12
     .venv/bin/python -m bench.sustained --devices 5000 --minutes 12
 
+P13, `--worker-hosts 2` (as root): the same with the runs on worker hosts (docs/workers.md), two
+network namespaces of the bench's own with a Celery worker each, one run at a time each, Redis as
+the broker: as many runs at once as the one-host default gives this machine's two cores. The cores
+are shared, so it shows the mechanism's overhead, not more capacity.
+
 Lag is sampled from the third interval on, so 12 minutes at 60 s slices measure 10 ticks; the
 lateness allowance is the default (EXPORT_LATENESS_SECONDS, 30 s).
 """
@@ -13,12 +18,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,7 +44,31 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-def sustained(bench: Bench, devices: int, minutes: float, interval: int) -> dict[str, Any]:
+def start_workers(bench: Bench, env: dict[str, str], count: int, stack: ExitStack) -> None:
+    """`count` worker hosts (network namespaces), a Celery worker on each taking one run at a
+    time, Redis as broker and backend; the daemon's instance becomes the workers' one."""
+    from export_pipeline_tests.hosts import WORKERS_YAML, RedisServer, network, start_workers
+
+    redis = RedisServer(bench.root)
+    redis.start()
+    stack.callback(redis.stop)
+    hosts = stack.enter_context(network(count))
+    shutil.copy(WORKERS_YAML, bench.home / "dagster.yaml")
+    local = f"redis://127.0.0.1:{redis.port}"
+    env.update(
+        CELERY_BROKER_URL=f"{local}/0",
+        CELERY_RESULT_BACKEND=f"{local}/1",
+        EXPORT_WORKER_SLOTS=str(count),
+        EXPORT_WORKER_CONCURRENCY="1",
+    )
+    (bench.root / "logs").mkdir()
+    ports = {"influx": bench.influx.port, "s3": bench.s3_server.port, "redis": redis.port}
+    start_workers(hosts, env, bench.root / "logs", **ports)
+
+
+def sustained(
+    bench: Bench, devices: int, minutes: float, interval: int, worker_hosts: int = 0
+) -> dict[str, Any]:
     fleet = [f"device-{i:03d}" for i in range(1, devices + 1)]
     env = {
         **os.environ,
@@ -47,9 +78,22 @@ def sustained(bench: Bench, devices: int, minutes: float, interval: int) -> dict
             DEVICE_IDS=",".join(fleet),
         ),
     }
-    os.environ.update(env)
-    logs = bench.root / "logs"
-    logs.mkdir()
+    with ExitStack() as stack:
+        if worker_hosts:
+            start_workers(bench, env, worker_hosts, stack)
+        os.environ.update(env)
+        (bench.root / "logs").mkdir(exist_ok=True)
+        result = measured(bench, env, fleet, minutes, interval)
+    if worker_hosts:
+        result["worker_hosts"] = worker_hosts
+        result["target"] = "every run succeeds; lag p99 reported beside P3's on one host"
+    return result
+
+
+def measured(
+    bench: Bench, env: dict[str, str], fleet: list[str], minutes: float, interval: int
+) -> dict[str, Any]:
+    devices, logs = len(fleet), bench.root / "logs"
     simulator = subprocess.Popen(
         [
             sys.executable,
@@ -148,14 +192,17 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--minutes", type=float, default=12)
     parser.add_argument("--interval", type=int, default=60)
+    parser.add_argument("--worker-hosts", type=int, default=0, help="P13: runs on worker hosts")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-") as root:
         bench = Bench(Path(root))
         try:
-            result = sustained(bench, args.devices, args.minutes, args.interval)
+            result = sustained(bench, args.devices, args.minutes, args.interval, args.worker_hosts)
         finally:
             bench.close()
     name = f"P3 sustained, {args.devices} devices"
+    if args.worker_hosts:
+        name = f"P13 sustained on {args.worker_hosts} worker hosts, {args.devices} devices"
     if "EXPORT_DEVICES_PER_RUN" in os.environ:  # a tuned run is a row of its own
         name += f", EXPORT_DEVICES_PER_RUN={os.environ['EXPORT_DEVICES_PER_RUN']}"
         result["devices_per_run"] = int(os.environ["EXPORT_DEVICES_PER_RUN"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,3 +166,35 @@ class RedisServer:
             self.process.kill()
             self.process.wait(timeout=30)
             self.process = None
+
+
+WORKERS_YAML = Path(__file__).resolve().parent.parent / "deploy" / "workers" / "dagster.yaml"
+
+
+def start_workers(
+    hosts: Network, env: Mapping[str, str], root: Path, *, influx: int, s3: int, redis: int
+) -> None:
+    """A worker (`python -m export_pipeline.workers`) on each host, with `env` as this machine
+    sees the services (`influx`, `s3`, `redis`: their loopback ports; PostgreSQL the machine's)
+    turned into that host's view: every address one on its link, and a DAGSTER_HOME of its own
+    holding the workers' instance. Logs in `root`."""
+    from export_pipeline_tests.services import POSTGRES
+
+    postgres = hosts.forward(int(str(POSTGRES["port"]))).split(":")
+    influx_there, s3_there, broker = (hosts.forward(port) for port in (influx, s3, redis))
+    for host in hosts.hosts:
+        home = root / host.name
+        home.mkdir()
+        shutil.copy(WORKERS_YAML, home / "dagster.yaml")
+        there = {
+            **env,
+            "DAGSTER_HOME": str(home),
+            "INFLUXDB_URL": f"http://{influx_there}",
+            "S3_ENDPOINT_URL": f"http://{s3_there}",
+            "CHECKPOINT_DB_HOST": postgres[0],
+            "CHECKPOINT_DB_PORT": postgres[1],
+            "CELERY_BROKER_URL": f"redis://{broker}/0",
+            "CELERY_RESULT_BACKEND": f"redis://{broker}/1",
+        }
+        command = [sys.executable, "-m", "export_pipeline.workers"]
+        host.start(command, there, root / f"{host.name}.log")

@@ -43,7 +43,7 @@ from export_pipeline.workers import (
 )
 from export_pipeline_tests.audit import assert_reconciled
 from export_pipeline_tests.conftest import CLI_CWD, REPO, Stack
-from export_pipeline_tests.hosts import RedisServer, network
+from export_pipeline_tests.hosts import WORKERS_YAML, RedisServer, network, start_workers
 from export_pipeline_tests.services import (
     POSTGRES,
     dagster_command,
@@ -54,7 +54,6 @@ from export_pipeline_tests.services import (
 )
 from export_pipeline_tests.test_sensors import every_10s, new_device
 
-WORKERS_YAML = REPO / "deploy" / "workers" / "dagster.yaml"
 STALE_SECONDS = 15
 
 
@@ -123,27 +122,9 @@ def test_runs_execute_on_two_worker_hosts_and_one_killed_mid_run_is_finished_by_
     daemon = None
     try:
         with network(2) as hosts:
-            # Each host's view of the same services: their addresses on its link.
-            postgres = hosts.forward(int(str(POSTGRES["port"])))
-            influx = hosts.forward(stack.influx.port)
-            s3 = hosts.forward(int(stack.s3_url.rsplit(":", 1)[1]))
-            redis_there = hosts.forward(redis.port)
-            for host in hosts.hosts:
-                host_home = tmp_path / host.name
-                host_home.mkdir()
-                shutil.copy(WORKERS_YAML, host_home / "dagster.yaml")
-                there = {
-                    **here,
-                    "DAGSTER_HOME": str(host_home),
-                    "INFLUXDB_URL": f"http://{influx}",
-                    "S3_ENDPOINT_URL": f"http://{s3}",
-                    "CHECKPOINT_DB_HOST": postgres.split(":")[0],
-                    "CHECKPOINT_DB_PORT": postgres.split(":")[1],
-                    "CELERY_BROKER_URL": f"redis://{redis_there}/0",
-                    "CELERY_RESULT_BACKEND": f"redis://{redis_there}/1",
-                }
-                command = [sys.executable, "-m", "export_pipeline.workers"]
-                host.start(command, {**os.environ, **there}, tmp_path / f"{host.name}.log")
+            s3_port = int(stack.s3_url.rsplit(":", 1)[1])
+            ports = {"influx": stack.influx.port, "s3": s3_port, "redis": redis.port}
+            start_workers(hosts, {**os.environ, **here}, tmp_path, **ports)
             daemon = subprocess.Popen(
                 dagster_command("dagster-daemon", "run"),
                 env={**os.environ},
