@@ -228,11 +228,19 @@ class Settings:
 
 
 def without_password(url: str) -> str:
-    """A service URL as messages may show it: its password left out, the rest as it is."""
+    """A service URL as messages may show it: its password left out, the rest as it is (each
+    of a broker's failover URLs, `a;b`)."""
+    if ";" in url:
+        return ";".join(without_password(part) for part in url.split(";"))
     parts = urlsplit(url)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: shown as it is
+        port = (
+            f":{parts.netloc.rsplit(':', 1)[1]}" if ":" in parts.netloc.rsplit("@", 1)[-1] else ""
+        )
     host = parts.hostname or ""
     user = f"{parts.username}@" if parts.username else ""
-    port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{user}{host}{port}{parts.path}"
 
 

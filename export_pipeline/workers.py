@@ -11,10 +11,13 @@ What the package adds to dagster-celery:
 - `CeleryLauncher`: a run is published only when the broker answers. When it does not, the
   launch fails as an unreachable code location does, which the run queue retries
   (`max_user_code_failure_retries` in deploy/workers/dagster.yaml): the run stays queued until
-  the broker is back, where dagster-celery's launcher would mark it failed.
-- `python -m export_pipeline.workers`: a Celery worker for those runs, started only when its
-  settings are valid and its broker answers, named after its host, taking one run per process
-  at a time (no prefetch: a run waiting behind another on a busy worker would be late).
+  the broker is back, where dagster-celery's launcher would mark it failed. Each run is stamped
+  with the code version of the daemon that publishes it (`export/code`).
+- `python -m export_pipeline.workers`: a Celery worker for those runs (this module is its Celery
+  app: dagster-celery's, and a check before each run), started only when its settings are valid
+  and its broker answers, named after its host, fetching a run only when one of its processes is
+  free. A run stamped with other code than the worker's is failed before it starts, naming the
+  host and both versions: a host left behind by a deployment takes no work.
 
 A worker host that dies mid-run leaves its run STARTED for ever (Celery never hears back): the
 continuous_export sensor marks it failed once it has logged nothing for EXPORT_STALE_RUN_SECONDS,
@@ -26,17 +29,25 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from typing import Any
 
+from celery.signals import task_prerun
+from dagster import DagsterInstance
 from dagster._core.errors import DagsterUserCodeUnreachableError
 from dagster._core.launcher import LaunchRunContext
+from dagster._grpc.types import ExecuteRunArgs, ResumeRunArgs
+from dagster._serdes import unpack_value
+from dagster_celery import app as dagster_celery_app
 from dagster_celery.launcher import CeleryRunLauncher
 
+from export_pipeline.defs.runs import CODE_TAG, CODE_VERSION
 from export_pipeline.settings import Settings, SettingsError, load_env_file, without_password
 
 BROKER_VARIABLE, BACKEND_VARIABLE = "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"
 CONCURRENCY_VARIABLE = "EXPORT_WORKER_CONCURRENCY"
 BROKER_TIMEOUT_SECONDS = 3.0
 QUEUE = "dagster"  # dagster-celery's queue, which its app declares
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class BrokerUnreachable(DagsterUserCodeUnreachableError):
@@ -47,11 +58,12 @@ class BrokerUnreachable(DagsterUserCodeUnreachableError):
 def broker_answers(url: str, timeout: float = BROKER_TIMEOUT_SECONDS) -> None:
     """Returns when the broker at `url` accepts a connection; raises naming it otherwise."""
     from kombu import Connection
+    from kombu.exceptions import OperationalError
 
     try:
         with Connection(url, connect_timeout=timeout) as connection:
             connection.ensure_connection(max_retries=1, timeout=timeout)
-    except Exception as error:
+    except (OperationalError, OSError) as error:
         raise ConnectionError(
             f"the Celery broker at {without_password(url)} ({BROKER_VARIABLE}) does not answer: "
             f"{type(error).__name__}: {error}"
@@ -59,14 +71,53 @@ def broker_answers(url: str, timeout: float = BROKER_TIMEOUT_SECONDS) -> None:
 
 
 class CeleryLauncher(CeleryRunLauncher):
-    """dagster-celery's run launcher, which keeps a run queued while the broker is down."""
+    """dagster-celery's run launcher, which keeps a run queued while the broker is down and
+    stamps each run with the code version that publishes it."""
 
     def launch_run(self, context: LaunchRunContext) -> None:
+        from kombu.exceptions import OperationalError
+
+        shown = without_password(self.broker or "")
+        try:  # the app's own connection: its transport and TLS options
+            with self.celery.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_SECONDS)
+        except (OperationalError, OSError) as error:
+            raise BrokerUnreachable(
+                f"the Celery broker at {shown} ({BROKER_VARIABLE}) does not answer: {error}; "
+                "the run stays queued"
+            ) from error
+        self._instance.add_run_tags(context.dagster_run.run_id, {CODE_TAG: CODE_VERSION})
         try:
-            broker_answers(self.broker or "")
-        except ConnectionError as error:
-            raise BrokerUnreachable(f"{error}: the run stays queued") from error
-        super().launch_run(context)
+            super().launch_run(context)
+        except OperationalError as error:  # the broker went away since
+            raise BrokerUnreachable(
+                f"the Celery broker at {shown} failed the publish: {error}; the run stays queued"
+            ) from error
+
+
+# The worker's Celery app: dagster-celery's, with its run tasks.
+app = dagster_celery_app.app
+
+
+@task_prerun.connect
+def refuse_other_code(kwargs: dict[str, Any] | None = None, **_: Any) -> None:
+    """Before a run starts on this worker: a run stamped with other code than this worker's is
+    failed, naming the host (the run's task then finds it finished and does nothing)."""
+    packed = (kwargs or {}).get("execute_job_args_packed")
+    if packed is None:
+        return
+    run_id = unpack_value(packed, as_type=(ExecuteRunArgs, ResumeRunArgs)).run_id
+    with DagsterInstance.get() as instance:
+        run = instance.get_run_by_id(run_id)
+        made_by = run.tags.get(CODE_TAG) if run else None
+        if run is None or made_by in (None, CODE_VERSION):
+            return
+        instance.report_run_failed(
+            run,
+            f"host {socket.gethostname()} runs export-pipeline code {CODE_VERSION}, but this run "
+            f"was published by code {made_by}: install the same code on every worker host and "
+            "restart its workers; the run's slices are requested again",
+        )
 
 
 def instance_broker(home: str | None) -> str | None:
@@ -91,20 +142,23 @@ def worker_command(env: dict[str, str], hostname: str) -> list[str]:
         raise SettingsError(
             f"{CONCURRENCY_VARIABLE} must be a whole number from 1 to 64, not {raw!r}"
         )
+    level = (env.get("LOG_LEVEL") or "").strip().upper()
     return [
         sys.executable,
         "-m",
         "celery",
-        "--app=dagster_celery.app",
+        "--app=export_pipeline.workers",  # this module, whatever runs it (`python -m`: __main__)
         "worker",
         f"--queues={QUEUE}",
         f"--concurrency={raw}",
+        # A run is fetched only when a process is free (Redis), never held behind a slow one.
         "--prefetch-multiplier=1",
+        *(["--disable-prefetch"] if env.get(BROKER_VARIABLE, "").startswith("redis") else []),
         f"--hostname=export@{hostname}",
         # No chatter between workers: each takes runs from the broker, and nothing else.
         "--without-gossip",
         "--without-mingle",
-        f"--loglevel={env.get('LOG_LEVEL', 'INFO').upper()}",
+        f"--loglevel={level if level in LOG_LEVELS else 'INFO'}",
     ]
 
 

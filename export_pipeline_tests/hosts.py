@@ -159,6 +159,7 @@ class RedisServer:
             if probe.stdout.strip() == "PONG":
                 return
             time.sleep(0.1)
+        self.stop()
         raise RuntimeError(f"redis-server did not start: {(self.root / 'redis.log').read_text()}")
 
     def stop(self) -> None:

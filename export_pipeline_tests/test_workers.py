@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,24 +22,29 @@ from typing import Any
 
 import pytest
 import yaml
-from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, Failure, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
+from dagster._core.code_pointer import ModuleCodePointer
 from dagster._core.launcher import LaunchRunContext
+from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
+from dagster._grpc.types import ExecuteRunArgs
+from dagster._serdes import pack_value
 
 from export_pipeline.defs.runs import (
     CODE_TAG,
     CODE_VERSION,
     CONTINUOUS_JOB,
     HOST_TAG,
-    mark_process,
+    code_version,
 )
 from export_pipeline.health import BROKER_CHECK, build_checks, run_checks
 from export_pipeline.record.ledger import checkpoints
-from export_pipeline.settings import SettingsError
+from export_pipeline.settings import SettingsError, without_password
 from export_pipeline.workers import (
     BrokerUnreachable,
     CeleryLauncher,
     broker_answers,
     instance_broker,
+    refuse_other_code,
     worker_command,
 )
 from export_pipeline_tests.audit import assert_reconciled
@@ -81,7 +87,18 @@ def running_on(instance: DagsterInstance, host: str) -> list[Any]:
     ]
 
 
-def test_runs_execute_on_two_worker_hosts_and_one_killed_mid_run_is_finished_by_the_other(
+def requeued(instance: DagsterInstance) -> bool:
+    """A run whose launch failed for want of the broker, put back in the queue."""
+    for run in runs_of(instance):
+        if run.status != DagsterRunStatus.QUEUED:
+            continue
+        events = instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT)
+        if any("re-submitting the run into the queue" in event.message for event in events):
+            return True
+    return False
+
+
+def test_runs_wait_for_the_broker_then_run_on_two_worker_hosts_and_survive_one_killed_mid_run(
     stack: Stack, redis: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     database = f"export_pipeline_workers_{uuid.uuid4().hex[:8]}"
@@ -122,9 +139,7 @@ def test_runs_execute_on_two_worker_hosts_and_one_killed_mid_run_is_finished_by_
     daemon = None
     try:
         with network(2) as hosts:
-            s3_port = int(stack.s3_url.rsplit(":", 1)[1])
-            ports = {"influx": stack.influx.port, "s3": s3_port, "redis": redis.port}
-            start_workers(hosts, {**os.environ, **here}, tmp_path, **ports)
+            redis.stop()  # the broker is down when the first runs are launched
             daemon = subprocess.Popen(
                 dagster_command("dagster-daemon", "run"),
                 env={**os.environ},
@@ -134,6 +149,14 @@ def test_runs_execute_on_two_worker_hosts_and_one_killed_mid_run_is_finished_by_
                 start_new_session=True,
             )
             with DagsterInstance.from_config(str(home)) as instance:
+                # Not published, not failed: back in the queue until the broker answers.
+                wait_until(lambda: requeued(instance), "a launch put back in the queue", 60)
+                assert not [r for r in runs_of(instance) if r.status == DagsterRunStatus.FAILURE]
+                redis.start()
+                s3_port = int(stack.s3_url.rsplit(":", 1)[1])
+                ports = {"influx": stack.influx.port, "s3": s3_port, "redis": redis.port}
+                start_workers(hosts, {**os.environ, **here}, tmp_path, **ports)
+
                 # Every run executes on a worker host, and both take runs.
                 wait_until(
                     lambda: hosts_of(instance) == {"worker-1", "worker-2"}, "runs on both", 180
@@ -176,6 +199,9 @@ def test_runs_execute_on_two_worker_hosts_and_one_killed_mid_run_is_finished_by_
                 os.killpg(daemon.pid, 9)
         daemon_log.close()
         drop_database(database)
+    # The workers' own check before each run never failed (a handler's error is only logged).
+    for log in tmp_path.glob("worker-*.log"):
+        assert "Signal handler" not in log.read_text(errors="replace"), log.name
     # Every row exactly once, value by value, in the 10 s slices.
     settings = stack.settings(**exported)
     days = sorted({start.date(), end.date()})
@@ -186,10 +212,14 @@ def test_runs_execute_on_two_worker_hosts_and_one_killed_mid_run_is_finished_by_
 # --- Without hosts ------------------------------------------------------------------------------
 
 
-def test_the_worker_command_takes_a_run_at_a_time_per_process_named_after_its_host() -> None:
-    command = worker_command({"EXPORT_WORKER_CONCURRENCY": "3"}, "box-7")
-    assert command[:4] == [sys.executable, "-m", "celery", "--app=dagster_celery.app"]
-    assert {"--concurrency=3", "--prefetch-multiplier=1", "--hostname=export@box-7"} <= set(command)
+def test_the_worker_command_fetches_a_run_only_for_a_free_process_named_after_its_host() -> None:
+    env = {"EXPORT_WORKER_CONCURRENCY": "3", "CELERY_BROKER_URL": "redis://r:6379/0"}
+    command = worker_command({**env, "LOG_LEVEL": ""}, "box-7")
+    # This module's app: dagster-celery's tasks and the code check before each run.
+    assert command[:4] == [sys.executable, "-m", "celery", "--app=export_pipeline.workers"]
+    expected = {"--concurrency=3", "--disable-prefetch", "--hostname=export@box-7"}
+    assert expected | {"--loglevel=INFO"} <= set(command)  # an empty LOG_LEVEL: the default
+    assert "--disable-prefetch" not in worker_command({"CELERY_BROKER_URL": "pyamqp://q//"}, "b")
     for bad in ("0", "many", "65"):
         with pytest.raises(SettingsError, match=f"EXPORT_WORKER_CONCURRENCY.*{bad}"):
             worker_command({"EXPORT_WORKER_CONCURRENCY": bad}, "box-7")
@@ -246,21 +276,52 @@ def test_ready_says_when_the_broker_is_missing(
         assert run_checks(checks, pool) == {BROKER_CHECK: False}
 
 
+def launch_args(run_id: str) -> dict[str, Any]:
+    """What dagster-celery's task receives for a run, as the launcher packs it."""
+    pointer = ModuleCodePointer("export_pipeline.definitions", "defs", str(CLI_CWD))
+    origin = JobPythonOrigin(CONTINUOUS_JOB, RepositoryPythonOrigin(sys.executable, pointer))
+    packed = pack_value(ExecuteRunArgs(job_origin=origin, run_id=run_id, instance_ref=None))
+    return {"execute_job_args_packed": packed}
+
+
 def test_a_host_on_other_code_refuses_the_run_naming_itself(instance: DagsterInstance) -> None:
-    run = instance.add_run(
+    other = instance.add_run(
         DagsterRun(
             job_name=CONTINUOUS_JOB, run_id=str(uuid.uuid4()), tags={CODE_TAG: "0123456789ab"}
         )
     )
-    with pytest.raises(
-        Failure,
-        match=rf"host {socket.gethostname()} runs .* code {CODE_VERSION}, but this run was "
-        "made by code 0123456789ab",
-    ):
-        mark_process(instance, run)
+    refuse_other_code(kwargs=launch_args(other.run_id))
+    failed = instance.get_run_by_id(other.run_id)
+    assert failed is not None and failed.status == DagsterRunStatus.FAILURE
+    (event,) = instance.all_logs(other.run_id, of_type=DagsterEventType.PIPELINE_FAILURE)
+    assert re.search(
+        rf"host {socket.gethostname()} runs export-pipeline code {CODE_VERSION}, but this run "
+        "was published by code 0123456789ab",
+        event.message,
+    )
     same = instance.add_run(
         DagsterRun(job_name=CONTINUOUS_JOB, run_id=str(uuid.uuid4()), tags={CODE_TAG: CODE_VERSION})
     )
-    mark_process(instance, same)
-    marked = instance.get_run_by_id(same.run_id)
-    assert marked is not None and marked.tags[HOST_TAG] == socket.gethostname()
+    refuse_other_code(kwargs=launch_args(same.run_id))
+    kept = instance.get_run_by_id(same.run_id)
+    assert kept is not None and kept.status == DagsterRunStatus.NOT_STARTED
+
+
+def test_the_code_version_is_the_packages_source_and_nothing_else(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "sub" / "b.py").write_text("y = 2\n")
+    first = code_version(package)
+    (package / ".#a.py").symlink_to("nowhere")  # an editor's lock: not code, not readable
+    (package / "sub" / "b.pyc").write_bytes(b"\0")
+    assert code_version(package) == first
+    (package / "sub" / "b.py").write_text("y = 3\n")
+    assert code_version(package) != first
+
+
+def test_a_broker_url_is_shown_without_its_password() -> None:
+    assert without_password("redis://:pw@h:6379/0") == "redis://h:6379/0"
+    failover = "pyamqp://u:pw@a:5672//;pyamqp://u:pw@b:5672//"
+    assert without_password(failover) == "pyamqp://u@a:5672//;pyamqp://u@b:5672//"
+    assert without_password("redis://:pw@h:port/0") == "redis://h:port/0"

@@ -36,8 +36,6 @@ from export_pipeline.defs.run_config import (
     wait_for_lateness,
 )
 from export_pipeline.defs.runs import (
-    CODE_TAG,
-    CODE_VERSION,
     CONTINUOUS_JOB,
     DAILY_JOB,
 )
@@ -129,7 +127,7 @@ def single_ranges(
     return found
 
 
-@job(name=CONTINUOUS_JOB, executor_def=in_process_executor, tags={CODE_TAG: CODE_VERSION})
+@job(name=CONTINUOUS_JOB, executor_def=in_process_executor)
 def export_due_slices() -> None:
     export_slices()
 
@@ -293,6 +291,6 @@ def record_dates(
         context.log_event(event)
 
 
-@job(name=DAILY_JOB, executor_def=in_process_executor, tags={CODE_TAG: CODE_VERSION})
+@job(name=DAILY_JOB, executor_def=in_process_executor)
 def export_day_files() -> None:
     export_days()

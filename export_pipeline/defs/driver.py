@@ -52,7 +52,7 @@ def run_exports(
     assets' and the continuous jobs': a failing device does not hold back the others, what
     finished is recorded, and the run fails at the end naming each failure (`retry`: what
     becomes of it). The heartbeat lets the sensor tell a slow run from a dead one."""
-    mark_process(context.instance, context.run)
+    mark_process(context.instance, context.run.run_id)
     pool_storage_connections(context.instance)  # a run records an event per device-day
     failures: list[str] = []
     materializations: list[AssetMaterialization] = []

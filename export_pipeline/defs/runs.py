@@ -23,7 +23,6 @@ from dagster import (
     DagsterRun,
     DagsterRunStatus,
     DefaultRunLauncher,
-    Failure,
     RunsFilter,
 )
 from dagster._check import CheckError
@@ -53,7 +52,8 @@ _NEVER = datetime.fromtimestamp(0, UTC)
 
 
 HOST_TAG, PID_TAG = "export/host", "export/pid"  # where a run's process runs, from the run
-CODE_TAG = "export/code"  # the code version of the process that made the run (`code_version`)
+BOOT_TAG = "export/boot"  # the boot of that host's kernel (`boot_id`)
+CODE_TAG = "export/code"  # the code version that published the run to a worker (`workers.py`)
 
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -64,7 +64,10 @@ def code_version(package: Path = PACKAGE) -> str:
     code, whatever its version number says (a worker host left on an older install)."""
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+        relative = path.relative_to(package)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue  # an editor's lock or backup file, not code
+        digest.update(relative.as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -85,7 +88,8 @@ class RunInFlight:
     def gone(self) -> bool:
         """Its process ran on this host and is no more: dead now, whatever its last event."""
         host, pid = self.run.tags.get(HOST_TAG), self.run.tags.get(PID_TAG)
-        if self.last_seen is None or host != socket.gethostname() or not (pid or "").isdigit():
+        here = host == socket.gethostname() and self.run.tags.get(BOOT_TAG, "") == boot_id()
+        if self.last_seen is None or not here or not (pid or "").isdigit():
             return False
         return not process_alive(int(pid or 0))
 
@@ -107,19 +111,22 @@ def process_alive(pid: int) -> bool:
     return state != "Z"
 
 
-def mark_process(instance: DagsterInstance, run: DagsterRun) -> None:
-    """Tag the run with its process, so a sensor on the same host sees at once if it dies; and
-    refuse it on a host whose code is not the code that made it (a worker host left behind by a
-    deployment), naming the host."""
-    host = socket.gethostname()
-    tag_run(instance, run.run_id, {HOST_TAG: host, PID_TAG: str(os.getpid())})
-    made_by = run.tags.get(CODE_TAG)
-    if made_by is not None and made_by != CODE_VERSION:
-        raise Failure(
-            f"host {host} runs export-pipeline code {CODE_VERSION}, but this run was made by "
-            f"code {made_by}: install the same code on every worker host and restart its "
-            "workers; the run's slices are requested again"
-        )
+def boot_id() -> str:
+    """This machine's boot, as its kernel names it: two hosts given one hostname (cloned VMs)
+    still differ here, so a run on the other is never judged by this one's process table."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def mark_process(instance: DagsterInstance, run_id: str) -> None:
+    """Tag the run with its process, so a sensor on the same host sees at once if it dies."""
+    tag_run(
+        instance,
+        run_id,
+        {HOST_TAG: socket.gethostname(), BOOT_TAG: boot_id(), PID_TAG: str(os.getpid())},
+    )
 
 
 def run_slots(instance: DagsterInstance) -> int | None:
