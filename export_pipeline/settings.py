@@ -831,8 +831,8 @@ READ_ELSEWHERE: dict[str, ReadElsewhere] = {
         "Celery, deploy/workers/dagster.yaml, the health service",
         "",
         "with worker hosts (docs/workers.md): the broker runs are published to, e.g. "
-        "`redis://:password@redis:6379/0` or `pyamqp://user:password@rabbitmq//`; set, "
-        "`/ready` checks it",
+        "`redis://:password@redis:6379/0` or `pyamqp://user:password@rabbitmq//`, which "
+        "`/ready` checks where DAGSTER_HOME holds the workers' instance",
     ),
     "CELERY_RESULT_BACKEND": ReadElsewhere(
         "Celery, deploy/workers/dagster.yaml",

@@ -237,9 +237,11 @@ def test_a_broker_that_does_not_answer_is_named_without_its_password() -> None:
 def test_the_workers_instance_is_the_repos_but_for_the_queue_and_the_launcher() -> None:
     repo = yaml.safe_load((REPO / "dagster.yaml").read_text())
     workers = yaml.safe_load(WORKERS_YAML.read_text())
-    assert {k: v for k, v in workers.items() if k not in ("run_coordinator", "run_launcher")} == {
-        k: v for k, v in repo.items() if k != "run_coordinator"
+    own = ("run_coordinator", "run_launcher", "run_monitoring")
+    assert {k: v for k, v in workers.items() if k not in own} == {
+        k: v for k, v in repo.items() if k not in own
     }
+    assert workers["run_monitoring"]["enabled"] and "run_monitoring" not in repo
     assert workers["run_launcher"]["module"] == CeleryLauncher.__module__
     assert workers["run_launcher"]["class"] == CeleryLauncher.__name__
     config = workers["run_coordinator"]["config"]
