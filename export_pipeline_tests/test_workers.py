@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
 from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import pack_value
 
+from export_pipeline.defs.resources import ExportBucketResource, answered
 from export_pipeline.defs.runs import (
     CODE_TAG,
     CODE_VERSION,
@@ -36,6 +38,7 @@ from export_pipeline.defs.runs import (
     HOST_TAG,
     code_version,
 )
+from export_pipeline.engine.store import StoreError
 from export_pipeline.health import BROKER_CHECK, build_checks, run_checks
 from export_pipeline.record.ledger import checkpoints
 from export_pipeline.settings import SettingsError, without_password
@@ -170,13 +173,15 @@ def test_runs_wait_for_the_broker_then_run_on_two_worker_hosts_and_survive_one_k
                 hosts.hosts[0].kill()
                 killed = datetime.now(UTC)
                 target = max(end, killed)
+                # Within a minute of the kill (or of the data's end, if later), the silence
+                # allowed before the dead run is reaped included.
                 wait_until(
                     lambda: (
                         all(found >= target for found in checkpoints(instance, devices).values())
                         and len(checkpoints(instance, devices)) == len(devices)
                     ),
                     "every device exported past the kill by worker-2",
-                    STALE_SECONDS + 60,
+                    (target - datetime.now(UTC)).total_seconds() + 60,
                 )
                 reaped = [instance.get_run_by_id(run_id) for run_id in doomed]
                 assert {run.status for run in reaped if run} == {DagsterRunStatus.FAILURE}
@@ -327,3 +332,12 @@ def test_a_broker_url_is_shown_without_its_password() -> None:
     failover = "pyamqp://u:pw@a:5672//;pyamqp://u:pw@b:5672//"
     assert without_password(failover) == "pyamqp://u@a:5672//;pyamqp://u@b:5672//"
     assert without_password("redis://:pw@h:port/0") == "redis://h:port/0"
+
+
+def test_a_service_a_host_cannot_reach_is_named_with_the_host(stack: Stack) -> None:
+    settings = stack.settings(S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", EXPORT_RETRIES="0")
+    store = ExportBucketResource.from_settings(settings.s3).store()
+    with pytest.raises(StoreError) as raised:
+        answered(store.check, settings.export)
+    shown = "".join(traceback.format_exception_only(raised.value))
+    assert "S3" in shown and f"(seen from host {socket.gethostname()})" in shown
