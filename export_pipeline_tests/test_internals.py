@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from dagster import (
@@ -62,6 +63,12 @@ def test_postgres_storages_can_pool_their_connections_and_still_write(
     asset = unique_asset()
     instance.report_runless_asset_event(AssetMaterialization(asset_key=asset, partition="p"))
     assert latest_storage_ids(instance, asset, {"p"})
+    # Once a storage: Dagster's optimize makes a new engine each call and leaves the old one's
+    # connection open, which a process running run after run on one instance would pile up.
+    storages: list[Any] = [instance.event_log_storage, instance.run_storage]
+    engines = [storage._engine for storage in storages]
+    pool_storage_connections(instance)
+    assert [storage._engine for storage in storages] == engines
 
 
 def test_the_latest_storage_id_of_each_partition_and_only_after_a_cursor(

@@ -37,6 +37,8 @@ from dagster._core.storage.asset_check_execution_record import (
     AssetCheckExecutionRecordStatus,
 )
 
+_POOLED = "_export_pipeline_pooled"  # set on a storage whose connections are pooled
+
 
 def pool_storage_connections(instance: DagsterInstance) -> None:
     """Hold pooled PostgreSQL connections for this process's storage writes.
@@ -48,8 +50,12 @@ def pool_storage_connections(instance: DagsterInstance) -> None:
     """
     for storage in (instance.event_log_storage, instance.run_storage):
         optimize = getattr(storage, "optimize_for_webserver", None)
-        if optimize is not None:
+        # Once a storage: Dagster's optimize replaces the engine without closing the one it
+        # had, so a process that runs many runs on one instance (a test session, a worker
+        # process) would keep a pool of connections open per run until garbage collection.
+        if optimize is not None and not getattr(storage, _POOLED, False):
             optimize(statement_timeout=0, pool_recycle=3600, max_overflow=4)
+            setattr(storage, _POOLED, True)
 
 
 def latest_storage_ids(
