@@ -233,15 +233,8 @@ def without_password(url: str) -> str:
     if ";" in url:
         return ";".join(without_password(part) for part in url.split(";"))
     parts = urlsplit(url)
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:  # not a number: shown as it is
-        port = (
-            f":{parts.netloc.rsplit(':', 1)[1]}" if ":" in parts.netloc.rsplit("@", 1)[-1] else ""
-        )
-    host = parts.hostname or ""
     user = f"{parts.username}@" if parts.username else ""
-    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+    return f"{parts.scheme}://{user}{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
 def load_env_file() -> None:

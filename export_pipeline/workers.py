@@ -26,9 +26,11 @@ and requests its slices again, for whichever worker is free (`defs/runs.py`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 from celery.signals import task_prerun
@@ -40,7 +42,6 @@ from dagster._serdes import unpack_value
 from dagster_celery import app as dagster_celery_app
 from dagster_celery.launcher import CeleryRunLauncher
 
-from export_pipeline.defs.runs import CODE_TAG, CODE_VERSION
 from export_pipeline.settings import Settings, SettingsError, load_env_file, without_password
 
 BROKER_VARIABLE, BACKEND_VARIABLE = "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"
@@ -48,6 +49,27 @@ CONCURRENCY_VARIABLE = "EXPORT_WORKER_CONCURRENCY"
 BROKER_TIMEOUT_SECONDS = 3.0
 QUEUE = "dagster"  # dagster-celery's queue, which its app declares
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+CODE_TAG = "export/code"  # the code version of the daemon that published the run
+
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def code_version(package: Path = PACKAGE) -> str:
+    """A digest of the package's source: two processes agree on it only when they run the same
+    code, whatever its version number says (a worker host left on an older install)."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue  # an editor's lock or backup file, not code
+        digest.update(relative.as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+# Read once, when the package is imported: the code this process runs, even if its files are
+# replaced afterwards.
+CODE_VERSION = code_version()
 
 
 class BrokerUnreachable(DagsterUserCodeUnreachableError):

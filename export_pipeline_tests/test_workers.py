@@ -31,21 +31,18 @@ from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import pack_value
 
 from export_pipeline.defs.resources import ExportBucketResource, answered
-from export_pipeline.defs.runs import (
-    CODE_TAG,
-    CODE_VERSION,
-    CONTINUOUS_JOB,
-    HOST_TAG,
-    code_version,
-)
+from export_pipeline.defs.runs import CONTINUOUS_JOB, HOST_TAG
 from export_pipeline.engine.store import StoreError
 from export_pipeline.health import BROKER_CHECK, build_checks, run_checks
 from export_pipeline.record.ledger import checkpoints
 from export_pipeline.settings import SettingsError, without_password
 from export_pipeline.workers import (
+    CODE_TAG,
+    CODE_VERSION,
     BrokerUnreachable,
     CeleryLauncher,
     broker_answers,
+    code_version,
     instance_broker,
     refuse_other_code,
     worker_command,

@@ -10,7 +10,7 @@ run failed.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -53,27 +53,6 @@ _NEVER = datetime.fromtimestamp(0, UTC)
 
 HOST_TAG, PID_TAG = "export/host", "export/pid"  # where a run's process runs, from the run
 BOOT_TAG = "export/boot"  # the boot of that host's kernel (`boot_id`)
-CODE_TAG = "export/code"  # the code version that published the run to a worker (`workers.py`)
-
-
-PACKAGE = Path(__file__).resolve().parents[1]
-
-
-def code_version(package: Path = PACKAGE) -> str:
-    """A digest of the package's source: two processes agree on it only when they run the same
-    code, whatever its version number says (a worker host left on an older install)."""
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        relative = path.relative_to(package)
-        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
-            continue  # an editor's lock or backup file, not code
-        digest.update(relative.as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-# Read once, when the package is imported: the code this process runs, even if its files are
-# replaced afterwards.
-CODE_VERSION = code_version()
 
 
 @dataclass(frozen=True)
@@ -111,6 +90,7 @@ def process_alive(pid: int) -> bool:
     return state != "Z"
 
 
+@functools.cache
 def boot_id() -> str:
     """This machine's boot, as its kernel names it: two hosts given one hostname (cloned VMs)
     still differ here, so a run on the other is never judged by this one's process table."""

@@ -382,10 +382,6 @@ class DailyTable:
         a LIST and a footer read a file; the devices it does not name are looked up in S3."""
         folder = self.folder_files(day, devices, seen)
         footers: dict[str, pq.FileMetaData] = {}
-        for found in folder.values():
-            known = seen.get(self.key_of(found[0])) if seen and found else None
-            if found and known:
-                footers[found[0]] = known[1]
 
         def attempt(table: Table) -> CommitReport:
             report = CommitReport(day)
@@ -395,7 +391,9 @@ class DailyTable:
                 return report
             removed = set(changes.removed)
             old = [data for files in held.values() for file, data in files if file.uri in removed]
-            footers.update(self._footers([uri for uri in changes.added if uri not in footers]))
+            footers.update(
+                self._footers([uri for uri in changes.added if uri not in footers], seen)
+            )
             sizes = {found[0]: found[1] for found in folder.values() if found is not None}
             properties = {
                 DATE_PROPERTY: day.isoformat(),
@@ -419,10 +417,19 @@ class DailyTable:
 
         return self._until_committed(attempt)
 
-    def _footers(self, uris: list[str]) -> dict[str, pq.FileMetaData]:
+    def _footers(
+        self, uris: list[str], seen: Mapping[str, Seen | None] | None = None
+    ) -> dict[str, pq.FileMetaData]:
+        """Each file's footer: as `seen` has it (by key), else read from S3, several at a
+        time."""
+        known = seen or {}
+
+        def footer(uri: str) -> pq.FileMetaData:
+            found = known.get(self.key_of(uri))
+            return found[1] if found else parquet_footer(self.store, self.key_of(uri))
+
         with ThreadPoolExecutor(FOOTER_THREADS, thread_name_prefix="footer") as pool:
-            footers = pool.map(lambda uri: parquet_footer(self.store, self.key_of(uri)), uris)
-            return dict(zip(uris, footers, strict=True))
+            return dict(zip(uris, pool.map(footer, uris), strict=True))
 
     def data_files_of(
         self,
