@@ -34,7 +34,7 @@ from bench.run import Bench, record
 from export_pipeline.defs.resources import build_resources
 from export_pipeline.engine.files import DAY_FILE_PARQUET, DAY_FILE_ROWS_PER_GROUP, ExportFile
 from export_pipeline.engine.layout import day_file_key
-from export_pipeline.engine.reconciliation import parquet_footer
+from export_pipeline.engine.reconciliation import footer_bytes, parquet_footer
 from export_pipeline.engine.schema import SCHEMA, SOURCE_SCHEMA, to_export
 from export_pipeline.engine.table import DATE_PROPERTY, DailyTable
 
@@ -112,7 +112,7 @@ def reconciled(table: DailyTable, fleet: list[str], day: date) -> dict[str, Any]
     def look(device_id: str) -> tuple[str, Any]:
         key = day_file_key(table.daily_prefix, device_id=device_id, day=day)
         size = table.store.list_keys(key.rsplit("/", 1)[0] + "/")[key]
-        return key, (size, parquet_footer(table.store, key))
+        return key, (size, footer_bytes(parquet_footer(table.store, key)))
 
     with ThreadPoolExecutor(16) as pool:
         return dict(pool.map(look, fleet))

@@ -1,8 +1,12 @@
 """Which reconciled device-days changed in InfluxDB since: a pure comparison of counts."""
 
+import io
 from datetime import date
 
-from export_pipeline.engine.reconciliation import LateData, late_data
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from export_pipeline.engine.reconciliation import LateData, footer_bytes, footer_of, late_data
 
 DAY, NEXT = date(2026, 2, 7), date(2026, 2, 8)
 ZERO = {"voltage": 0, "current": 0, "power": 0, "temperature": 0}
@@ -39,3 +43,12 @@ def test_a_day_exported_empty_that_now_has_points_is_late_data() -> None:
 
 def test_device_days_that_were_never_reconciled_are_not_compared() -> None:
     assert late_data({}, {DAY: {"D1": counts(voltage=1)}}) == []
+
+
+def test_a_footer_kept_serialized_reads_back_whole() -> None:
+    body = io.BytesIO()
+    pq.write_table(pa.table({"power": [1.0, None, 3.0], "device_id": ["a", "a", "b"]}), body)
+    footer = pq.read_metadata(pa.BufferReader(body.getvalue()))
+    again = footer_of(footer_bytes(footer))
+    assert again.equals(footer)
+    assert again.row_group(0).column(0).statistics.null_count == 1

@@ -22,7 +22,7 @@ from export_pipeline.defs.resources import (
     IcebergResource,
     build_resources,
 )
-from export_pipeline.engine.reconciliation import parquet_footer
+from export_pipeline.engine.reconciliation import footer_bytes, parquet_footer
 from export_pipeline.engine.schema import SCHEMA
 from export_pipeline.engine.table import (
     DATE_PROPERTY,
@@ -241,7 +241,8 @@ def test_a_runs_commit_takes_its_files_as_it_found_them_and_looks_up_only_the_ot
     table.load(SCHEMA)
     known, other = (key_of(device, DAY) for device in devices)
     folder = known.rsplit("/", 1)[0] + "/"
-    seen = {known: (table.store.list_keys(folder)[known], parquet_footer(table.store, known))}
+    footer = footer_bytes(parquet_footer(table.store, known))
+    seen = {known: (table.store.list_keys(folder)[known], footer)}
     listed: list[str] = []
     list_keys = table.store.list_keys
 

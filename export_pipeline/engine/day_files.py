@@ -35,6 +35,7 @@ from export_pipeline.engine.layout import day_file_key, validate_device_id
 from export_pipeline.engine.progress import DayTotals
 from export_pipeline.engine.reconciliation import (
     Reconciliation,
+    footer_bytes,
     parquet_field_counts,
     parquet_footer,
 )
@@ -166,9 +167,10 @@ class DayFiles:
     prefix: str
     batch_rows: int
     staging: Path
-    # What the reconciliations found, by key: the object's size and footer (None: no object).
-    # The Iceberg table's commit of the run's dates takes them from here, not from S3 again.
-    seen: dict[str, tuple[int, pq.FileMetaData] | None] = field(default_factory=dict)
+    # What the reconciliations found, by key: the object's size and footer, serialized (None:
+    # no object). The Iceberg table's commit of the run's dates takes them from here, not from
+    # S3 again.
+    seen: dict[str, tuple[int, bytes] | None] = field(default_factory=dict)
 
     def key(self, device_id: str, day: date) -> str:
         return day_file_key(self.prefix, device_id=device_id, day=day)
@@ -206,7 +208,7 @@ class DayFiles:
             self.seen[key] = None
             return None
         footer = parquet_footer(self.store, key)
-        self.seen[key] = (sizes[key], footer)
+        self.seen[key] = (sizes[key], footer_bytes(footer))
         return footer
 
     def reconcile(self, device_id: str, day: date, totals: DayTotals | None) -> Reconciliation:

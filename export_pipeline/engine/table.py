@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from export_pipeline.engine.layout import day_file_key
-from export_pipeline.engine.reconciliation import parquet_footer
+from export_pipeline.engine.reconciliation import footer_of, parquet_footer
 from export_pipeline.engine.store import ObjectStore
 
 if TYPE_CHECKING:
@@ -62,8 +62,8 @@ SWEEP_GRACE = timedelta(hours=1)
 # Old metadata.json files are deleted by each commit past this many (Iceberg's own property).
 PREVIOUS_METADATA_VERSIONS = 10
 T = TypeVar("T")
-# What a run found of a day file it had just published: its size and footer.
-Seen = tuple[int, pq.FileMetaData]
+# What a run found of a day file it had just published: its size and footer (`footer_bytes`).
+Seen = tuple[int, bytes]
 FOOTER_THREADS = 16
 COMMIT_ATTEMPTS = 10
 
@@ -426,7 +426,7 @@ class DailyTable:
 
         def footer(uri: str) -> pq.FileMetaData:
             found = known.get(self.key_of(uri))
-            return found[1] if found else parquet_footer(self.store, self.key_of(uri))
+            return footer_of(found[1]) if found else parquet_footer(self.store, self.key_of(uri))
 
         with ThreadPoolExecutor(FOOTER_THREADS, thread_name_prefix="footer") as pool:
             return dict(zip(uris, pool.map(footer, uris), strict=True))
