@@ -80,11 +80,18 @@ class BrokerUnreachable(DagsterUserCodeUnreachableError):
 def broker_answers(url: str, timeout: float = BROKER_TIMEOUT_SECONDS) -> None:
     """Returns when the broker at `url` accepts a connection; raises naming it otherwise."""
     from kombu import Connection
+
+    with Connection(url, connect_timeout=timeout) as connection:
+        answering(connection, url, timeout)
+
+
+def answering(connection: Any, url: str, timeout: float = BROKER_TIMEOUT_SECONDS) -> None:
+    """Returns once `connection` (to the broker at `url`) is made; raises naming the broker,
+    without its password, otherwise."""
     from kombu.exceptions import OperationalError
 
     try:
-        with Connection(url, connect_timeout=timeout) as connection:
-            connection.ensure_connection(max_retries=1, timeout=timeout)
+        connection.ensure_connection(max_retries=1, timeout=timeout)
     except (OperationalError, OSError) as error:
         raise ConnectionError(
             f"the Celery broker at {without_password(url)} ({BROKER_VARIABLE}) does not answer: "
@@ -99,21 +106,18 @@ class CeleryLauncher(CeleryRunLauncher):
     def launch_run(self, context: LaunchRunContext) -> None:
         from kombu.exceptions import OperationalError
 
-        shown = without_password(self.broker or "")
         try:  # the app's own connection: its transport and TLS options
             with self.celery.connection_for_write() as connection:
-                connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_SECONDS)
-        except (OperationalError, OSError) as error:
-            raise BrokerUnreachable(
-                f"the Celery broker at {shown} ({BROKER_VARIABLE}) does not answer: {error}; "
-                "the run stays queued"
-            ) from error
+                answering(connection, self.broker or "")
+        except ConnectionError as error:
+            raise BrokerUnreachable(f"{error}; the run stays queued") from error
         self._instance.add_run_tags(context.dagster_run.run_id, {CODE_TAG: CODE_VERSION})
         try:
             super().launch_run(context)
         except OperationalError as error:  # the broker went away since
             raise BrokerUnreachable(
-                f"the Celery broker at {shown} failed the publish: {error}; the run stays queued"
+                f"the Celery broker at {without_password(self.broker or '')} failed the "
+                f"publish: {error}; the run stays queued"
             ) from error
 
 
