@@ -20,7 +20,6 @@ from dagster import (
 
 from export_pipeline.defs import iceberg as table_iceberg
 from export_pipeline.defs.driver import run_exports
-from export_pipeline.defs.iceberg import commit_metadata, opened_table
 from export_pipeline.defs.resources import (
     ClockResource,
     ExportBucketResource,
@@ -167,7 +166,7 @@ def write_day_files(
         day_files_of(
             influxdb, s3, settings, Path(staging), DayFiles, shared_counts=counts
         ) as files,
-        opened_table(iceberg, s3, files.source.columns.schema, settings) as table,
+        table_iceberg.opened_table(iceberg, s3, files.source.columns.schema, settings) as table,
     ):
         table_iceberg.retire(context, table, by_date, settings)
         try:
@@ -189,7 +188,7 @@ def write_day_files(
                 context.log.error(f"the Iceberg table's commit failed too: {error}")
             raise
         reports = table_iceberg.commit(context, table, by_date, settings, files.seen)
-        return {day: commit_metadata(table, reports.get(day)) for day in by_date}
+        return {day: table_iceberg.commit_metadata(table, reports.get(day)) for day in by_date}
 
 
 def date_metadata(
