@@ -1,5 +1,6 @@
-"""P3: continuous operation as deployed — dagster-daemon running the sensor and its runs — while
-the simulator writes one point a second per device; export lag sampled every 10 s.
+"""P3: continuous operation as deployed — dagster-daemon running the sensor, its runs executing
+in the pipeline's code server — while the simulator writes one point a second per device; export
+lag sampled every 10 s.
 
     .venv/bin/python -m bench.sustained --devices 1000 --minutes 12
     .venv/bin/python -m bench.sustained --devices 5000 --minutes 12
@@ -34,6 +35,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from bench.run import Bench, record
 from export_pipeline.record.ledger import checkpoints
+from export_pipeline_tests.services import CodeServer
 
 JOB_NAME = "export_due_slices"
 JOB = RunsFilter(job_name=JOB_NAME)
@@ -109,12 +111,15 @@ def measured(
         stdout=(logs / "simulate.log").open("wb"),
         stderr=subprocess.STDOUT,
     )
+    # The daemon loads the code from the pipeline's code server, where runs execute (forked from
+    # its warm process), as docker-compose and scripts/run deploy them.
+    code_server = CodeServer(env, logs / "code-server.log").start()
     daemon = subprocess.Popen(
         [
             str(Path(sys.executable).with_name("dagster-daemon")),
             "run",
-            "-m",
-            "export_pipeline.definitions",
+            "-w",
+            str(code_server.workspace(bench.root / "workspace.yaml")),
         ],
         env=env,
         cwd=bench.root,
@@ -158,6 +163,7 @@ def measured(
         simulator.terminate()
         daemon.wait(timeout=120)
         simulator.wait(timeout=30)
+        code_server.stop()
     finished = [r for r in runs if r.dagster_run.status == DagsterRunStatus.SUCCESS]
     durations = [r.end_time - r.start_time for r in finished if r.end_time and r.start_time]
     delays = [r.start_time - r.create_timestamp.timestamp() for r in finished if r.start_time]

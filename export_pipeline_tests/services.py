@@ -73,6 +73,68 @@ class LocalServer:
             self.process = None
 
 
+class CodeServer:
+    """The pipeline's code server (`python -m export_pipeline.code_server`) on a Unix socket,
+    with `env` as its environment: as docker-compose and `scripts/run` start it."""
+
+    def __init__(self, env: Mapping[str, str], log: Path) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="code-server-"))  # a socket path is short
+        self.socket = str(self.folder / "grpc.sock")
+        self.env, self.log = dict(env), log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> CodeServer:
+        from dagster._grpc.client import DagsterGrpcClient
+
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "export_pipeline.code_server", "--socket", self.socket],
+                env={**os.environ, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        client = DagsterGrpcClient(socket=self.socket)
+
+        def answers() -> bool:
+            assert self.process is not None and self.process.poll() is None, self.log.read_text()
+            return client.ping("up") is not None
+
+        wait_until(answers, "the code server", timeout)
+        return self
+
+    def forkservers(self) -> list[Any]:
+        """Its forkserver (a list of one once started): the process its runs are forked from."""
+        import psutil
+
+        assert self.process is not None
+        return [
+            child
+            for child in psutil.Process(self.process.pid).children()
+            if "forkserver" in " ".join(child.cmdline())
+        ]
+
+    def workspace(self, path: Path) -> Path:
+        """A workspace file loading the code from this server, as deploy/workspace.yaml does."""
+        path.write_text(
+            "load_from:\n  - grpc_server:\n"
+            f"      socket: {self.socket}\n      location_name: export_pipeline\n"
+        )
+        return path
+
+    def stop(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            self.process = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class InfluxServer(LocalServer):
     """`influxd` from Debian's `influxdb` package, its data in a temporary folder."""
 

@@ -35,7 +35,7 @@ INFLUXDB_DATABASE = "telemetry"
 PARTS = {
     "Dagster webserver": "export_pipeline.ui",
     "Dagster daemon": "dagster-daemon run",
-    "Dagster code server": "dagster api grpc",
+    "Dagster code server": "export_pipeline.code_server",
     "health service": "export_pipeline.health",
     "simulator": "export_pipeline.simulate",
     "InfluxDB": "influxd -config",
@@ -167,15 +167,20 @@ class Demo:
         ]
 
     def wait_for_a_run(self) -> None:
-        """Until a Dagster code server has a child: the process of a run the sensor launched."""
+        """Until the code server's forkserver has a child: the process of a run the sensor
+        launched."""
 
         def launched() -> bool:
             processes = self.processes()
             servers = {p.pid for p in processes if PARTS["Dagster code server"] in p.cmdline}
-            return any(p.ppid in servers for p in processes)
+            forkservers = {
+                p.pid for p in processes if p.ppid in servers and "forkserver" in p.cmdline
+            }
+            return any(p.ppid in forkservers for p in processes)
 
         try:
-            wait_until(launched, "a run of the continuous_export sensor", timeout=60)
+            # The sensor asks for a run at least every interval (60 s); one lives seconds.
+            wait_until(launched, "a run of the continuous_export sensor", timeout=100)
         except RuntimeError as error:
             raise AssertionError(f"{error}\n{self.log_tail()}") from error
 

@@ -11,6 +11,7 @@ import pytest
 
 from export_pipeline.defs.resources import ExportBucketResource
 from export_pipeline.engine.dataset import EmptyReadRefused, ExportReport, prefetched
+from export_pipeline.engine.files import SMALL_SLICE_ROWS
 from export_pipeline.engine.grid import DayRange
 from export_pipeline.engine.influx import InfluxError, InfluxSource
 from export_pipeline.engine.schema import SCHEMA, SEED_COLUMNS, SOURCE_SCHEMA
@@ -135,19 +136,28 @@ def test_every_value_of_the_device_day_lands_in_its_slice_files(stack: Stack) ->
     ]
 
 
-def test_parquet_files_carry_the_declared_schema_zstd_and_dictionary_strings(
+def test_parquet_files_carry_the_declared_schema_their_codec_and_dictionary_strings(
     stack: Stack,
 ) -> None:
+    """A slice of few rows is compressed with Snappy (zstd's set-up per column would cost more
+    CPU than it saves bytes), a slice of SMALL_SLICE_ROWS rows or more with zstd."""
     stack.write([point(at(1), "D1", {"voltage": 230})])
+    many = [
+        point(at(2, 0, second), "D1", {"voltage": second}) for second in range(SMALL_SLICE_ROWS)
+    ]
+    stack.write(many)
     export(stack)
-    key = FOLDER + "export_010000.parquet"
-    assert stack.table(key).schema.remove_metadata() == SCHEMA
-    body = stack.s3.get_object(Bucket=stack.bucket, Key=key)["Body"]
-    metadata = pq.ParquetFile(pa.BufferReader(body.read())).metadata.row_group(0)
-    columns = {metadata.column(i).path_in_schema: metadata.column(i) for i in range(12)}
-    assert columns["voltage"].compression == "ZSTD"
-    for name in SEED_COLUMNS.dictionary_columns:
-        assert "RLE_DICTIONARY" in columns[name].encodings
+    codecs = {}
+    for key in (FOLDER + "export_010000.parquet", FOLDER + "export_020000.parquet"):
+        assert stack.table(key).schema.remove_metadata() == SCHEMA
+        body = stack.s3.get_object(Bucket=stack.bucket, Key=key)["Body"]
+        metadata = pq.ParquetFile(pa.BufferReader(body.read())).metadata.row_group(0)
+        columns = {metadata.column(i).path_in_schema: metadata.column(i) for i in range(12)}
+        codecs[key[len(FOLDER) :]] = {column.compression for column in columns.values()}
+        for name in SEED_COLUMNS.dictionary_columns:
+            assert "RLE_DICTIONARY" in columns[name].encodings
+    assert codecs == {"export_010000.parquet": {"SNAPPY"}, "export_020000.parquet": {"ZSTD"}}
+    assert len(stack.table(FOLDER + "export_020000.parquet")) == SMALL_SLICE_ROWS
 
 
 def test_a_rerun_rewrites_the_same_keys_with_the_same_content(stack: Stack) -> None:

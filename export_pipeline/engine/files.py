@@ -25,6 +25,12 @@ SLICE_PARQUET: dict[str, Any] = {
     "compression": "zstd",
     "write_statistics": True,
 }
+# A slice of fewer rows than this (a minute at 1 Hz) is mostly its footer: zstd's set-up for each
+# column is half the CPU of writing such a file and saves about 2 % of its bytes, so it is
+# compressed with Snappy, Parquet's default codec, instead; bigger slices keep zstd (a third
+# smaller at 600 rows). Measured with bench P12.
+SMALL_SLICE_ROWS = 128
+SMALL_SLICE_COMPRESSION = "snappy"
 # A day file holds a whole device-day, read by analytics for years: encodings chosen by measuring
 # a 1 Hz simulator day (benchmark P6 in bench/results.json). Timestamps delta-encoded; every other
 # column, floats included, dictionary-encoded (a day's voltage, current, power and temperature
@@ -78,7 +84,13 @@ class ExportFile:
         rows_per_group: int,
         columns: Columns = SEED_COLUMNS,
         parquet: Mapping[str, Any] = SLICE_PARQUET,
+        small_file_rows: int = 0,
     ) -> None:
+        """`small_file_rows`: a Parquet file that ends with fewer rows is compressed with
+        SMALL_SLICE_COMPRESSION (the writer is made when the first rows are flushed, when that
+        is known)."""
+        if fmt not in ("parquet", "csv"):
+            raise ValueError(f"EXPORT_FORMAT={fmt!r} is not one of parquet, csv")
         self.path = path
         self.fmt = fmt
         self.schema = columns.schema
@@ -87,15 +99,22 @@ class ExportFile:
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self._memory = pa.BufferOutputStream() if path is None else None
-        sink: Any = self._memory if path is None else path
-        self._writer: pq.ParquetWriter | pacsv.CSVWriter
-        if fmt == "parquet":
-            self._writer = pq.ParquetWriter(sink, self.schema, **parquet_options(parquet, columns))
-        elif fmt == "csv":
-            options = pacsv.WriteOptions(quoting_style="needed")
-            self._writer = pacsv.CSVWriter(sink, csv_schema(self.schema), write_options=options)
-        else:
-            raise ValueError(f"EXPORT_FORMAT={fmt!r} is not one of parquet, csv")
+        self._parquet = parquet_options(parquet, columns)
+        self._small_file_rows = small_file_rows
+        self._writer: pq.ParquetWriter | pacsv.CSVWriter | None = None
+
+    def _writer_for(self, closing: bool) -> pq.ParquetWriter | pacsv.CSVWriter:
+        if self._writer is None:
+            sink: Any = self._memory if self.path is None else self.path
+            if self.fmt == "csv":
+                options = pacsv.WriteOptions(quoting_style="needed")
+                self._writer = pacsv.CSVWriter(sink, csv_schema(self.schema), write_options=options)
+            else:
+                parquet = self._parquet
+                if closing and self.rows < self._small_file_rows:
+                    parquet = {**parquet, "compression": SMALL_SLICE_COMPRESSION}
+                self._writer = pq.ParquetWriter(sink, self.schema, **parquet)
+        return self._writer
 
     def write(self, batch: pa.RecordBatch) -> None:
         self._pending.append(batch)
@@ -113,16 +132,18 @@ class ExportFile:
         keep = table.num_rows % self.batch_rows if whole_groups else 0
         table, rest = table.slice(0, table.num_rows - keep), table.slice(table.num_rows - keep)
         self._pending, self._pending_rows = rest.to_batches(), rest.num_rows
-        if isinstance(self._writer, pq.ParquetWriter):
-            self._writer.write_table(table, row_group_size=self.batch_rows)
+        writer = self._writer_for(closing=not whole_groups)
+        if isinstance(writer, pq.ParquetWriter):
+            writer.write_table(table, row_group_size=self.batch_rows)
         else:
             text = pc.strftime(table.column("timestamp"), format=CSV_TIMESTAMP_FORMAT)
-            self._writer.write_table(table.set_column(0, _CSV_TIMESTAMP, text))
+            writer.write_table(table.set_column(0, _CSV_TIMESTAMP, text))
 
     def abandon(self) -> None:
         """Close the file after a failure; it is never uploaded."""
         try:
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
         finally:
             if self.path is not None:
                 self.path.unlink(missing_ok=True)
@@ -130,7 +151,7 @@ class ExportFile:
     def close(self) -> int:
         """Finish the file; return its size in bytes."""
         self._flush()
-        self._writer.close()
+        self._writer_for(closing=True).close()
         if self._memory is not None:
             return int(self._memory.tell())
         assert self.path is not None

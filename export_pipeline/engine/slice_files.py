@@ -30,7 +30,7 @@ from export_pipeline.engine.dataset import (
     prefetched,
     timed,
 )
-from export_pipeline.engine.files import ExportFile
+from export_pipeline.engine.files import SMALL_SLICE_ROWS, ExportFile
 from export_pipeline.engine.grid import (
     NS_PER_SECOND,
     SECONDS_PER_DAY,
@@ -167,6 +167,7 @@ def write_slices(
                                 settings.format,
                                 columns=columns,
                                 rows_per_group=settings.batch_size,
+                                small_file_rows=SMALL_SLICE_ROWS,
                             ),
                         )
                     current[1].write(rows.slice(first, count))
