@@ -2,17 +2,18 @@
 `python -m export_pipeline.code_server --socket PATH` (or `--host H --port P`).
 
 Dagster's own code server (`dagster api grpc`, `dagster code-server start`) starts each run in a
-fresh interpreter (multiprocessing's "spawn"): the run imports Dagster, pyarrow, pandas and this
-package and builds its definitions again, about 2 s of CPU before it exports anything, every run,
-every tick. This server is Dagster's, with one difference: its runs are forked from a process
+fresh interpreter (multiprocessing's "spawn"): the run imports Dagster, pyarrow and this package
+and builds its definitions again, about 2 s of CPU before it exports anything, every run, every
+tick (bench P2, P12). This server is Dagster's, with one difference: its runs are forked from a process
 that imported all of that once when the server started (multiprocessing's "forkserver", whose
 server process imports `export_pipeline.warm`). A run still gets a process of its own, started
 and watched by Dagster's server as before: its termination, its events, its failure when the
 process dies, and the daemon's launcher (DefaultRunLauncher) are unchanged.
 
-The forked process holds the code the server loaded at its start; a new version of the code
-takes a restart of this server, as it does for Dagster's (which the docker-compose stack and
-the Kubernetes deployment do by replacing the container).
+The forkserver holds the code (and the partition window) as the server loaded them at its start:
+a new version of the code takes a restart of this server (docker-compose recreates its container),
+and so does moving the window (docs/operations.md, "The partition window"). A forkserver that dies
+is started again by the next run's launch.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dagster._grpc.server import DagsterApiServer, DagsterGrpcServer
 from dagster._utils.interrupts import setup_interrupt_handlers
 from dagster._utils.log import configure_loggers
 
-from export_pipeline.settings import load_env_file
+from export_pipeline.settings import LOG_LEVELS, load_env_file
 
 MODULE = "export_pipeline.definitions"
 LOCATION_NAME = "export_pipeline"  # as the workspace files name it
@@ -70,8 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     load_env_file()
     setup_interrupt_handlers()
-    level = os.environ.get("LOG_LEVEL", "INFO").upper() or "INFO"
-    configure_loggers(log_level=level if level in logging._nameToLevel else "INFO")
+    level = os.environ.get("LOG_LEVEL", "").upper()
+    configure_loggers(log_level=level if level in LOG_LEVELS else "INFO")
     where = f"socket {args.socket}" if args.socket else f"{args.host}:{args.port}"
     termination = threading.Event()
     threads = FuturesAwareThreadPoolExecutor(max_workers=args.max_workers)

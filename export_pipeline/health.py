@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from export_pipeline.defs.resources import ExportBucketResource
 from export_pipeline.record.keys import DEVICES
-from export_pipeline.settings import Settings, SettingsError, load_env_file
+from export_pipeline.settings import LOG_LEVELS, Settings, SettingsError, load_env_file
 from export_pipeline.workers import broker_answers, instance_broker
 
 log = logging.getLogger("export_pipeline.health")
@@ -217,7 +217,7 @@ async def _in_thread(function: Callable[[], dict[str, bool]]) -> dict[str, bool]
 def main() -> int:
     load_env_file()
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
-    level = level if level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "INFO"
+    level = level if level in LOG_LEVELS else "INFO"
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("export_pipeline").setLevel(level)
     try:

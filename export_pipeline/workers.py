@@ -42,13 +42,18 @@ from dagster._serdes import unpack_value
 from dagster_celery import app as dagster_celery_app
 from dagster_celery.launcher import CeleryRunLauncher
 
-from export_pipeline.settings import Settings, SettingsError, load_env_file, without_password
+from export_pipeline.settings import (
+    LOG_LEVELS,
+    Settings,
+    SettingsError,
+    load_env_file,
+    without_password,
+)
 
 BROKER_VARIABLE, BACKEND_VARIABLE = "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"
 CONCURRENCY_VARIABLE = "EXPORT_WORKER_CONCURRENCY"
 BROKER_TIMEOUT_SECONDS = 3.0
 QUEUE = "dagster"  # dagster-celery's queue, which its app declares
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 CODE_TAG = "export/code"  # the code version of the daemon that published the run
 
 

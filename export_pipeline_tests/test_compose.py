@@ -209,6 +209,8 @@ def test_the_simulator_and_its_write_access_exist_only_under_demo() -> None:
 def test_the_code_server_answers_only_on_a_socket_dagsters_processes_mount() -> None:
     code_server = SERVICES["code-server"]
     command = code_server["command"]
+    # The pipeline's code server, whose runs fork from a warm process (test_code_server.py).
+    assert command[:3] == ["python", "-m", "export_pipeline.code_server"]
     socket = command[command.index("--socket") + 1]
     assert "-p" not in command and "--port" not in command
     assert "ports" not in code_server and "expose" not in code_server
