@@ -159,11 +159,13 @@ def measured(
                 if r.dagster_run.status == DagsterRunStatus.FAILURE
             }
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        simulator.terminate()
-        daemon.wait(timeout=120)
-        simulator.wait(timeout=30)
-        code_server.stop()
+        try:
+            daemon.send_signal(signal.SIGTERM)
+            simulator.terminate()
+            daemon.wait(timeout=120)
+            simulator.wait(timeout=30)
+        finally:
+            code_server.stop()
     finished = [r for r in runs if r.dagster_run.status == DagsterRunStatus.SUCCESS]
     durations = [r.end_time - r.start_time for r in finished if r.end_time and r.start_time]
     delays = [r.start_time - r.create_timestamp.timestamp() for r in finished if r.start_time]

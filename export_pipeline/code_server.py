@@ -4,28 +4,28 @@
 Dagster's own code server (`dagster api grpc`, `dagster code-server start`) starts each run in a
 fresh interpreter (multiprocessing's "spawn"): the run imports Dagster, pyarrow and this package
 and builds its definitions again, about 2 s of CPU before it exports anything, every run, every
-tick (bench P2, P12). This server is Dagster's, with one difference: its runs are forked from a process
-that imported all of that once when the server started (multiprocessing's "forkserver", whose
-server process imports `export_pipeline.warm`). A run still gets a process of its own, started
-and watched by Dagster's server as before: its termination, its events, its failure when the
-process dies, and the daemon's launcher (DefaultRunLauncher) are unchanged.
+tick (bench P2, P12). This server is Dagster's, with one difference: its runs are forked from a
+process that imported all of that once when the server started (multiprocessing's "forkserver",
+whose server process imports `export_pipeline.warm`). A run still gets a process of its own,
+started and watched by Dagster's server as before: its termination, its events, its failure when
+the process dies, and the daemon's launcher (DefaultRunLauncher) are unchanged.
 
 The forkserver holds the code (and the partition window) as the server loaded them at its start:
 a new version of the code takes a restart of this server (docker-compose recreates its container),
 and so does moving the window (docs/operations.md, "The partition window"). A forkserver that dies
-is started again by the next run's launch.
+is started again by the next run's launch; the runs it had forked go on (`RunProcess`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
 import os
 import sys
 import threading
 from collections.abc import Sequence
 from multiprocessing import forkserver
+from multiprocessing.context import ForkServerContext, ForkServerProcess
 from typing import Any
 
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
@@ -39,7 +39,36 @@ from export_pipeline.settings import LOG_LEVELS, load_env_file
 MODULE = "export_pipeline.definitions"
 LOCATION_NAME = "export_pipeline"  # as the workspace files name it
 WARM_MODULE = "export_pipeline.warm"  # what the forkserver imports before forking any run
+FORKSERVER_LOST = 255  # the exit code multiprocessing reports when the forkserver's pipe closed
 log = logging.getLogger("export_pipeline.code_server")
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class RunProcess(ForkServerProcess):
+    """A run's process, forked by the forkserver. The server learns that it ended through a pipe
+    the forkserver holds: a forkserver that dies (SIGTERM to the server's process group, the OOM
+    killer) closes every such pipe, which reads as the exit of every run in flight (code 255),
+    and Dagster's server would then fail runs that are still exporting, whose devices the sensor
+    would hand to new runs. So such an exit is believed only once the process itself is gone."""
+
+    def is_alive(self) -> bool:
+        if super().is_alive():
+            return True
+        return self.exitcode == FORKSERVER_LOST and self.pid is not None and running(self.pid)
+
+
+class WarmContext(ForkServerContext):
+    """multiprocessing's forkserver context, whose processes are `RunProcess`es."""
+
+    Process = RunProcess
 
 
 class WarmApiServer(DagsterApiServer):
@@ -49,7 +78,7 @@ class WarmApiServer(DagsterApiServer):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        context = multiprocessing.get_context("forkserver")
+        context = WarmContext()
         context.set_forkserver_preload([WARM_MODULE])
         forkserver.ensure_running()
         self._mp_ctx = context  # type: ignore[assignment]  # what StartRun starts runs with
@@ -72,7 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_env_file()
     setup_interrupt_handlers()
     level = os.environ.get("LOG_LEVEL", "").upper()
-    configure_loggers(log_level=level if level in LOG_LEVELS else "INFO")
+    level = level if level in LOG_LEVELS else "INFO"
+    configure_loggers(log_level=level)  # Dagster's loggers
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("export_pipeline").setLevel(level)
     where = f"socket {args.socket}" if args.socket else f"{args.host}:{args.port}"
     termination = threading.Event()
     threads = FuturesAwareThreadPoolExecutor(max_workers=args.max_workers)

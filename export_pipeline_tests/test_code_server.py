@@ -83,6 +83,8 @@ def test_runs_fork_from_the_warm_forkserver_export_stop_when_terminated_and_surv
         # A run exports, from a process the forkserver forked (not a new interpreter).
         forkserver = server.forkservers()
         assert len(forkserver) == 1 and "export_pipeline.warm" in " ".join(forkserver[0].cmdline())
+        # ... which did import the code: pyarrow's library is mapped before any run.
+        assert any("libarrow" in region.path for region in forkserver[0].memory_maps())
         run = launches.launch(export_due_slices.name, slices(short, 0, 60))
         assert launches.wait(run).status == DagsterRunStatus.SUCCESS
         assert (
@@ -114,8 +116,14 @@ def test_runs_fork_from_the_warm_forkserver_export_stop_when_terminated_and_surv
         process.kill()
         assert launches.wait(run, timeout=60).status == DagsterRunStatus.FAILURE
 
-        # The forkserver killed: the next run starts from a new one.
+        # The forkserver killed while a run is in flight: the run goes on to its end (the
+        # server does not take the forkserver's end for the run's), and the next run starts
+        # from a new forkserver.
+        run = launches.launch(export_due_slices.name, slices(long_, 0, 86_400))
+        started_process(instance, run.run_id)
         forkserver[0].kill()  # a zombie until the server's next launch reaps it
+        assert launches.wait(run, timeout=120).status == DagsterRunStatus.SUCCESS
+        assert len(uploaded()) == 86_400 // INTERVAL
         run = launches.launch(export_due_slices.name, slices(short, 0, 60))
         assert launches.wait(run).status == DagsterRunStatus.SUCCESS
         renewed = server.forkservers()

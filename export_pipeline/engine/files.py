@@ -86,7 +86,8 @@ class ExportFile:
         parquet: Mapping[str, Any] = SLICE_PARQUET,
         small_file_rows: int = 0,
     ) -> None:
-        """`small_file_rows`: a Parquet file that ends with fewer rows is compressed with
+        """`small_file_rows`: a Parquet file whose rows all reach the writer at its close
+        (fewer than `rows_per_group`) and number fewer than this is compressed with
         SMALL_SLICE_COMPRESSION (the writer is made when the first rows are flushed, when that
         is known)."""
         if fmt not in ("parquet", "csv"):
