@@ -25,7 +25,7 @@ from export_pipeline.engine.grid import DayRange
 from export_pipeline_tests.audit import assert_reconciled
 from export_pipeline_tests.conftest import Stack
 from export_pipeline_tests.launches import Launches
-from export_pipeline_tests.services import CodeServer, point
+from export_pipeline_tests.services import CodeServer, point, wait_until
 
 DAY = date(2026, 2, 7)
 MIDNIGHT_NS = int(datetime(2026, 2, 7, tzinfo=UTC).timestamp()) * 10**9
@@ -83,8 +83,12 @@ def test_runs_fork_from_the_warm_forkserver_export_stop_when_terminated_and_surv
         # A run exports, from a process the forkserver forked (not a new interpreter).
         forkserver = server.forkservers()
         assert len(forkserver) == 1 and "export_pipeline.warm" in " ".join(forkserver[0].cmdline())
-        # ... which did import the code: pyarrow's library is mapped before any run.
-        assert any("libarrow" in region.path for region in forkserver[0].memory_maps())
+        # ... which imports the code as the server starts: pyarrow's library is mapped there.
+        wait_until(
+            lambda: any("libarrow" in region.path for region in forkserver[0].memory_maps()),
+            "the forkserver's imports",
+            timeout=60,
+        )
         run = launches.launch(export_due_slices.name, slices(short, 0, 60))
         assert launches.wait(run).status == DagsterRunStatus.SUCCESS
         assert (
