@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -99,6 +100,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     load_env_file()
+    # Dagster maps SIGTERM to SIGINT's handler: a parent that ignores SIGINT (a shell's
+    # background job, a test runner's worker) would have SIGTERM ignored too, by this server, its
+    # forkserver and its runs.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     setup_interrupt_handlers()
     level = os.environ.get("LOG_LEVEL", "").upper()
     level = level if level in LOG_LEVELS else "INFO"

@@ -83,8 +83,12 @@ class CodeServer:
         self.env, self.log = dict(env), log
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60.0) -> CodeServer:
+    def start(self, timeout: float = 60.0, *, sigint_ignored: bool = False) -> CodeServer:
+        """`sigint_ignored`: started as a shell starts a background job, SIGINT ignored."""
         from dagster._grpc.client import DagsterGrpcClient
+
+        def ignore_sigint() -> None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
@@ -93,6 +97,7 @@ class CodeServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=ignore_sigint if sigint_ignored else None,
             )
         client = DagsterGrpcClient(socket=self.socket)
 

@@ -150,9 +150,17 @@ def test_the_code_server_refuses_to_start_naming_a_bad_setting(
     assert not (tmp_path / "s").exists()
 
 
-def test_sigterm_stops_the_code_server_its_forkserver_and_runs(server: CodeServer) -> None:
-    assert server.process is not None
-    forkserver = server.forkservers()[0]
-    os.kill(server.process.pid, signal.SIGTERM)
-    assert server.process.wait(timeout=30) == 0
-    forkserver.wait(timeout=30)  # it ends with its parent
+def test_sigterm_stops_the_code_server_and_its_forkserver_even_with_sigint_ignored(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Started as a shell's background job is (SIGINT ignored, which Dagster's mapping of
+    SIGTERM to SIGINT's handler would pass on to SIGTERM), SIGTERM still stops it."""
+    server = CodeServer(stack.env(), tmp_path / "code-server.log").start(sigint_ignored=True)
+    try:
+        assert server.process is not None
+        forkserver = server.forkservers()[0]
+        os.kill(server.process.pid, signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+        forkserver.wait(timeout=30)  # it ends with its parent
+    finally:
+        server.stop()
