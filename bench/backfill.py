@@ -1,4 +1,5 @@
-"""P8: a backfill of `telemetry_daily` launched as from the UI and run by a real dagster-daemon,
+"""P8: a backfill of `telemetry_daily` launched as from the UI and run by a real dagster-daemon
+(its runs in the pipeline's code server),
 30 dates x 1,000 devices x 1,440 points per device-day (a run per date, the fleet's), against a
 run per device-day measured in the same run (`export_day_files` with one item, four at a time,
 as the run queue allows).
@@ -14,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +34,7 @@ from export_pipeline.defs.run_config import run_config_for
 from export_pipeline.engine.grid import DayRange
 from export_pipeline.record.keys import TELEMETRY_DAILY, DeviceDay, date_key
 from export_pipeline_tests.backfills import submit_backfill, wait_for_backfill
-from export_pipeline_tests.services import dagster_command
+from export_pipeline_tests.services import CodeServer, dagster_command
 
 NS = 1_000_000_000
 FIRST_DAY = date(2026, 1, 5)
@@ -89,12 +91,19 @@ def p8(bench: Bench, devices: int, days: int, points: int, baseline_runs: int) -
             list(pool.map(lambda device_day: write_one(bench, device_day), others))
         per_partition = (time.perf_counter() - started) / baseline_runs
 
-        logs = bench.root / "daemon.log"
+        # The daemon loads the code from the pipeline's code server, where the backfill's runs
+        # execute (forked from its warm process), as docker-compose and scripts/run deploy them.
+        code_server = CodeServer(env, bench.root / "code-server.log").start()
         daemon = subprocess.Popen(
-            dagster_command("dagster-daemon", "run"),
+            [
+                str(Path(sys.executable).with_name("dagster-daemon")),
+                "run",
+                "-w",
+                str(code_server.workspace(bench.root / "workspace.yaml")),
+            ],
             env={**os.environ, **env},
             cwd=bench.root,
-            stdout=logs.open("wb"),
+            stdout=(bench.root / "daemon.log").open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -106,8 +115,11 @@ def p8(bench: Bench, devices: int, days: int, points: int, baseline_runs: int) -
             elapsed = time.perf_counter() - started
             runs = instance.get_run_records(RunsFilter(tags={"dagster/backfill": backfill}))
         finally:
-            os.killpg(daemon.pid, signal.SIGTERM)
-            daemon.wait(timeout=120)
+            try:
+                os.killpg(daemon.pid, signal.SIGTERM)
+                daemon.wait(timeout=120)
+            finally:
+                code_server.stop()
     submitted = time.time() - elapsed
     timeline = sorted(
         (r.create_timestamp.timestamp(), r.start_time or 0.0, r.end_time or 0.0) for r in runs
